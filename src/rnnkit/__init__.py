@@ -1,0 +1,20 @@
+"""rnnkit: drop-in replacements for torch.nn's recurrent layers, with fused CPU kernels."""
+
+from torch.nn.utils.rnn import (
+    PackedSequence,
+    pack_padded_sequence,
+    pack_sequence,
+    pad_packed_sequence,
+    pad_sequence,
+)
+
+from ._backend import available_backends, get_backend, set_backend, use_backend
+from ._modules import GRU, RNN, GRUCell, RNNBase, RNNCell, RNNCellBase
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RNN", "GRU", "RNNCell", "GRUCell", "RNNBase", "RNNCellBase",
+    "PackedSequence", "pack_padded_sequence", "pad_packed_sequence", "pack_sequence", "pad_sequence",
+    "set_backend", "get_backend", "use_backend", "available_backends",
+]

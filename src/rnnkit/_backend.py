@@ -1,0 +1,75 @@
+"""Which implementation runs a layer: the switch between the fused kernels and the reference.
+
+``"auto"`` (the default) uses the first registered backend that supports the tensors (the
+fused CPU kernels for float32/float64 CPU tensors, once registered) and the torch-ops reference
+otherwise. ``"reference"`` or ``"fused"`` force one path; forcing a backend on tensors it does
+not support raises. The environment variable ``RNNKIT_BACKEND`` sets the default at import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator, NamedTuple
+
+from torch import Tensor
+
+from ._driver import LayerFn, reference_layer
+
+
+class Backend(NamedTuple):
+    layer: LayerFn
+    supports: Callable[[Tensor], bool]
+
+
+# Priority order for "auto": first match wins; the reference supports everything.
+_BACKENDS: dict[str, Backend] = {"reference": Backend(reference_layer, lambda x: True)}
+_AUTO = "auto"
+_choice = os.environ.get("RNNKIT_BACKEND", _AUTO)
+
+
+def register_backend(name: str, layer: LayerFn, supports: Callable[[Tensor], bool]) -> None:
+    """Register a layer implementation ahead of the reference in the "auto" order."""
+    global _BACKENDS
+    _BACKENDS = {name: Backend(layer, supports), **_BACKENDS}
+
+
+def available_backends() -> list[str]:
+    return [_AUTO, *_BACKENDS]
+
+
+def get_backend() -> str:
+    return _choice
+
+
+def set_backend(name: str) -> None:
+    """Choose the implementation for every rnnkit layer: "auto", "fused" or "reference"."""
+    global _choice
+    if name not in available_backends():
+        raise ValueError(f"Unknown rnnkit backend {name!r}. Select from {available_backends()}.")
+    _choice = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager form of :func:`set_backend`, restoring the previous choice on exit."""
+    previous = _choice
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def layer_for(x: Tensor) -> LayerFn:
+    if _choice == _AUTO:
+        return next(b.layer for b in _BACKENDS.values() if b.supports(x))
+    backend = _BACKENDS.get(_choice)
+    if backend is None:
+        raise RuntimeError(f"rnnkit backend {_choice!r} is not available here")
+    if not backend.supports(x):
+        raise RuntimeError(
+            f"rnnkit backend {_choice!r} does not support {x.dtype} tensors on {x.device}; "
+            "use rnnkit.set_backend('auto') or 'reference'"
+        )
+    return backend.layer

@@ -1,0 +1,542 @@
+"""torch.nn-compatible modules: RNN, GRU and their single-step cells.
+
+Constructor signatures, attributes, parameter names/order/shapes, initialisation, input and
+output layouts and error messages follow torch.nn (PyTorch 2.13). The recurrence itself is
+``rnnkit._driver`` (time loop, directions, lengths, layers) over a registered ``Cell``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn import Parameter, init
+from torch.nn.utils.rnn import PackedSequence
+
+from . import _backend
+from ._driver import Packing, run_layers
+from .cells import CELLS, Cell, LayerParams
+
+
+def _check_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than zero")
+
+
+def _check_dtype(input: Tensor, weight: Tensor) -> None:
+    if input.dtype != weight.dtype and not torch.is_autocast_enabled():
+        raise ValueError(
+            f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
+            f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})"
+        )
+
+
+def _check_state_like(state: tuple, input: Tensor) -> None:
+    for s in state:
+        if not isinstance(s, Tensor):
+            raise TypeError(f"hx must be a Tensor (or a tuple of Tensors for LSTM), got {type(s).__name__}")
+        if s.dtype != input.dtype:
+            raise RuntimeError(
+                f"hx dtype ({s.dtype}) does not match input dtype ({input.dtype}); "
+                f"convert it: hx.to({input.dtype})"
+            )
+        if s.device != input.device:
+            raise RuntimeError(
+                f"hx is on {s.device} but input is on {input.device}; move them to one device"
+            )
+
+
+class RNNBase(nn.Module):
+    """Base class of the multi-layer recurrent layers (see :class:`RNN`, :class:`GRU`)."""
+
+    __constants__ = [
+        "mode", "input_size", "hidden_size", "num_layers", "bias",
+        "batch_first", "dropout", "bidirectional", "proj_size",
+    ]
+    _dim_error = "{label}: Expected input to be 2D or 3D, got {dim}D instead"
+
+    def __init__(
+        self,
+        mode: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if mode not in CELLS:
+            raise ValueError("Unrecognized RNN mode: " + mode)
+        if (
+            not isinstance(dropout, numbers.Number)
+            or isinstance(dropout, bool)
+            or not 0 <= dropout <= 1
+        ):
+            raise ValueError(
+                "dropout should be a number in range [0, 1] representing the probability "
+                "of an element being zeroed"
+            )
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero "
+                f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
+                f"num_layers={num_layers}",
+                stacklevel=3,
+            )
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
+        if not isinstance(bidirectional, bool):
+            raise TypeError(f"bidirectional should be of type bool, got: {type(bidirectional).__name__}")
+        _check_int("input_size", input_size)
+        _check_int("hidden_size", hidden_size)
+        _check_int("num_layers", num_layers)
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool) or proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        if proj_size and mode != "LSTM":
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+
+        factory = {"device": device, "dtype": dtype}
+        gate_size = CELLS[mode].gates * hidden_size
+        real_hidden = proj_size if proj_size > 0 else hidden_size
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else real_hidden * self._num_directions
+            for direction in range(self._num_directions):
+                shapes = {"weight_ih": (gate_size, layer_input), "weight_hh": (gate_size, real_hidden)}
+                if bias:
+                    shapes.update(bias_ih=(gate_size,), bias_hh=(gate_size,))
+                if proj_size > 0:
+                    shapes["weight_hr"] = (proj_size, hidden_size)
+                suffix = "_reverse" if direction == 1 else ""
+                names = []
+                for kind, shape in shapes.items():
+                    name = f"{kind}_l{layer}{suffix}"
+                    setattr(self, name, Parameter(torch.empty(shape, **factory)))
+                    names.append(name)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    @property
+    def _num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def _cell(self) -> Cell:
+        return CELLS[self.mode]
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            init.uniform_(weight, -stdv, stdv)
+
+    def flatten_parameters(self) -> None:
+        """No-op, kept for torch.nn compatibility (cuDNN weight flattening has no CPU meaning)."""
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def _layer_params(self) -> list[LayerParams]:
+        params = []
+        for names in self._all_weights:
+            get = {name.split("_l")[0]: getattr(self, name) for name in names}
+            params.append(
+                LayerParams(
+                    get["weight_ih"], get["weight_hh"], get.get("bias_ih"),
+                    get.get("bias_hh"), get.get("weight_hr"),
+                )
+            )
+        return params
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        return s.format(**self.__dict__)
+
+    # ----------------------------------------------------------------- shapes and checks
+    def _state_sizes(self, batch: int) -> list[tuple]:
+        """Expected (L*D, B, .) shape of each recurrent state tensor: h (then c for LSTM)."""
+        rows = self.num_layers * self._num_directions
+        h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
+        return [(rows, batch, h_out), (rows, batch, self.hidden_size)][: self._cell.state_size]
+
+    def _hidden_size_error(self, index: int) -> str:
+        if self._cell.state_size == 1:
+            return "Expected hidden size {}, got {}"
+        return f"Expected hidden[{index}] size " + "{}, got {}"
+
+    def _check_hx_rank(self, state: tuple, batched: bool) -> None:
+        want = 3 if batched else 2
+        if all(s.dim() == want for s in state):
+            return
+        kind = "batched 3-D" if batched else "unbatched 2-D"
+        if self._cell.state_size == 1:
+            got = f"{state[0].dim()}-D tensor"
+            raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {got}")
+        got = ", ".join(f"{s.dim()}-D" for s in state)
+        raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got ({got}) tensors")
+
+    def _as_state(self, hx) -> tuple:
+        if self._cell.state_size == 1:
+            state = (hx,)
+        else:
+            if not isinstance(hx, (tuple, list)) or len(hx) != self._cell.state_size:
+                raise TypeError(
+                    f"{self._cell.label}: hx must be a tuple of {self._cell.state_size} tensors (h_0, c_0)"
+                )
+            state = tuple(hx)
+        return state
+
+    # ------------------------------------------------------------------------ forward
+    def forward(self, input, hx=None):
+        cell = self._cell
+        packing: Optional[Packing] = None
+        batched = True
+        sorted_indices = unsorted_indices = None
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            if data.dim() != 2:
+                raise RuntimeError(f"input must have 2 dimensions, got {data.dim()}")
+            batch = int(batch_sizes[0])
+        else:
+            if not isinstance(input, Tensor):
+                raise TypeError(
+                    f"{cell.label}: input must be a Tensor or a PackedSequence, got {type(input).__name__}"
+                )
+            if input.dim() not in (2, 3):
+                raise ValueError(self._dim_error.format(label=cell.label, dim=input.dim()))
+            batched = input.dim() == 3
+            data = input if batched else input.unsqueeze(0 if self.batch_first else 1)
+            batch = data.shape[0 if self.batch_first else 1]
+
+        _check_dtype(data, self._flat_weights[0])
+        if data.shape[-1] != self.input_size:
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {data.shape[-1]}"
+            )
+        if hx is None:
+            state = tuple(data.new_zeros(size) for size in self._state_sizes(batch))
+        else:
+            state = self._as_state(hx)
+            _check_state_like(state, data)
+            if sorted_indices is None:
+                self._check_hx_rank(state, batched)
+            if not batched:
+                state = tuple(s.unsqueeze(1) for s in state)
+            for i, (s, size) in enumerate(zip(state, self._state_sizes(batch))):
+                if s.shape != size:
+                    raise RuntimeError(self._hidden_size_error(i).format(size, list(s.shape)))
+            if sorted_indices is not None:
+                state = tuple(s.index_select(1, sorted_indices) for s in state)
+
+        if sorted_indices is not None or isinstance(input, PackedSequence):
+            packing = Packing(batch_sizes)
+            x = packing.pad(data)
+        else:
+            x = data.transpose(0, 1) if self.batch_first else data
+            if x.shape[0] == 0:
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+        out, state_n = run_layers(
+            cell,
+            _backend.layer_for(x),
+            x,
+            state,
+            self._layer_params(),
+            self.num_layers,
+            self._num_directions,
+            self.dropout,
+            self.training,
+            packing,
+        )
+
+        if packing is not None:
+            output = PackedSequence(packing.pack(out), batch_sizes, sorted_indices, unsorted_indices)
+            if unsorted_indices is not None:
+                state_n = tuple(s.index_select(1, unsorted_indices) for s in state_n)
+        else:
+            output = out.transpose(0, 1) if self.batch_first else out
+            if not batched:
+                output = output.squeeze(0 if self.batch_first else 1)
+                state_n = tuple(s.squeeze(1) for s in state_n)
+        return output, state_n[0] if cell.state_size == 1 else state_n
+
+def _reject_proj_size(kwargs: dict) -> None:
+    # torch.nn.RNN/GRU refuse proj_size by keyword; a positional one reaches RNNBase, which
+    # (unlike torch.nn, which silently builds weight_hr and fails later) refuses it too.
+    if "proj_size" in kwargs:
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+
+
+class RNN(RNNBase):
+    r"""A multi-layer Elman RNN with :math:`\tanh` or ReLU non-linearity; a drop-in for
+    :class:`torch.nn.RNN` whose time loop runs in fused kernels on CPU.
+
+    For each element in the input sequence, each layer computes
+
+    .. math::
+        h_t = \tanh(x_t W_{ih}^T + b_{ih} + h_{t-1} W_{hh}^T + b_{hh})
+
+    where :math:`h_{t-1}` is the hidden state at time t-1 (or :math:`h_0`) and :math:`x_t` is the
+    input, or the previous layer's output. With ``nonlinearity='relu'`` ReLU replaces tanh.
+
+    Args:
+        input_size: The number of expected features in the input `x`
+        hidden_size: The number of features in the hidden state `h`
+        num_layers: Number of stacked recurrent layers. Default: 1
+        nonlinearity: ``'tanh'`` or ``'relu'``. Default: ``'tanh'``
+        bias: If ``False``, the layer has no ``b_ih`` and ``b_hh``. Default: ``True``
+        batch_first: If ``True``, input and output are ``(N, L, H)``; not h_0/h_n. Default: ``False``
+        dropout: Dropout probability on the outputs of each layer but the last, in training
+            mode. Default: 0
+        bidirectional: If ``True``, becomes a bidirectional RNN. Default: ``False``
+        device, dtype: Factory arguments for the parameters.
+
+    Inputs: input, h_0
+        - **input**: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first``, unbatched
+          ``(L, H_in)``, or a :class:`~torch.nn.utils.rnn.PackedSequence`.
+        - **h_0**: ``(D * num_layers, N, H_out)`` (or ``(D * num_layers, H_out)`` unbatched).
+          Defaults to zeros.
+
+    Outputs: output, h_n
+        - **output**: ``(L, N, D * H_out)`` (batch_first: ``(N, L, D * H_out)``), or a
+          PackedSequence when the input was packed.
+        - **h_n**: ``(D * num_layers, N, H_out)``, the final state of every layer and direction.
+
+    Attributes:
+        weight_ih_l[k], weight_hh_l[k], bias_ih_l[k], bias_hh_l[k] (and ``_reverse``): as in
+        torch.nn.RNN, all initialised from :math:`\mathcal{U}(-\sqrt{k}, \sqrt{k})`,
+        :math:`k = 1/\text{hidden\_size}`.
+
+    Example::
+
+        >>> rnn = rnnkit.RNN(10, 20, 2)
+        >>> output, hn = rnn(torch.randn(5, 3, 10), torch.randn(2, 3, 20))
+    """
+
+    _dim_error = "{label}: Expected input to be 2D or 3D, got {dim}D tensor instead"
+
+    def __init__(self, *args, **kwargs):
+        _reject_proj_size(kwargs)
+        if len(args) > 3:
+            nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+        if nonlinearity not in modes:
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        self.nonlinearity = nonlinearity
+        super().__init__(modes[nonlinearity], *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        # torch.nn.RNN omits a relu nonlinearity from its repr; we show it.
+        s = super().extra_repr()
+        return s + ", nonlinearity='relu'" if self.nonlinearity != "tanh" else s
+
+
+class GRU(RNNBase):
+    r"""A multi-layer gated recurrent unit (GRU) RNN; a drop-in for :class:`torch.nn.GRU`.
+
+    For each element in the input sequence, each layer computes
+
+    .. math::
+        \begin{array}{ll}
+        r_t = \sigma(W_{ir} x_t + b_{ir} + W_{hr} h_{t-1} + b_{hr}) \\
+        z_t = \sigma(W_{iz} x_t + b_{iz} + W_{hz} h_{t-1} + b_{hz}) \\
+        n_t = \tanh(W_{in} x_t + b_{in} + r_t \odot (W_{hn} h_{t-1} + b_{hn})) \\
+        h_t = (1 - z_t) \odot n_t + z_t \odot h_{t-1}
+        \end{array}
+
+    Args, inputs and outputs are those of :class:`RNN` without ``nonlinearity``. The weights
+    stack the gates r|z|n: ``weight_ih_l[k]`` is ``(3*hidden_size, input_size)`` for k = 0 and
+    ``(3*hidden_size, D*hidden_size)`` after, ``weight_hh_l[k]`` ``(3*hidden_size, hidden_size)``,
+    the biases ``(3*hidden_size)``; all initialised from :math:`\mathcal{U}(-\sqrt{k}, \sqrt{k})`,
+    :math:`k = 1/\text{hidden\_size}`.
+
+    Example::
+
+        >>> gru = rnnkit.GRU(10, 20, 2)
+        >>> output, hn = gru(torch.randn(5, 3, 10), torch.randn(2, 3, 20))
+    """
+
+    def __init__(self, *args, **kwargs):
+        _reject_proj_size(kwargs)
+        super().__init__("GRU", *args, **kwargs)
+
+
+class RNNCellBase(nn.Module):
+    """Base class of the single-step cells: one step of a registered cell's math."""
+
+    __constants__ = ["input_size", "hidden_size", "bias"]
+
+    def __init__(self, mode: str, input_size: int, hidden_size: int, bias: bool, device=None, dtype=None):
+        super().__init__()
+        _check_int("input_size", input_size)
+        _check_int("hidden_size", hidden_size)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        factory = {"device": device, "dtype": dtype}
+        gate_size = CELLS[mode].gates * hidden_size
+        self.weight_ih = Parameter(torch.empty((gate_size, input_size), **factory))
+        self.weight_hh = Parameter(torch.empty((gate_size, hidden_size), **factory))
+        if bias:
+            self.bias_ih = Parameter(torch.empty(gate_size, **factory))
+            self.bias_hh = Parameter(torch.empty(gate_size, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def _mode(self) -> str:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if getattr(self, "nonlinearity", "tanh") != "tanh":
+            s += ", nonlinearity={nonlinearity}"
+        return s.format(**self.__dict__)
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            init.uniform_(weight, -stdv, stdv)
+
+    def forward(self, input: Tensor, hx=None):
+        cell = CELLS[self._mode()]
+        name = type(self).__name__
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        state = None if hx is None else ((hx,) if cell.state_size == 1 else tuple(hx))
+        if state is not None:
+            for i, s in enumerate(state):
+                what = "hidden" if cell.state_size == 1 else f"hx[{i}]"
+                if s.dim() not in (1, 2):
+                    raise ValueError(f"{name}: Expected {what} to be 1D or 2D, got {s.dim()}D instead")
+                if s.dim() != input.dim():
+                    raise RuntimeError(
+                        f"{name}: for {input.dim()}-D input, {what} should also be {input.dim()}-D "
+                        f"but got {s.dim()}-D tensor"
+                    )
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        if state is None:
+            zeros = x.new_zeros(x.shape[0], self.hidden_size)
+            state = (zeros,) * cell.state_size
+        elif not batched:
+            state = tuple(s.unsqueeze(0) for s in state)
+
+        _check_dtype(x, self.weight_ih)
+        if x.shape[1] != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {x.shape[1]} expected {self.input_size}")
+        _check_state_like(state, x)
+        for i, s in enumerate(state):
+            if s.shape[0] != x.shape[0]:
+                raise RuntimeError(f"Input batch size {x.shape[0]} doesn't match hidden{i} batch size {s.shape[0]}")
+            if s.shape[1] != self.hidden_size:
+                raise RuntimeError(
+                    f"hidden{i} has inconsistent hidden_size: got {s.shape[1]}, expected {self.hidden_size}"
+                )
+
+        params = LayerParams(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        new = cell.step(F.linear(x, self.weight_ih, self.bias_ih), state, params)
+        if not batched:
+            new = tuple(s.squeeze(0) for s in new)
+        return new[0] if cell.state_size == 1 else new
+
+
+class RNNCell(RNNCellBase):
+    r"""An Elman RNN cell, :math:`h' = \tanh(W_{ih} x + b_{ih} + W_{hh} h + b_{hh})` (or ReLU);
+    a drop-in for :class:`torch.nn.RNNCell`.
+
+    Args:
+        input_size: The number of expected features in the input `x`
+        hidden_size: The number of features in the hidden state `h`
+        bias: If ``False``, no ``bias_ih`` / ``bias_hh`` (they are None). Default: ``True``
+        nonlinearity: ``'tanh'`` or ``'relu'``. Default: ``'tanh'``. Unlike torch.nn, an unknown
+            value is a ValueError at construction rather than at the first call.
+
+    Inputs: input ``(N, H_in)`` or ``(H_in)``, hidden ``(N, H_out)`` or ``(H_out)`` (default zeros).
+    Output: h' ``(N, H_out)`` or ``(H_out)``.
+    """
+
+    __constants__ = ["input_size", "hidden_size", "bias", "nonlinearity"]
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
+                 device=None, dtype=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        self.nonlinearity = nonlinearity
+        super().__init__(self._mode(), input_size, hidden_size, bias, device=device, dtype=dtype)
+
+    def _mode(self) -> str:
+        return "RNN_RELU" if self.nonlinearity == "relu" else "RNN_TANH"
+
+
+class GRUCell(RNNCellBase):
+    r"""A GRU cell (gates r|z|n, as :class:`GRU`); a drop-in for :class:`torch.nn.GRUCell`.
+
+    Args:
+        input_size: The number of expected features in the input `x`
+        hidden_size: The number of features in the hidden state `h`
+        bias: If ``False``, no ``bias_ih`` / ``bias_hh`` (they are None). Default: ``True``
+
+    Inputs: input ``(N, H_in)`` or ``(H_in)``, hidden ``(N, H_out)`` or ``(H_out)`` (default zeros).
+    Output: h' ``(N, H_out)`` or ``(H_out)``.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
+        super().__init__("GRU", input_size, hidden_size, bias, device=device, dtype=dtype)
+
+    def _mode(self) -> str:
+        return "GRU"

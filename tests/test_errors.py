@@ -1,0 +1,142 @@
+"""Bad input raises before any computation, with torch.nn's exception type and wording."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import rnnkit
+
+pack = nn.utils.rnn.pack_sequence
+
+# Each case is called with the module namespace (torch.nn or rnnkit): both must raise the same
+# exception type with the same message.
+SAME_AS_TORCH = {
+    "feature size": lambda m: m.RNN(4, 5, 2)(torch.randn(3, 2, 7)),
+    "h0 shape": lambda m: m.RNN(4, 5, 2)(torch.randn(3, 2, 4), torch.randn(1, 2, 5)),
+    "h0 2-D for batched": lambda m: m.GRU(4, 5, 2)(torch.randn(3, 2, 4), torch.randn(2, 5)),
+    "h0 3-D for unbatched": lambda m: m.RNN(4, 5, 2)(torch.randn(3, 4), torch.randn(2, 2, 5)),
+    "h0 batch for packed": lambda m: m.GRU(4, 5)(pack([torch.randn(3, 4), torch.randn(2, 4)]), torch.randn(1, 3, 5)),
+    "4-D input rnn": lambda m: m.RNN(4, 5)(torch.randn(3, 2, 4, 1)),
+    "4-D input gru": lambda m: m.GRU(4, 5)(torch.randn(3, 2, 4, 1)),
+    "1-D input": lambda m: m.GRU(4, 5)(torch.randn(4)),
+    "dtype mismatch": lambda m: m.RNN(4, 5)(torch.randn(3, 2, 4, dtype=torch.float64)),
+    "integer input": lambda m: m.GRU(4, 5)(torch.ones(3, 2, 4, dtype=torch.int64)),
+    "zero-length sequence": lambda m: m.GRU(4, 5)(torch.randn(0, 2, 4)),
+    "zero-length batch_first": lambda m: m.RNN(4, 5, batch_first=True)(torch.randn(2, 0, 4)),
+    "hidden_size zero": lambda m: m.RNN(4, 0),
+    "hidden_size float": lambda m: m.GRU(4, 5.0),
+    "input_size zero": lambda m: m.GRU(0, 5),
+    "input_size float": lambda m: m.RNN(4.0, 5),
+    "num_layers zero": lambda m: m.RNN(4, 5, 0),
+    "nonlinearity": lambda m: m.RNN(4, 5, nonlinearity="sigmoid"),
+    "proj_size rnn": lambda m: m.RNN(4, 5, proj_size=2),
+    "proj_size gru": lambda m: m.GRU(4, 5, proj_size=0),
+    "dropout > 1": lambda m: m.GRU(4, 5, 2, dropout=1.5),
+    "dropout < 0": lambda m: m.GRU(4, 5, 2, dropout=-0.1),
+    "dropout bool": lambda m: m.RNN(4, 5, 2, dropout=True),
+    "dropout str": lambda m: m.RNN(4, 5, 2, dropout="0.5"),
+    "bias not bool": lambda m: m.RNN(4, 5, bias=1),
+    "batch_first not bool": lambda m: m.GRU(4, 5, batch_first=1),
+    "cell input size": lambda m: m.RNNCell(4, 5)(torch.randn(3, 7)),
+    "cell batch": lambda m: m.GRUCell(4, 5)(torch.randn(3, 4), torch.randn(2, 5)),
+    "cell hidden size": lambda m: m.RNNCell(4, 5)(torch.randn(3, 4), torch.randn(3, 6)),
+    "cell 3-D input": lambda m: m.GRUCell(4, 5)(torch.randn(3, 4, 1)),
+    "cell 3-D hidden": lambda m: m.RNNCell(4, 5)(torch.randn(3, 4), torch.randn(3, 5, 1)),
+}
+
+
+def _raised(fn, namespace):
+    with pytest.raises(Exception) as info:
+        fn(namespace)
+    return info
+
+
+@pytest.mark.parametrize("name", SAME_AS_TORCH)
+def test_same_error_as_torch(name):
+    expected = _raised(SAME_AS_TORCH[name], nn)
+    got = _raised(SAME_AS_TORCH[name], rnnkit)
+    assert got.type is expected.type
+    assert str(got.value) == str(expected.value)
+
+
+def test_wordings_listed_in_parity_doc():
+    with pytest.raises(RuntimeError, match=r"input.size\(-1\) must be equal to input_size. Expected 4, got 7"):
+        rnnkit.RNN(4, 5)(torch.randn(3, 2, 7))
+    with pytest.raises(RuntimeError, match=r"Expected hidden size \(2, 2, 5\), got \[1, 2, 5\]"):
+        rnnkit.RNN(4, 5, 2)(torch.randn(3, 2, 4), torch.randn(1, 2, 5))
+    with pytest.raises(ValueError, match="GRU: Expected input to be 2D or 3D, got 4D instead"):
+        rnnkit.GRU(4, 5)(torch.randn(1, 1, 1, 4))
+    with pytest.raises(RuntimeError, match="Expected sequence length to be larger than 0 in RNN"):
+        rnnkit.RNN(4, 5)(torch.randn(0, 1, 4))
+    with pytest.raises(RuntimeError, match="input has inconsistent input_size: got 7 expected 4"):
+        rnnkit.GRUCell(4, 5)(torch.randn(2, 7))
+
+
+# Where torch.nn fails late or obscurely, rnnkit fails early and says what it expected.
+def test_cell_nonlinearity_checked_at_construction():
+    with pytest.raises(ValueError, match="Unknown nonlinearity 'x'. Select from 'tanh' or 'relu'."):
+        rnnkit.RNNCell(4, 5, nonlinearity="x")
+
+
+def test_positional_proj_size_refused():
+    with pytest.raises(ValueError, match="proj_size argument is only supported for LSTM"):
+        rnnkit.GRU(4, 5, 1, True, False, 0.0, False, 3)
+
+
+@pytest.mark.parametrize("make", [lambda: rnnkit.RNN(4, 5), lambda: rnnkit.GRU(4, 5)])
+def test_hidden_dtype_mismatch_is_clear(make):
+    with pytest.raises(RuntimeError, match=r"hx dtype \(torch.float64\) does not match input dtype \(torch.float32\)"):
+        make()(torch.randn(3, 2, 4), torch.randn(1, 2, 5, dtype=torch.float64))
+
+
+def test_cell_dtype_mismatch_is_clear():
+    with pytest.raises(ValueError, match="RNN input dtype"):
+        rnnkit.GRUCell(4, 5)(torch.randn(2, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="hx dtype"):
+        rnnkit.GRUCell(4, 5)(torch.randn(2, 4), torch.randn(2, 5, dtype=torch.float64))
+
+
+def test_cell_unbatched_input_with_batched_hidden_is_clear():
+    with pytest.raises(RuntimeError, match="for 1-D input, hidden should also be 1-D but got 2-D"):
+        rnnkit.RNNCell(4, 5)(torch.randn(4), torch.randn(3, 5))
+
+
+def test_cell_sizes_checked_at_construction():
+    # torch.nn builds GRUCell(4, 0) and returns empty states; a zero-size cell is a bug.
+    with pytest.raises(ValueError, match="hidden_size must be greater than zero"):
+        rnnkit.GRUCell(4, 0)
+    with pytest.raises(TypeError, match="input_size should be of type int, got: float"):
+        rnnkit.RNNCell(4.0, 3)
+
+
+def test_num_layers_float_is_type_error():
+    with pytest.raises(TypeError, match="num_layers should be of type int, got: float"):
+        rnnkit.RNN(4, 5, 1.5)
+
+
+def test_non_tensor_input():
+    with pytest.raises(TypeError, match="input must be a Tensor or a PackedSequence"):
+        rnnkit.GRU(4, 5)([[1.0, 2.0]])
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="Unknown rnnkit backend 'gpu'"):
+        rnnkit.set_backend("gpu")
+
+
+def test_inputs_are_not_modified():
+    m = rnnkit.GRU(4, 5, 2, bidirectional=True)
+    x, h = torch.randn(3, 2, 4), torch.randn(4, 2, 5)
+    x0, h0 = x.clone(), h.clone()
+    m(x, h)
+    assert torch.equal(x, x0) and torch.equal(h, h0)
+
+
+def test_empty_batch_like_torch():
+    ref = nn.GRU(4, 5, 2)
+    ours = rnnkit.GRU(4, 5, 2)
+    out, h = ours(torch.randn(3, 0, 4))
+    ref_out, ref_h = ref(torch.randn(3, 0, 4))
+    assert out.shape == ref_out.shape and h.shape == ref_h.shape

@@ -1,0 +1,222 @@
+"""The module surface: constructor, parameters, state_dict both ways, init, dropout, gradcheck."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import rnnkit
+from oracle import CELL_KINDS, TOL, twins
+
+
+def test_seed_example():
+    rnn = rnnkit.RNN(10, 20, 2)
+    output, hn = rnn(torch.randn(5, 3, 10), torch.randn(2, 3, 20))
+    assert output.shape == (5, 3, 20) and hn.shape == (2, 3, 20)
+
+
+@pytest.mark.parametrize("kind", CELL_KINDS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_parameters_match_torch(kind, bias, bidirectional):
+    ref, ours = twins(kind, input_size=3, hidden_size=4, num_layers=3, bias=bias, bidirectional=bidirectional)
+    ref_named = [(n, p.shape) for n, p in ref.named_parameters()]
+    our_named = [(n, p.shape) for n, p in ours.named_parameters()]
+    assert our_named == ref_named
+    assert [[p.shape for p in ws] for ws in ours.all_weights] == [[p.shape for p in ws] for ws in ref.all_weights]
+    assert ours._flat_weights_names == ref._flat_weights_names
+    for attr in ("mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
+                 "bidirectional", "proj_size"):
+        assert getattr(ours, attr) == getattr(ref, attr), attr
+    if not bias:
+        assert not hasattr(ours, "bias_ih_l0")
+
+
+@pytest.mark.parametrize("kind", CELL_KINDS)
+def test_state_dict_loads_into_torch(kind):
+    ref, ours = twins(kind, input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
+    ours.reset_parameters()  # fresh weights, different from ref's
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(6, 2, 3)
+    out_ref, h_ref = ref(x)
+    out_ours, h_ours = ours(x)
+    torch.testing.assert_close(out_ours, out_ref, **TOL[torch.float32])
+    torch.testing.assert_close(h_ours, h_ref, **TOL[torch.float32])
+
+
+def test_positional_signature_matches_torch():
+    args = (3, 4, 2, "relu", False, True, 0.25, True)
+    ref, ours = nn.RNN(*args), rnnkit.RNN(*args)
+    for attr in ("nonlinearity", "num_layers", "bias", "batch_first", "dropout", "bidirectional"):
+        assert getattr(ours, attr) == getattr(ref, attr)
+    g_args = (3, 4, 2, False, True, 0.25, True)
+    ref, ours = nn.GRU(*g_args), rnnkit.GRU(*g_args)
+    for attr in ("num_layers", "bias", "batch_first", "dropout", "bidirectional"):
+        assert getattr(ours, attr) == getattr(ref, attr)
+
+
+def test_device_and_dtype_factory_kwargs():
+    m = rnnkit.GRU(3, 4, device="cpu", dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    out, h = m(torch.randn(2, 1, 3, dtype=torch.float64))
+    assert out.dtype == h.dtype == torch.float64
+
+
+@pytest.mark.parametrize("hidden_size", [16, 100])
+def test_init_is_uniform_in_bound(hidden_size):
+    torch.manual_seed(0)
+    m = rnnkit.GRU(30, hidden_size, num_layers=2, bidirectional=True)
+    bound = 1 / math.sqrt(hidden_size)
+    values = torch.cat([p.detach().flatten() for p in m.parameters()])
+    assert values.abs().max() <= bound
+    # U(-b, b): mean 0, variance b^2/3; with thousands of samples both are tight.
+    assert abs(values.mean().item()) < 0.02 * bound
+    assert values.var().item() == pytest.approx(bound**2 / 3, rel=0.05)
+
+
+def test_init_follows_the_global_seed_like_torch():
+    torch.manual_seed(7)
+    ref = nn.GRU(3, 4, 2)
+    torch.manual_seed(7)
+    ours = rnnkit.GRU(3, 4, 2)
+    for (n, r), (_, o) in zip(ref.named_parameters(), ours.named_parameters()):
+        assert torch.equal(r, o), n
+
+
+def test_repr():
+    assert repr(rnnkit.GRU(4, 5, 2, bias=False, batch_first=True, dropout=0.5, bidirectional=True)) == (
+        "GRU(4, 5, num_layers=2, bias=False, batch_first=True, dropout=0.5, bidirectional=True)"
+    )
+    assert repr(rnnkit.RNN(4, 5)) == "RNN(4, 5)"
+    assert repr(rnnkit.RNN(4, 5, nonlinearity="relu")) == "RNN(4, 5, nonlinearity='relu')"
+    assert repr(rnnkit.RNNCell(4, 5, nonlinearity="relu")) == "RNNCell(4, 5, nonlinearity=relu)"
+    assert repr(rnnkit.GRUCell(4, 5, bias=False)) == "GRUCell(4, 5, bias=False)"
+
+
+def test_flatten_parameters_is_a_noop():
+    m = rnnkit.RNN(3, 4)
+    before = {n: p.clone() for n, p in m.named_parameters()}
+    assert m.flatten_parameters() is None
+    for n, p in m.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+def test_replaced_parameter_is_used():
+    ref, ours = twins("tanh", input_size=3, hidden_size=4)
+    new = torch.randn(4, 4)
+    ref.weight_hh_l0 = nn.Parameter(new.clone())
+    ours.weight_hh_l0 = nn.Parameter(new.clone())
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(ours(x)[0], ref(x)[0])
+
+
+def test_pickle_and_save_roundtrip(tmp_path):
+    m = rnnkit.GRU(3, 4, 2, bidirectional=True)
+    x = torch.randn(5, 2, 3)
+    clone = pickle.loads(pickle.dumps(m))
+    torch.testing.assert_close(clone(x)[0], m(x)[0])
+    torch.save(m.state_dict(), tmp_path / "sd.pt")
+    fresh = rnnkit.GRU(3, 4, 2, bidirectional=True)
+    fresh.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    torch.testing.assert_close(fresh(x)[0], m(x)[0])
+
+
+def test_reexported_packing_helpers_are_torchs():
+    import torch.nn.utils.rnn as tr
+
+    for name in ("PackedSequence", "pack_padded_sequence", "pad_packed_sequence", "pack_sequence", "pad_sequence"):
+        assert getattr(rnnkit, name) is getattr(tr, name)
+
+
+def test_packed_output_keeps_indices_and_equals_each_sequence_alone():
+    torch.manual_seed(3)
+    m = rnnkit.GRU(3, 4, 2, bidirectional=True).double()
+    seqs = [torch.randn(n, 3, dtype=torch.float64) for n in (2, 5, 3)]
+    packed = rnnkit.pack_sequence(seqs, enforce_sorted=False)
+    out, h = m(packed)
+    assert torch.equal(out.batch_sizes, packed.batch_sizes)
+    assert torch.equal(out.sorted_indices, packed.sorted_indices)
+    assert torch.equal(out.unsorted_indices, packed.unsorted_indices)
+    padded, lengths = rnnkit.pad_packed_sequence(out)
+    for i, s in enumerate(seqs):
+        alone_out, alone_h = m(s.unsqueeze(1))
+        torch.testing.assert_close(padded[: len(s), i], alone_out[:, 0], **TOL[torch.float64])
+        torch.testing.assert_close(h[:, i], alone_h[:, 0], **TOL[torch.float64])
+
+
+# ---------------------------------------------------------------------------- dropout
+def test_dropout_only_between_layers_in_training():
+    torch.manual_seed(0)
+    m = rnnkit.RNN(3, 50, 3, dropout=0.5)
+    x = torch.randn(4, 2, 3)
+    m.eval()
+    a, ha = m(x)
+    b, hb = m(x)
+    assert torch.equal(a, b) and torch.equal(ha, hb)
+    m.train()
+    c, _ = m(x)
+    d, _ = m(x)
+    assert not torch.equal(c, d)
+    # dropout zero-probability and single layer: training equals eval
+    m0 = rnnkit.RNN(3, 5, 2, dropout=0.0)
+    m0.train()
+    torch.testing.assert_close(m0(x)[0], m0.eval()(x)[0])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_dropout_draws_the_same_mask_as_torch(packed):
+    ref, ours = twins("gru", input_size=3, hidden_size=6, num_layers=3, dropout=0.4, bidirectional=True)
+    ref.train()
+    ours.train()
+    x = torch.randn(5, 4, 3)
+    if packed:
+        x = rnnkit.pack_padded_sequence(x, torch.tensor([5, 3, 4, 1]), enforce_sorted=False)
+    torch.manual_seed(11)
+    out_ref, h_ref = ref(x)
+    torch.manual_seed(11)
+    out_ours, h_ours = ours(x)
+    if packed:
+        out_ref, out_ours = out_ref.data, out_ours.data
+    torch.testing.assert_close(out_ours, out_ref, **TOL[torch.float32])
+    torch.testing.assert_close(h_ours, h_ref, **TOL[torch.float32])
+
+
+def test_dropout_last_layer_output_untouched():
+    # Dropout never applies to the last layer's output: with p=1 every layer after the first
+    # sees zeros, but the final output is act(b_ih + W_hh h + b_hh), never exactly zero.
+    m = rnnkit.RNN(3, 5, 2, dropout=1.0).train()
+    out, h = m(torch.randn(4, 2, 3))
+    assert (out != 0).all()
+    torch.testing.assert_close(out[-1], h[-1])
+
+
+def test_dropout_warning_for_one_layer():
+    with pytest.warns(UserWarning, match="non-zero dropout expects num_layers greater than 1, but got dropout=0.5 and num_layers=1"):
+        rnnkit.GRU(3, 4, 1, dropout=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rnnkit.GRU(3, 4, 2, dropout=0.5)
+
+
+# --------------------------------------------------------------------------- gradcheck
+@pytest.mark.parametrize("kind", CELL_KINDS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradcheck(kind, packed):
+    torch.manual_seed(1)
+    _, m = twins(kind, torch.float64, input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
+    params = list(m.parameters())
+    x = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 3, 4, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([4, 2, 3])
+
+    def f(x, h0, *weights):
+        inp = rnnkit.pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+        out, h = torch.func.functional_call(m, dict(zip([n for n, _ in m.named_parameters()], weights)), (inp, h0))
+        return (out.data if packed else out), h
+
+    assert torch.autograd.gradcheck(f, (x, h0, *params))
