@@ -15,20 +15,21 @@ from typing import Callable, Iterator, NamedTuple
 from torch import Tensor
 
 from ._driver import LayerFn, reference_layer
+from .cells import Cell
 
 
 class Backend(NamedTuple):
     layer: LayerFn
-    supports: Callable[[Tensor], bool]
+    supports: Callable[[Cell, Tensor], bool]
 
 
 # Priority order for "auto": first match wins; the reference supports everything.
-_BACKENDS: dict[str, Backend] = {"reference": Backend(reference_layer, lambda x: True)}
+_BACKENDS: dict[str, Backend] = {"reference": Backend(reference_layer, lambda cell, x: True)}
 _AUTO = "auto"
 _choice = os.environ.get("RNNKIT_BACKEND", _AUTO)
 
 
-def register_backend(name: str, layer: LayerFn, supports: Callable[[Tensor], bool]) -> None:
+def register_backend(name: str, layer: LayerFn, supports: Callable[[Cell, Tensor], bool]) -> None:
     """Register a layer implementation ahead of the reference in the "auto" order."""
     global _BACKENDS
     _BACKENDS = {name: Backend(layer, supports), **_BACKENDS}
@@ -61,15 +62,24 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-def layer_for(x: Tensor) -> LayerFn:
+def _register_fused() -> None:
+    from . import _fused  # compiles nothing at import: kernels compile on first use
+
+    register_backend("fused", _fused.fused_layer, _fused.supports)
+
+
+def layer_for(cell: Cell, x: Tensor) -> LayerFn:
     if _choice == _AUTO:
-        return next(b.layer for b in _BACKENDS.values() if b.supports(x))
+        return next(b.layer for b in _BACKENDS.values() if b.supports(cell, x))
     backend = _BACKENDS.get(_choice)
     if backend is None:
         raise RuntimeError(f"rnnkit backend {_choice!r} is not available here")
-    if not backend.supports(x):
+    if not backend.supports(cell, x):
         raise RuntimeError(
-            f"rnnkit backend {_choice!r} does not support {x.dtype} tensors on {x.device}; "
+            f"rnnkit backend {_choice!r} does not support {cell.mode} with {x.dtype} tensors on {x.device}; "
             "use rnnkit.set_backend('auto') or 'reference'"
         )
     return backend.layer
+
+
+_register_fused()

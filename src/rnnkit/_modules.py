@@ -282,7 +282,7 @@ class RNNBase(nn.Module):
 
         out, state_n = run_layers(
             cell,
-            _backend.layer_for(x),
+            _backend.layer_for(cell, x),
             x,
             state,
             self._layer_params(),

@@ -42,3 +42,9 @@ class Cell:
     step: Step
     state_size: int = 1  # tensors in the recurrent state: 1 (h) or 2 (h, c)
     label: str = "RNN"  # the name torch's error messages use
+    saved: int = 0  # fused kernels: values saved per row and step for backward, in units of H
+    # fused kernels: (forward, backward) pointwise row functions, see rnnkit.kernels.driver
+    kernels: Optional[tuple] = None
+    # fused kernels: True when dL/dxw differs from dL/dhw (GRU's n gate: r scales only hw);
+    # otherwise the backward writes one array for both.
+    separate_input_grad: bool = False

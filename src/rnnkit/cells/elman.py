@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kernels.config import jit
+from ..kernels.mathfn import tanh
 from .base import Cell, LayerParams
 
 
@@ -16,5 +18,42 @@ def _elman_step(act):
     return step
 
 
-TANH = Cell(mode="RNN_TANH", gates=1, step=_elman_step(torch.tanh))
-RELU = Cell(mode="RNN_RELU", gates=1, step=_elman_step(torch.relu))
+# ---- fused-kernel pointwise math (rows of one step; see kernels/driver.py for the contract)
+# Nothing is saved: backward reads h_t itself. d_xw and d_hw are the same array for Elman.
+
+
+@jit
+def _tanh_forward(xw, hw, h, c, saved):
+    for j in range(h.shape[0]):
+        h[j] = tanh(xw[j] + hw[j])
+
+
+@jit
+def _tanh_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
+    for j in range(h.shape[0]):
+        da = dh[j] * (1 - h[j] * h[j])
+        dxw[j] = da
+        dhw[j] = da
+        dh[j] = 0
+
+
+@jit
+def _relu_forward(xw, hw, h, c, saved):
+    for j in range(h.shape[0]):
+        a = xw[j] + hw[j]
+        h[j] = 0 if a < 0 else a  # relu(NaN) stays NaN, as in torch
+
+
+@jit
+def _relu_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
+    for j in range(h.shape[0]):
+        da = dh[j] if h[j] > 0 else 0
+        dxw[j] = da
+        dhw[j] = da
+        dh[j] = 0
+
+
+TANH = Cell(mode="RNN_TANH", gates=1, step=_elman_step(torch.tanh),
+            kernels=(_tanh_forward, _tanh_backward))
+RELU = Cell(mode="RNN_RELU", gates=1, step=_elman_step(torch.relu),
+            kernels=(_relu_forward, _relu_backward))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kernels.config import jit
+from ..kernels.mathfn import sigmoid, tanh
 from .base import Cell, LayerParams
 
 
@@ -27,4 +29,45 @@ def _gru_step(xw, state, p: LayerParams):
     return (n + z * (h - n),)
 
 
-GRU = Cell(mode="GRU", gates=3, step=_gru_step, label="GRU")
+# ---- fused-kernel pointwise math (rows of one step; see kernels/driver.py for the contract)
+# saved = [r | z | n | W_hn h + b_hn], 4H per row and step.
+
+
+@jit
+def _gru_forward(xw, hw, h, c, saved):
+    H = h.shape[0]
+    for j in range(H):
+        r = sigmoid(xw[j] + hw[j])
+        z = sigmoid(xw[H + j] + hw[H + j])
+        hn = hw[2 * H + j]
+        n = tanh(xw[2 * H + j] + r * hn)
+        h[j] = n + z * (h[j] - n)
+        saved[j] = r
+        saved[H + j] = z
+        saved[2 * H + j] = n
+        saved[3 * H + j] = hn
+
+
+@jit
+def _gru_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
+    H = h.shape[0]
+    for j in range(H):
+        r = saved[j]
+        z = saved[H + j]
+        n = saved[2 * H + j]
+        hn = saved[3 * H + j]
+        g = dh[j]
+        dn = g * (1 - z) * (1 - n * n)
+        dz = g * (h_prev[j] - n) * z * (1 - z)
+        dr = dn * hn * r * (1 - r)
+        dxw[j] = dr
+        dxw[H + j] = dz
+        dxw[2 * H + j] = dn
+        dhw[j] = dr
+        dhw[H + j] = dz
+        dhw[2 * H + j] = dn * r
+        dh[j] = g * z
+
+
+GRU = Cell(mode="GRU", gates=3, step=_gru_step, label="GRU", saved=4,
+           kernels=(_gru_forward, _gru_backward), separate_input_grad=True)

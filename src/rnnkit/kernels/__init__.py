@@ -1,0 +1,1 @@
+"""numba kernels: plain contiguous NumPy arrays in and out, nothing of torch."""

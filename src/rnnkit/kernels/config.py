@@ -1,0 +1,78 @@
+"""The one place numba is configured for rnnkit's kernels.
+
+Every kernel is decorated with ``jit`` or ``jit_parallel`` from here, never with hand-written
+flags. Compiled kernels are cached on disk in a folder keyed by a hash of the kernel and cell
+sources, so a second process starts fast and an edited cell can never run stale machine code
+(numba's own cache only watches the file of the function it caches, not the cells it inlines).
+
+Environment:
+    RNNKIT_CACHE_DIR     where to cache (default: ~/.cache/rnnkit/numba, or $XDG_CACHE_HOME)
+    NUMBA_BOUNDSCHECK=1  numba's own switch: every array access bounds-checked (tests use it)
+    NUMBA_DISABLE_JIT=1  numba's own switch: run the kernels as plain Python
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+
+import numba
+
+FASTMATH = True  # allow reassociation/vectorised reductions; no NaN/Inf assumptions (see below)
+# 'fast' would also let LLVM assume no NaN/Inf, which changes how NaN inputs propagate.
+FASTMATH_FLAGS = {"contract", "arcp", "reassoc", "afn", "nsz"} if FASTMATH else set()
+
+_PACKAGE = Path(__file__).resolve().parent.parent
+
+
+def _source_hash() -> str:
+    digest = hashlib.sha256(numba.__version__.encode())
+    for folder in ("kernels", "cells"):
+        for path in sorted((_PACKAGE / folder).glob("*.py")):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RNNKIT_CACHE_DIR")
+    if root is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "rnnkit", "numba")
+    return Path(root) / _source_hash()
+
+
+@contextlib.contextmanager
+def _our_cache_dir():
+    # numba picks a dispatcher's cache locator when it is decorated: point it at our folder
+    # for our kernels only, then restore the user's setting.
+    previous = numba.config.CACHE_DIR
+    path = cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        numba.config.CACHE_DIR = str(path)
+        writable = True
+    except OSError:
+        writable = False  # read-only home: compile every process, still correct
+    try:
+        yield writable
+    finally:
+        numba.config.CACHE_DIR = previous
+
+
+def jit(fn=None, *, parallel: bool = False):
+    """Compile a kernel with rnnkit's flags (nopython, fastmath as above, cached)."""
+
+    def wrap(f):
+        with _our_cache_dir() as writable:
+            return numba.njit(
+                f, fastmath=FASTMATH_FLAGS, cache=writable, parallel=parallel, error_model="numpy"
+            )
+
+    return wrap if fn is None else wrap(fn)
+
+
+def jit_parallel(fn):
+    return jit(fn, parallel=True)

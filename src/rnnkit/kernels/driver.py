@@ -1,0 +1,172 @@
+"""The fused sequence driver: the forward time loop and the reverse-time (BPTT) loop, written
+once for every cell, direction and variable-length batch.
+
+Legend (all arrays C-contiguous, float32 or float64 unless said):
+    T  time steps                 B  batch rows (sorted by decreasing length when packed)
+    H  hidden state size          Hc cell-state size (LSTM: H; other cells: 0)
+    G  gates per cell             GH = G * H
+    S  values saved per row and step for backward (cell-specific, a multiple of H)
+
+    xw       (T, B, GH)  input projection x_t W_ih^T + b_ih, for every step (one GEMM before)
+    w_hh_t   (H, GH)     W_hh transposed: hw = h @ w_hh_t + b_hh
+    w_hh     (GH, H)     W_hh: dh_prev += dhw @ w_hh
+    b_hh     (GH,)       zeros when the layer has no bias
+    steps    (T,) int64  active rows per step, non-increasing (a PackedSequence's batch_sizes)
+    out      (T, B, H)   h_t for every step (zero at inactive rows)
+    c_seq    (T, B, Hc)  c_t for every step
+    saved    (T, B, S)   what the cell's backward needs; (1, 1, S) scratch when not training
+
+The loops below are templates: ``kernels_for(kind)`` compiles one copy of each per cell, with
+``KIND`` frozen as a constant so each cell's pointwise math is inlined into its own loops (and
+each copy caches under its own name). A cell plugs in as a pair of pointwise row functions registered under an integer id:
+    forward(xw (GH,), hw (GH,), h (H,) in: h_prev, out: h_t, c (Hc,) likewise, saved (S,))
+    backward(dh (H,) in: dL/dh_t, out: the part of dL/dh_prev that bypasses W_hh,
+             dc (Hc,) in: dL/dc_t, out: dL/dc_prev, saved (S,), h_prev (H,), c_prev (Hc,),
+             h (H,), dxw (GH,) out: dL/dxw_t, dhw (GH,) out: dL/d(h_prev W_hh^T + b_hh))
+The driver owns everything else: reversal, per-sequence lengths (inactive rows keep their
+state, so the reverse direction starts each sequence at its own last step), the recurrent
+products, and row ranges [r0, r1) so threads can each take a slice of the batch for the whole
+sequence.
+"""
+
+from __future__ import annotations
+
+import types as pytypes
+from typing import NamedTuple
+
+from numba import prange, types
+from numba.extending import overload
+
+from .config import jit, jit_parallel
+from .linalg import matmul_acc, matmul_bias
+
+_CELLS: dict[int, tuple] = {}
+KIND = -1  # replaced by each cell's id in its compiled copies of the loops
+
+
+def register_cell(kind: int, forward, backward) -> None:
+    """Make a cell's pointwise kernels available to the driver under the id ``kind``."""
+    _CELLS[kind] = (forward, backward)
+
+
+def cell_forward(kind, xw, hw, h, c, saved):  # resolved at compile time, see _cell_forward
+    raise NotImplementedError
+
+
+def cell_backward(kind, dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
+    raise NotImplementedError
+
+
+@overload(cell_forward)
+def _cell_forward(kind, xw, hw, h, c, saved):
+    if isinstance(kind, types.IntegerLiteral):
+        fn = _CELLS[kind.literal_value][0]
+        return lambda kind, xw, hw, h, c, saved: fn(xw, hw, h, c, saved)
+
+
+@overload(cell_backward)
+def _cell_backward(kind, dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
+    if isinstance(kind, types.IntegerLiteral):
+        fn = _CELLS[kind.literal_value][1]
+        return lambda kind, dh, dc, saved, h_prev, c_prev, h, dxw, dhw: fn(
+            dh, dc, saved, h_prev, c_prev, h, dxw, dhw
+        )
+
+
+def _forward_rows(xw, w_hh_t, b_hh, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved, hw, r0, r1):
+    """Run rows [r0, r1) through the whole sequence. hw (B, GH) is scratch."""
+    T = xw.shape[0]
+    keep = saved.shape[0] == T  # training: keep every step's saved values
+    h = h_n  # the running state lives in h_n / c_n
+    c = c_n
+    for r in range(r0, r1):
+        h[r, :] = h0[r]
+        c[r, :] = c0[r]
+    for i in range(T):
+        t = T - 1 - i if reverse else i
+        n = min(max(steps[t], r0), r1)  # rows [r0, n) are active at step t
+        matmul_bias(h, w_hh_t, b_hh, hw, r0, n)
+        for r in range(r0, n):
+            cell_forward(KIND, xw[t, r], hw[r], h[r], c[r], saved[t if keep else 0, r if keep else 0])
+            out[t, r, :] = h[r]
+            c_seq[t, r, :] = c[r]
+        for r in range(n, r1):
+            out[t, r, :] = 0.0
+            c_seq[t, r, :] = 0.0
+
+
+def _backward_rows(w_hh, d_out, d_hn, d_cn, saved, out, c_seq, h0, c0, steps, reverse,
+                  d_xw, d_hw, h_prev, d_h0, d_c0, r0, r1):
+    """BPTT for rows [r0, r1): fills d_xw, d_hw (T, B, GH), h_prev (T, B, H), d_h0, d_c0."""
+    T = out.shape[0]
+    dh = d_h0  # the running gradient lives in d_h0 / d_c0
+    dc = d_c0
+    for r in range(r0, r1):
+        dh[r, :] = d_hn[r]
+        dc[r, :] = d_cn[r]
+    for i in range(T):
+        t = i if reverse else T - 1 - i  # forward's steps in reverse order
+        tp = t + 1 if reverse else t - 1  # the step that produced h_prev
+        n = min(max(steps[t], r0), r1)
+        for r in range(r0, n):
+            first = tp < 0 or tp >= T or r >= steps[tp]
+            hp = h0[r] if first else out[tp, r]
+            cp = c0[r] if first else c_seq[tp, r]
+            h_prev[t, r, :] = hp
+            dhr = dh[r]
+            dhr += d_out[t, r]
+            cell_backward(KIND, dhr, dc[r], saved[t, r], hp, cp, out[t, r], d_xw[t, r], d_hw[t, r])
+        for r in range(n, r1):
+            h_prev[t, r, :] = 0.0
+            d_xw[t, r, :] = 0.0
+            d_hw[t, r, :] = 0.0
+        matmul_acc(d_hw[t], w_hh, dh, r0, n)
+
+
+def _forward_chunks(xw, w_hh_t, b_hh, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved, hw, chunks):
+    """_forward_rows over ``chunks`` slices of the batch, one thread each for the whole sequence."""
+    size = (xw.shape[1] + chunks - 1) // chunks
+    for i in prange(chunks):
+        r0 = i * size
+        forward_rows(xw, w_hh_t, b_hh, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved, hw,
+                     r0, min(r0 + size, xw.shape[1]))
+
+
+def _backward_chunks(w_hh, d_out, d_hn, d_cn, saved, out, c_seq, h0, c0, steps, reverse,
+                     d_xw, d_hw, h_prev, d_h0, d_c0, chunks):
+    size = (out.shape[1] + chunks - 1) // chunks
+    for i in prange(chunks):
+        r0 = i * size
+        backward_rows(w_hh, d_out, d_hn, d_cn, saved, out, c_seq, h0, c0, steps, reverse,
+                      d_xw, d_hw, h_prev, d_h0, d_c0, r0, min(r0 + size, out.shape[1]))
+
+
+class CellKernels(NamedTuple):
+    """One cell's compiled loops: serial over a row range, and threaded over batch chunks."""
+
+    forward_rows: object
+    backward_rows: object
+    forward_chunks: object
+    backward_chunks: object
+
+
+def _copy(template, name: str, constants: dict):
+    """``template`` as a new function whose globals include ``constants`` (frozen by numba)."""
+    scope = dict(template.__globals__, **constants)
+    fn = pytypes.FunctionType(template.__code__, scope, name, template.__defaults__)
+    fn.__qualname__ = name
+    return fn
+
+
+def kernels_for(kind: int, name: str) -> CellKernels:
+    """Compile (lazily, cached on disk) the driver's loops for the cell registered as ``kind``."""
+    constants = {"KIND": kind}
+    fwd = jit(_copy(_forward_rows, f"forward_rows_{name}", constants))
+    bwd = jit(_copy(_backward_rows, f"backward_rows_{name}", constants))
+    chunk_constants = {"forward_rows": fwd, "backward_rows": bwd}
+    return CellKernels(
+        fwd,
+        bwd,
+        jit_parallel(_copy(_forward_chunks, f"forward_chunks_{name}", chunk_constants)),
+        jit_parallel(_copy(_backward_chunks, f"backward_chunks_{name}", chunk_constants)),
+    )
