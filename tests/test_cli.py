@@ -1,0 +1,252 @@
+"""End-to-end tests of the ``rnnkit`` command (train, sample, bench) on a tiny corpus."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import rnnkit
+from rnnkit import charlm
+from rnnkit.cli import main
+
+TEXT = (
+    "the quick brown fox jumps over the lazy dog. a stitch in time saves nine.\n"
+    "to be or not to be, that is the question. all that glitters is not gold.\n"
+) * 12
+TINY = ["--hidden", "16", "--embed", "8", "--batch-size", "4", "--seq-len", "12",
+        "--eval-interval", "10", "--no-progress", "--time-limit", "100000"]
+HAS_LSTM = getattr(rnnkit, "LSTM", None) is not None
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def run(*argv) -> int:
+    """main(argv) as a shell would see it: argparse's own errors become exit codes too."""
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+
+
+def train(corpus, out, *extra) -> int:
+    return run("train", "--data", corpus, "--out", out, *TINY, *extra)
+
+
+def history(run_dir) -> list:
+    return json.loads((run_dir / "metrics.json").read_text())["history"]
+
+
+def test_train_lowers_loss_and_writes_the_run(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(corpus, out, "--steps", "40", "--lr", "0.01") == 0
+    for name in ("config.json", "metrics.csv", "metrics.json", "checkpoint.pt", "loss.png"):
+        assert (out / name).stat().st_size > 0, name
+    vocab_size = len(set(TEXT))
+    hist = history(out)
+    assert [h["step"] for h in hist] == [10, 20, 30, 40]
+    assert hist[0]["train_loss"] < math.log(vocab_size)  # below uniform guessing
+    assert hist[-1]["val_loss"] < hist[0]["val_loss"] - 0.3
+    assert hist[-1]["val_bpc"] == pytest.approx(hist[-1]["val_loss"] / math.log(2))
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["final"]["step"] == 40
+    assert summary["unigram_bits"] == pytest.approx(summary["unigram_nats"] / math.log(2))
+    assert len((out / "metrics.csv").read_text().splitlines()) == 1 + len(hist)
+    printed = capsys.readouterr().out
+    assert "bits/char" in printed and "unigram baseline" in printed and "sample: 'The " in printed
+
+
+def test_checkpoint_loads_with_weights_only(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert train(corpus, out, "--steps", "10", "--cell", "rnn_relu", "--layers", "2") == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 10
+    assert ckpt["vocab"] == sorted(set(TEXT))
+    assert ckpt["config"]["cell"] == "rnn_relu" and ckpt["config"]["layers"] == 2
+    assert ckpt["config"] == json.loads((out / "config.json").read_text())
+    assert ckpt["state_dict"]["rnn.weight_hh_l1"].shape == (16, 16)
+    model, _, _ = charlm.model_from_checkpoint(ckpt)
+    assert isinstance(model.rnn, rnnkit.RNN)
+    torch.testing.assert_close(model.state_dict(), ckpt["state_dict"], rtol=0, atol=0)
+
+
+def test_sample_streams_text_from_the_prompt(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(corpus, out, "--steps", "10") == 0
+    capsys.readouterr()
+    assert run("sample", "--run", out, "--prompt", "the ", "--length", "40", "--seed", "3") == 0
+    first = capsys.readouterr().out
+    assert first.startswith("the ") and len(first) == len("the ") + 40 + 1
+    assert set(first) <= set(TEXT)
+    assert run("sample", "--checkpoint", out / "checkpoint.pt", "--prompt", "the ", "--length", "40",
+               "--seed", "3", "--impl", "torch") == 0
+    assert capsys.readouterr().out == first  # same seed, same text, either impl
+
+
+@pytest.mark.parametrize("cell, impl", [
+    ("gru", "rnnkit"),
+    ("lstm", "torch"),
+    pytest.param("lstm", "rnnkit", marks=pytest.mark.skipif(not HAS_LSTM, reason="no rnnkit.LSTM yet")),
+])
+def test_interrupt_then_resume_matches_an_uninterrupted_run(corpus, tmp_path, monkeypatch, capsys,
+                                                            cell, impl):
+    args = ("--steps", "30", "--cell", cell, "--impl", impl)
+    straight = tmp_path / "straight"
+    assert train(corpus, straight, *args) == 0
+
+    lr_at = charlm.lr_at
+
+    def ctrl_c_at_step_20(config, step, time_used=0.0):
+        if step == 20:
+            raise KeyboardInterrupt
+        return lr_at(config, step, time_used)
+
+    resumed = tmp_path / "resumed"
+    with monkeypatch.context() as m:
+        m.setattr(charlm, "lr_at", ctrl_c_at_step_20)
+        assert train(corpus, resumed, *args) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert torch.load(resumed / "checkpoint.pt", weights_only=True)["step"] == 20
+    assert run("train", "--resume", resumed, "--no-progress") == 0
+
+    assert [h["step"] for h in history(resumed)] == [10, 20, 30]
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    assert b["step"] == 30
+    torch.testing.assert_close(b["state_dict"], a["state_dict"], rtol=1e-5, atol=1e-6)
+    assert history(resumed)[-1]["val_loss"] == pytest.approx(history(straight)[-1]["val_loss"], rel=1e-5)
+
+
+def test_resume_can_train_longer(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert train(corpus, out, "--steps", "10") == 0
+    assert run("train", "--resume", out, "--steps", "20", "--no-progress") == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 20
+    assert json.loads((out / "config.json").read_text())["steps"] == 20
+
+
+@pytest.mark.parametrize("cell", [
+    "rnn_tanh", "rnn_relu", "gru",
+    pytest.param("lstm", marks=pytest.mark.skipif(not HAS_LSTM, reason="no rnnkit.LSTM yet")),
+])
+def test_torch_and_rnnkit_impls_train_alike(corpus, tmp_path, cell):
+    config = charlm.TrainConfig(cell=cell, hidden=16, embed=8, layers=2)
+    ours = charlm.build_model(config, 30)
+    theirs = charlm.build_model(charlm.TrainConfig(**{**config.to_dict(), "impl": "torch"}), 30)
+    assert type(ours.rnn).__module__.startswith("rnnkit")
+    assert type(theirs.rnn).__module__.startswith("torch")
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict(), rtol=0, atol=0)
+
+    losses = {}
+    for impl in ("rnnkit", "torch"):
+        out = tmp_path / impl
+        assert train(corpus, out, "--steps", "20", "--cell", cell, "--layers", "2", "--impl", impl) == 0
+        losses[impl] = [(h["train_loss"], h["val_loss"]) for h in history(out)]
+    for (t_ours, v_ours), (t_theirs, v_theirs) in zip(losses["rnnkit"], losses["torch"], strict=True):
+        assert t_ours == pytest.approx(t_theirs, rel=1e-4)
+        assert v_ours == pytest.approx(v_theirs, rel=1e-4)
+
+
+def test_same_seed_same_run_other_seed_other_run(corpus, tmp_path):
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        assert train(corpus, tmp_path / name, "--steps", "10", "--seed", seed) == 0
+    a, b, c = (history(tmp_path / n)[-1]["val_loss"] for n in "abc")
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda c, t: ["train", "--data", t / "missing.txt"], "data file not found"),
+    (lambda c, t: ["train", "--data", _write(t / "empty.txt", "")], "data file is empty"),
+    (lambda c, t: ["train", "--data", _write_bytes(t / "bin.txt", b"\xff\xfe\x00abc")], "not UTF-8"),
+    (lambda c, t: ["train", "--data", _write(t / "one.txt", "a")], "data too short"),
+    (lambda c, t: ["train", "--data", c, "--bidirectional"], "--bidirectional is not meaningful"),
+    (lambda c, t: ["train", "--data", c, "--hidden", "0"], "--hidden must be a positive integer"),
+    (lambda c, t: ["train", "--data", c, "--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (lambda c, t: ["train", "--data", c, "--lr", "nan"], "--lr must be a positive number"),
+    (lambda c, t: ["train", "--resume", t / "nowhere"], "checkpoint not found"),
+    (lambda c, t: ["sample", "--checkpoint", _write(t / "x.pt", "junk")], "cannot read checkpoint"),
+])
+def test_bad_input_is_one_line_and_exit_2(corpus, tmp_path, capsys, make_args, message):
+    assert run(*make_args(corpus, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bad_argparse_value_is_one_line_and_exit_2(capsys):
+    assert run("train", "--cell", "transformer") == 2
+    err = capsys.readouterr().err.strip()
+    assert "invalid choice" in err and len(err.splitlines()) == 1
+
+
+@pytest.fixture
+def trained(corpus, tmp_path):
+    out = tmp_path / "trained"
+    assert train(corpus, out, "--steps", "10") == 0
+    return out
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda r, c, t: ["train", "--resume", r, "--hidden", "32"], "hidden=16, got 32"),
+    (lambda r, c, t: ["train", "--resume", r, "--cell", "rnn_tanh"], "cell='gru', got 'rnn_tanh'"),
+    (lambda r, c, t: ["train", "--resume", r, "--data", _write(t / "other.txt", "xyz" * 300)],
+     "data="),
+    (lambda r, c, t: ["sample", "--run", r, "--prompt", "QZ"], "not in the model's vocabulary"),
+    (lambda r, c, t: ["sample", "--run", r, "--temperature", "0"], "--temperature must be"),
+    (lambda r, c, t: ["train", "--data", c, "--out", r], "already holds a run"),
+])
+def test_mismatched_checkpoint_is_refused(trained, corpus, tmp_path, capsys, make_args, message):
+    assert run(*make_args(trained, corpus, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_checkpoint_with_wrong_shapes_or_vocab_is_refused(trained, corpus, tmp_path, capsys):
+    ckpt = torch.load(trained / "checkpoint.pt", weights_only=True)
+    ckpt["state_dict"]["rnn.weight_hh_l0"] = torch.zeros(48, 32)
+    torch.save(ckpt, tmp_path / "bad_shape.pt")
+    assert run("sample", "--checkpoint", tmp_path / "bad_shape.pt") == 2
+    assert "rnn.weight_hh_l0 has shape (48, 32), the model expects (48, 16)" in capsys.readouterr().err
+
+    ckpt = torch.load(trained / "checkpoint.pt", weights_only=True)
+    ckpt["vocab"] = ckpt["vocab"][:-1]
+    torch.save(ckpt, trained / "checkpoint.pt")
+    assert run("train", "--resume", trained, "--no-progress") == 2
+    assert "another vocabulary" in capsys.readouterr().err
+
+
+def test_bench_calls_rnnkit_bench_main(monkeypatch):
+    seen = []
+    fake = types.ModuleType("rnnkit.bench")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "rnnkit.bench", fake)
+    monkeypatch.setattr(rnnkit, "bench", fake, raising=False)
+    assert run("bench", "--quick", "--json", "x.json") == 0
+    assert seen == [["--quick", "--json", "x.json"]]
+
+
+def test_python_dash_m_rnnkit_help():
+    done = subprocess.run([sys.executable, "-m", "rnnkit", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0
+    assert all(cmd in done.stdout for cmd in ("train", "sample", "bench"))
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _write_bytes(path, data):
+    path.write_bytes(data)
+    return path
