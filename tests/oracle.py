@@ -14,6 +14,8 @@ CELL_KINDS = {
     "tanh": ("RNN", {"nonlinearity": "tanh"}),
     "relu": ("RNN", {"nonlinearity": "relu"}),
     "gru": ("GRU", {}),
+    "lstm": ("LSTM", {}),
+    "lstm-proj": ("LSTM", {"proj_size": 2}),  # needs hidden_size > 2
 }
 
 
@@ -24,6 +26,20 @@ def twins(kind: str, dtype=torch.float32, **kwargs):
     ours = getattr(rnnkit, cls)(**extra, **kwargs).to(dtype)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
+
+
+def state_features(module) -> list[int]:
+    """Feature size of each recurrent state tensor of a layer module: [H_out] or, for an LSTM,
+    [H_out, hidden_size] (h, then c), with H_out = proj_size if proj_size > 0 else hidden_size."""
+    h_out = module.proj_size if module.proj_size > 0 else module.hidden_size
+    return [h_out, module.hidden_size] if module.mode == "LSTM" else [h_out]
+
+
+def as_hx(states):
+    """The module's hx argument from its state tensors: None, h_0, or (h_0, c_0)."""
+    if states[0] is None:
+        return None
+    return states[0] if len(states) == 1 else tuple(states)
 
 
 def flat(result):

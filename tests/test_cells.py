@@ -1,4 +1,4 @@
-"""rnnkit.RNNCell / GRUCell against torch.nn's cells."""
+"""rnnkit.RNNCell / GRUCell / LSTMCell against torch.nn's cells."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ CELLS = {
     "tanh": lambda mod, **kw: mod.RNNCell(**kw, nonlinearity="tanh"),
     "relu": lambda mod, **kw: mod.RNNCell(**kw, nonlinearity="relu"),
     "gru": lambda mod, **kw: mod.GRUCell(**kw),
+    "lstm": lambda mod, **kw: mod.LSTMCell(**kw),
 }
 
 
@@ -30,35 +31,46 @@ def test_cell_matches_torch(kind, give_h, batched, bias, dtype):
     if not bias:
         assert ours.bias_ih is None and ours.bias_hh is None
     shape = (3,) if batched else ()
+    n_states = 2 if kind == "lstm" else 1  # hx is h, or the tuple (h, c)
     x = torch.randn(*shape, 4, dtype=dtype)
-    h = torch.randn(*shape, 5, dtype=dtype) if give_h else None
+    states = [torch.randn(*shape, 5, dtype=dtype) for _ in range(n_states)] if give_h else []
     results = []
     for m in (ref, ours):
         xc = x.clone().requires_grad_(True)
-        hc = h.clone().requires_grad_(True) if give_h else None
-        out = m(xc, hc)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
-        results.append([out.detach(), xc.grad, *([hc.grad] if give_h else []), *[p.grad for p in m.parameters()]])
+        sc = [s.clone().requires_grad_(True) for s in states]
+        hx = None if not give_h else sc[0] if n_states == 1 else tuple(sc)
+        out = m(xc, hx)
+        outs = list(out) if isinstance(out, tuple) else [out]
+        assert len(outs) == n_states
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=dtype).view_as(o)).sum() for o in outs)
+        loss.backward()
+        results.append([*(o.detach() for o in outs), xc.grad, *(s.grad for s in sc), *[p.grad for p in m.parameters()]])
+    assert len(results[0]) == len(results[1])
     for r, o in zip(*results):
+        assert r.shape == o.shape
         torch.testing.assert_close(o, r, **TOL[dtype])
 
 
-def test_cell_state_dict_loads_into_torch():
-    ours = rnnkit.GRUCell(3, 4)
-    ref = nn.GRUCell(3, 4)
+@pytest.mark.parametrize("cls", ["GRUCell", "LSTMCell"])
+def test_cell_state_dict_loads_into_torch(cls):
+    ours = getattr(rnnkit, cls)(3, 4)
+    ref = getattr(nn, cls)(3, 4)
     ref.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(2, 3)
-    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours(x), ref(x))  # h' or (h', c')
 
 
-def test_cell_unrolled_equals_layer():
+@pytest.mark.parametrize("cls", ["GRU", "LSTM"])
+def test_cell_unrolled_equals_layer(cls):
     torch.manual_seed(0)
-    layer = rnnkit.GRU(3, 4).double()
-    cell = rnnkit.GRUCell(3, 4).double()
+    layer = getattr(rnnkit, cls)(3, 4).double()
+    cell = getattr(rnnkit, cls + "Cell")(3, 4).double()
     cell.load_state_dict({k[:-3]: v for k, v in layer.state_dict().items()})
     x = torch.randn(6, 2, 3, dtype=torch.float64)
-    out, _ = layer(x)
-    h = None
+    out, state_n = layer(x)
+    hx = None
     for t in range(6):
-        h = cell(x[t], h)
+        hx = cell(x[t], hx)
+        h = hx[0] if isinstance(hx, tuple) else hx
         torch.testing.assert_close(h, out[t], **TOL[torch.float64])
+    torch.testing.assert_close(hx, state_n[0] if cls == "GRU" else tuple(s[0] for s in state_n), **TOL[torch.float64])

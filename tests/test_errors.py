@@ -18,6 +18,7 @@ SAME_AS_TORCH = {
     "h0 2-D for batched": lambda m: m.GRU(4, 5, 2)(torch.randn(3, 2, 4), torch.randn(2, 5)),
     "h0 3-D for unbatched": lambda m: m.RNN(4, 5, 2)(torch.randn(3, 4), torch.randn(2, 2, 5)),
     "h0 batch for packed": lambda m: m.GRU(4, 5)(pack([torch.randn(3, 4), torch.randn(2, 4)]), torch.randn(1, 3, 5)),
+    "h0 2-D for packed": lambda m: m.GRU(4, 5)(pack([torch.randn(3, 4), torch.randn(2, 4)]), torch.randn(2, 5)),
     "4-D input rnn": lambda m: m.RNN(4, 5)(torch.randn(3, 2, 4, 1)),
     "4-D input gru": lambda m: m.GRU(4, 5)(torch.randn(3, 2, 4, 1)),
     "1-D input": lambda m: m.GRU(4, 5)(torch.randn(4)),
@@ -44,6 +45,32 @@ SAME_AS_TORCH = {
     "cell hidden size": lambda m: m.RNNCell(4, 5)(torch.randn(3, 4), torch.randn(3, 6)),
     "cell 3-D input": lambda m: m.GRUCell(4, 5)(torch.randn(3, 4, 1)),
     "cell 3-D hidden": lambda m: m.RNNCell(4, 5)(torch.randn(3, 4), torch.randn(3, 5, 1)),
+    # LSTM: hx is (h_0, c_0), checked as hidden[0] / hidden[1]
+    "lstm h0 shape": lambda m: m.LSTM(4, 5, 2)(torch.randn(3, 2, 4), (torch.randn(1, 2, 5), torch.randn(2, 2, 5))),
+    "lstm c0 shape": lambda m: m.LSTM(4, 5, 2)(torch.randn(3, 2, 4), (torch.randn(2, 2, 5), torch.randn(2, 2, 6))),
+    "lstm proj h0 of hidden_size": lambda m: m.LSTM(4, 5, proj_size=3)(
+        torch.randn(3, 2, 4), (torch.randn(1, 2, 5), torch.randn(1, 2, 5))
+    ),
+    "lstm proj c0 of proj_size": lambda m: m.LSTM(4, 5, proj_size=3)(
+        torch.randn(3, 2, 4), (torch.randn(1, 2, 3), torch.randn(1, 2, 3))
+    ),
+    "lstm hx 2-D, cx 3-D": lambda m: m.LSTM(4, 5)(torch.randn(3, 2, 4), (torch.randn(2, 5), torch.randn(1, 2, 5))),
+    "lstm hx 3-D, cx 2-D": lambda m: m.LSTM(4, 5)(torch.randn(3, 2, 4), (torch.randn(1, 2, 5), torch.randn(2, 5))),
+    "lstm unbatched hx 3-D": lambda m: m.LSTM(4, 5)(torch.randn(3, 4), (torch.randn(1, 2, 5), torch.randn(1, 5))),
+    "lstm unbatched c0 size": lambda m: m.LSTM(4, 5)(torch.randn(3, 4), (torch.randn(1, 5), torch.randn(1, 4))),
+    "4-D input lstm": lambda m: m.LSTM(4, 5)(torch.randn(3, 2, 4, 1)),
+    "lstm feature size": lambda m: m.LSTM(4, 5)(torch.randn(3, 2, 7), (torch.randn(1, 2, 5), torch.randn(1, 2, 5))),
+    "lstm dtype mismatch": lambda m: m.LSTM(4, 5)(torch.randn(3, 2, 4, dtype=torch.float64)),
+    "lstm zero-length sequence": lambda m: m.LSTM(4, 5)(torch.randn(0, 2, 4)),
+    "proj_size >= hidden_size": lambda m: m.LSTM(4, 5, proj_size=5),
+    "proj_size negative": lambda m: m.LSTM(4, 5, proj_size=-1),
+    "lstm nonlinearity": lambda m: m.LSTM(4, 5, nonlinearity="tanh"),
+    "lstm cell 3-D input": lambda m: m.LSTMCell(4, 5)(torch.randn(3, 4, 1)),
+    "lstm cell 3-D hx[0]": lambda m: m.LSTMCell(4, 5)(torch.randn(3, 4), (torch.randn(3, 5, 1), torch.randn(3, 5))),
+    "lstm cell 3-D hx[1]": lambda m: m.LSTMCell(4, 5)(torch.randn(3, 4), (torch.randn(3, 5), torch.randn(3, 5, 1))),
+    "lstm cell input size": lambda m: m.LSTMCell(4, 5)(torch.randn(3, 7)),
+    "lstm cell c batch": lambda m: m.LSTMCell(4, 5)(torch.randn(3, 4), (torch.randn(3, 5), torch.randn(2, 5))),
+    "lstm cell c hidden size": lambda m: m.LSTMCell(4, 5)(torch.randn(3, 4), (torch.randn(3, 5), torch.randn(3, 6))),
 }
 
 
@@ -78,6 +105,54 @@ def test_wordings_listed_in_parity_doc():
 def test_cell_nonlinearity_checked_at_construction():
     with pytest.raises(ValueError, match="Unknown nonlinearity 'x'. Select from 'tanh' or 'relu'."):
         rnnkit.RNNCell(4, 5, nonlinearity="x")
+
+
+def test_lstm_wordings_listed_in_parity_doc():
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(2, 2, 5\), got \[1, 2, 5\]"):
+        rnnkit.LSTM(4, 5, 2)(torch.randn(3, 2, 4), (torch.randn(1, 2, 5), torch.randn(2, 2, 5)))
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[1\] size \(1, 2, 5\), got \[1, 2, 3\]"):
+        rnnkit.LSTM(4, 5, proj_size=3)(torch.randn(3, 2, 4), (torch.randn(1, 2, 3), torch.randn(1, 2, 3)))
+    with pytest.raises(
+        RuntimeError, match=r"For batched 3-D input, hx and cx should also be 3-D but got \(2-D, 3-D\) tensors"
+    ):
+        rnnkit.LSTM(4, 5)(torch.randn(3, 2, 4), (torch.randn(2, 5), torch.randn(1, 2, 5)))
+    with pytest.raises(ValueError, match="LSTM: Expected input to be 2D or 3D, got 4D instead"):
+        rnnkit.LSTM(4, 5)(torch.randn(1, 1, 1, 4))
+    with pytest.raises(ValueError, match="LSTMCell: Expected input to be 1D or 2D, got 3D instead"):
+        rnnkit.LSTMCell(4, 5)(torch.randn(1, 1, 4))
+    with pytest.raises(ValueError, match=r"LSTMCell: Expected hx\[0\] to be 1D or 2D, got 3D instead"):
+        rnnkit.LSTMCell(4, 5)(torch.randn(2, 4), (torch.randn(1, 2, 5), torch.randn(2, 5)))
+
+
+# torch.nn.LSTM does not check hx against packed input and fails inside the kernel (IndexError,
+# shape mismatches); rnnkit checks it like dense input, with the batch taken from batch_sizes[0].
+@pytest.mark.parametrize("sort", [True, False])
+def test_lstm_packed_hx_checked_against_batch_sizes(sort):
+    packed = pack([torch.randn(3, 4), torch.randn(2, 4)], enforce_sorted=sort)
+    m = rnnkit.LSTM(4, 5, proj_size=2)
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(1, 2, 2\), got \[1, 3, 2\]"):
+        m(packed, (torch.randn(1, 3, 2), torch.randn(1, 2, 5)))
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[1\] size \(1, 2, 5\), got \[1, 2, 2\]"):
+        m(packed, (torch.randn(1, 2, 2), torch.randn(1, 2, 2)))
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(1, 2, 2\), got \[2, 2\]"):
+        m(packed, (torch.randn(2, 2), torch.randn(1, 2, 5)))
+
+
+@pytest.mark.parametrize(
+    "cls,x_shape,h_shape", [("LSTM", (3, 2, 4), (1, 2, 5)), ("LSTMCell", (2, 4), (2, 5))], ids=["LSTM", "LSTMCell"]
+)
+@pytest.mark.parametrize("hx", ["tensor", "1-tuple", "3-tuple"])
+def test_lstm_hx_must_be_a_pair(cls, x_shape, h_shape, hx):
+    # torch.nn fails with IndexError / "lstm expects two hidden states" / a TypeError from the kernel.
+    h = torch.zeros(h_shape)
+    hx = {"tensor": h, "1-tuple": (h,), "3-tuple": (h, h, h)}[hx]
+    with pytest.raises(TypeError, match=r"hx must be a tuple of 2 tensors \(h_0, c_0\)"):
+        getattr(rnnkit, cls)(4, 5)(torch.zeros(x_shape), hx)
+
+
+def test_proj_size_not_int_is_type_error():
+    with pytest.raises(TypeError, match="proj_size should be of type int, got: float"):
+        rnnkit.LSTM(4, 5, proj_size=2.0)
 
 
 def test_positional_proj_size_refused():

@@ -11,13 +11,22 @@ import torch
 from torch import nn
 
 import rnnkit
-from oracle import CELL_KINDS, TOL, twins
+from oracle import CELL_KINDS, TOL, as_hx, state_features, twins
 
 
 def test_seed_example():
     rnn = rnnkit.RNN(10, 20, 2)
     output, hn = rnn(torch.randn(5, 3, 10), torch.randn(2, 3, 20))
     assert output.shape == (5, 3, 20) and hn.shape == (2, 3, 20)
+
+
+def test_lstm_example():
+    lstm = rnnkit.LSTM(10, 20, 2)
+    output, (hn, cn) = lstm(torch.randn(5, 3, 10), (torch.randn(2, 3, 20), torch.randn(2, 3, 20)))
+    assert output.shape == (5, 3, 20) and hn.shape == cn.shape == (2, 3, 20)
+    proj = rnnkit.LSTM(10, 20, 2, proj_size=7, bidirectional=True)
+    output, (hn, cn) = proj(torch.randn(5, 3, 10))
+    assert output.shape == (5, 3, 14) and hn.shape == (4, 3, 7) and cn.shape == (4, 3, 20)
 
 
 @pytest.mark.parametrize("kind", CELL_KINDS)
@@ -46,7 +55,16 @@ def test_state_dict_loads_into_torch(kind):
     out_ref, h_ref = ref(x)
     out_ours, h_ours = ours(x)
     torch.testing.assert_close(out_ours, out_ref, **TOL[torch.float32])
-    torch.testing.assert_close(h_ours, h_ref, **TOL[torch.float32])
+    torch.testing.assert_close(h_ours, h_ref, **TOL[torch.float32])  # (h_n, c_n) for an LSTM
+
+
+def test_lstm_projection_parameters():
+    ref, ours = twins("lstm-proj", input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
+    shapes = dict((n, p.shape) for n, p in ours.named_parameters())
+    assert shapes["weight_hr_l0"] == shapes["weight_hr_l1_reverse"] == (2, 4)
+    assert shapes["weight_hh_l0"] == (16, 2) and shapes["weight_ih_l1"] == (16, 4)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert ours.all_weights[1][-1] is ours.weight_hr_l0_reverse
 
 
 def test_positional_signature_matches_torch():
@@ -58,6 +76,13 @@ def test_positional_signature_matches_torch():
     ref, ours = nn.GRU(*g_args), rnnkit.GRU(*g_args)
     for attr in ("num_layers", "bias", "batch_first", "dropout", "bidirectional"):
         assert getattr(ours, attr) == getattr(ref, attr)
+    l_args = (3, 4, 2, False, True, 0.25, True, 2, "cpu", torch.float64)
+    ref, ours = nn.LSTM(*l_args), rnnkit.LSTM(*l_args)
+    for attr in ("num_layers", "bias", "batch_first", "dropout", "bidirectional", "proj_size"):
+        assert getattr(ours, attr) == getattr(ref, attr)
+    assert [(n, p.shape, p.dtype) for n, p in ours.named_parameters()] == [
+        (n, p.shape, p.dtype) for n, p in ref.named_parameters()
+    ]
 
 
 def test_device_and_dtype_factory_kwargs():
@@ -79,11 +104,12 @@ def test_init_is_uniform_in_bound(hidden_size):
     assert values.var().item() == pytest.approx(bound**2 / 3, rel=0.05)
 
 
-def test_init_follows_the_global_seed_like_torch():
+@pytest.mark.parametrize("cls,kwargs", [("GRU", {}), ("LSTM", {"proj_size": 2, "bidirectional": True})])
+def test_init_follows_the_global_seed_like_torch(cls, kwargs):
     torch.manual_seed(7)
-    ref = nn.GRU(3, 4, 2)
+    ref = getattr(nn, cls)(3, 4, 2, **kwargs)
     torch.manual_seed(7)
-    ours = rnnkit.GRU(3, 4, 2)
+    ours = getattr(rnnkit, cls)(3, 4, 2, **kwargs)
     for (n, r), (_, o) in zip(ref.named_parameters(), ours.named_parameters()):
         assert torch.equal(r, o), n
 
@@ -96,6 +122,8 @@ def test_repr():
     assert repr(rnnkit.RNN(4, 5, nonlinearity="relu")) == "RNN(4, 5, nonlinearity='relu')"
     assert repr(rnnkit.RNNCell(4, 5, nonlinearity="relu")) == "RNNCell(4, 5, nonlinearity=relu)"
     assert repr(rnnkit.GRUCell(4, 5, bias=False)) == "GRUCell(4, 5, bias=False)"
+    assert repr(rnnkit.LSTM(4, 5, 2, proj_size=3)) == repr(nn.LSTM(4, 5, 2, proj_size=3))
+    assert repr(rnnkit.LSTMCell(4, 5)) == repr(nn.LSTMCell(4, 5)) == "LSTMCell(4, 5)"
 
 
 def test_flatten_parameters_is_a_noop():
@@ -168,9 +196,10 @@ def test_dropout_only_between_layers_in_training():
     torch.testing.assert_close(m0(x)[0], m0.eval()(x)[0])
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_dropout_draws_the_same_mask_as_torch(packed):
-    ref, ours = twins("gru", input_size=3, hidden_size=6, num_layers=3, dropout=0.4, bidirectional=True)
+def test_dropout_draws_the_same_mask_as_torch(kind, packed):
+    ref, ours = twins(kind, input_size=3, hidden_size=6, num_layers=3, dropout=0.4, bidirectional=True)
     ref.train()
     ours.train()
     x = torch.randn(5, 4, 3)
@@ -207,16 +236,21 @@ def test_dropout_warning_for_one_layer():
 @pytest.mark.parametrize("kind", CELL_KINDS)
 @pytest.mark.parametrize("packed", [False, True])
 def test_gradcheck(kind, packed):
+    # The full Jacobian costs two forwards per input and parameter element: keep the model small
+    # (the parity tests compare every gradient with torch.nn's over all configurations).
     torch.manual_seed(1)
-    _, m = twins(kind, torch.float64, input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
+    _, m = twins(kind, torch.float64, input_size=2, hidden_size=3, num_layers=2, bidirectional=True)
     params = list(m.parameters())
-    x = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(4, 3, 4, dtype=torch.float64, requires_grad=True)
-    lengths = torch.tensor([4, 2, 3])
+    x = torch.randn(3, 3, 2, dtype=torch.float64, requires_grad=True)
+    states = [torch.randn(4, 3, f, dtype=torch.float64, requires_grad=True) for f in state_features(m)]
+    lengths = torch.tensor([3, 1, 2])
+    names = [n for n, _ in m.named_parameters()]
+    n_states = len(states)
 
-    def f(x, h0, *weights):
+    def f(x, *rest):
         inp = rnnkit.pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
-        out, h = torch.func.functional_call(m, dict(zip([n for n, _ in m.named_parameters()], weights)), (inp, h0))
-        return (out.data if packed else out), h
+        hx = as_hx(rest[:n_states])
+        out, h = torch.func.functional_call(m, dict(zip(names, rest[n_states:])), (inp, hx))
+        return (out.data if packed else out), *(h if isinstance(h, tuple) else (h,))
 
-    assert torch.autograd.gradcheck(f, (x, h0, *params))
+    assert torch.autograd.gradcheck(f, (x, *states, *params))

@@ -1,4 +1,4 @@
-"""rnnkit.RNN / GRU against torch.nn: outputs, final states and every gradient."""
+"""rnnkit.RNN / GRU / LSTM against torch.nn: outputs, final states and every gradient."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from oracle import CELL_KINDS, assert_same, twins
+from oracle import CELL_KINDS, as_hx, assert_same, state_features, twins
 
 # Input situations: (name, T, batch, give h_0, layout)
 CASES = [
@@ -34,28 +34,34 @@ CONFIGS = list(
 )
 
 
-def make_case(case, input_size, hidden_size, num_layers, directions, batch_first, dtype, seed):
-    """Leaves (x, h_0) and a function building the module's call arguments from them."""
+def make_case(case, input_size, features, num_layers, directions, batch_first, dtype, seed):
+    """Leaves (x, *state_0) and a function building the module's call arguments from them.
+
+    ``features`` is the feature size of each state tensor (``state_features``): one h_0, or
+    h_0 and c_0 for an LSTM; the leaves hold None for each when the case gives no state.
+    """
     _, T, B, give_h0, layout = case
     gen = torch.Generator().manual_seed(seed)
     rows = num_layers * directions
+    batch = () if layout == "unbatched" else (B,)
     if layout == "unbatched":
         x = torch.randn(T, input_size, generator=gen, dtype=dtype)
-        h0 = torch.randn(rows, hidden_size, generator=gen, dtype=dtype) if give_h0 else None
-        return [x, h0], lambda x, h0: (x, h0)
-    shape = (B, T, input_size) if batch_first else (T, B, input_size)
-    x = torch.randn(shape, generator=gen, dtype=dtype)
-    h0 = torch.randn(rows, B, hidden_size, generator=gen, dtype=dtype) if give_h0 else None
-    if layout == "dense":
-        return [x, h0], lambda x, h0: (x, h0)
+    else:
+        shape = (B, T, input_size) if batch_first else (T, B, input_size)
+        x = torch.randn(shape, generator=gen, dtype=dtype)
+    states = [
+        torch.randn(rows, *batch, f, generator=gen, dtype=dtype) if give_h0 else None for f in features
+    ]
+    if layout in ("dense", "unbatched"):
+        return [x, *states], lambda x, *states: (x, as_hx(states))
     lengths = torch.randint(1, T + 1, (B,), generator=gen)
     lengths[0] = T
     sort = layout == "packed-sorted"
     if sort:
         lengths = lengths.sort(descending=True).values
-    return [x, h0], lambda x, h0: (
+    return [x, *states], lambda x, *states: (
         pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=sort),
-        h0,
+        as_hx(states),
     )
 
 
@@ -71,7 +77,9 @@ def test_matches_torch(kind, num_layers, bias, batch_first, bidirectional, case,
         bias=bias, batch_first=batch_first, bidirectional=bidirectional,
     )
     directions = 2 if bidirectional else 1
-    leaves, make_input = make_case(case, input_size, hidden_size, num_layers, directions, batch_first, dtype, seed)
+    leaves, make_input = make_case(
+        case, input_size, state_features(ref), num_layers, directions, batch_first, dtype, seed
+    )
     assert_same(ref, ours, make_input, leaves, dtype)
 
 

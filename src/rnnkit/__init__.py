@@ -9,12 +9,12 @@ from torch.nn.utils.rnn import (
 )
 
 from ._backend import available_backends, get_backend, set_backend, use_backend
-from ._modules import GRU, RNN, GRUCell, RNNBase, RNNCell, RNNCellBase
+from ._modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell, RNNCellBase
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "RNN", "GRU", "RNNCell", "GRUCell", "RNNBase", "RNNCellBase",
+    "RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "RNNBase", "RNNCellBase",
     "PackedSequence", "pack_padded_sequence", "pad_packed_sequence", "pack_sequence", "pad_sequence",
     "set_backend", "get_backend", "use_backend", "available_backends",
 ]

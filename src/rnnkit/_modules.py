@@ -1,4 +1,4 @@
-"""torch.nn-compatible modules: RNN, GRU and their single-step cells.
+"""torch.nn-compatible modules: RNN, GRU, LSTM and their single-step cells.
 
 Constructor signatures, attributes, parameter names/order/shapes, initialisation, input and
 output layouts and error messages follow torch.nn (PyTorch 2.13). The recurrence itself is
@@ -53,8 +53,17 @@ def _check_state_like(state: tuple, input: Tensor) -> None:
             )
 
 
+def _as_state(hx, state_size: int, name: str) -> tuple:
+    """The caller's hx as a tuple of state tensors: (h,) or (h, c)."""
+    if state_size == 1:
+        return (hx,)
+    if not isinstance(hx, (tuple, list)) or len(hx) != state_size:
+        raise TypeError(f"{name}: hx must be a tuple of {state_size} tensors (h_0, c_0)")
+    return tuple(hx)
+
+
 class RNNBase(nn.Module):
-    """Base class of the multi-layer recurrent layers (see :class:`RNN`, :class:`GRU`)."""
+    """Base class of the multi-layer recurrent layers (see :class:`RNN`, :class:`GRU`, :class:`LSTM`)."""
 
     __constants__ = [
         "mode", "input_size", "hidden_size", "num_layers", "bias",
@@ -104,7 +113,9 @@ class RNNBase(nn.Module):
         _check_int("input_size", input_size)
         _check_int("hidden_size", hidden_size)
         _check_int("num_layers", num_layers)
-        if not isinstance(proj_size, int) or isinstance(proj_size, bool) or proj_size < 0:
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool):
+            raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
+        if proj_size < 0:
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
@@ -219,24 +230,14 @@ class RNNBase(nn.Module):
         got = ", ".join(f"{s.dim()}-D" for s in state)
         raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got ({got}) tensors")
 
-    def _as_state(self, hx) -> tuple:
-        if self._cell.state_size == 1:
-            state = (hx,)
-        else:
-            if not isinstance(hx, (tuple, list)) or len(hx) != self._cell.state_size:
-                raise TypeError(
-                    f"{self._cell.label}: hx must be a tuple of {self._cell.state_size} tensors (h_0, c_0)"
-                )
-            state = tuple(hx)
-        return state
-
     # ------------------------------------------------------------------------ forward
     def forward(self, input, hx=None):
         cell = self._cell
         packing: Optional[Packing] = None
         batched = True
         sorted_indices = unsorted_indices = None
-        if isinstance(input, PackedSequence):
+        packed = isinstance(input, PackedSequence)
+        if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             if data.dim() != 2:
                 raise RuntimeError(f"input must have 2 dimensions, got {data.dim()}")
@@ -260,9 +261,9 @@ class RNNBase(nn.Module):
         if hx is None:
             state = tuple(data.new_zeros(size) for size in self._state_sizes(batch))
         else:
-            state = self._as_state(hx)
+            state = _as_state(hx, cell.state_size, cell.label)
             _check_state_like(state, data)
-            if sorted_indices is None:
+            if not packed:
                 self._check_hx_rank(state, batched)
             if not batched:
                 state = tuple(s.unsqueeze(1) for s in state)
@@ -272,7 +273,7 @@ class RNNBase(nn.Module):
             if sorted_indices is not None:
                 state = tuple(s.index_select(1, sorted_indices) for s in state)
 
-        if sorted_indices is not None or isinstance(input, PackedSequence):
+        if packed:
             packing = Packing(batch_sizes)
             x = packing.pad(data)
         else:
@@ -408,6 +409,77 @@ class GRU(RNNBase):
         super().__init__("GRU", *args, **kwargs)
 
 
+class LSTM(RNNBase):
+    r"""A multi-layer long short-term memory (LSTM) RNN, optionally with projections; a drop-in
+    for :class:`torch.nn.LSTM`.
+
+    For each element in the input sequence, each layer computes
+
+    .. math::
+        \begin{array}{ll}
+        i_t = \sigma(W_{ii} x_t + b_{ii} + W_{hi} h_{t-1} + b_{hi}) \\
+        f_t = \sigma(W_{if} x_t + b_{if} + W_{hf} h_{t-1} + b_{hf}) \\
+        g_t = \tanh(W_{ig} x_t + b_{ig} + W_{hg} h_{t-1} + b_{hg}) \\
+        o_t = \sigma(W_{io} x_t + b_{io} + W_{ho} h_{t-1} + b_{ho}) \\
+        c_t = f_t \odot c_{t-1} + i_t \odot g_t \\
+        h_t = o_t \odot \tanh(c_t)
+        \end{array}
+
+    where :math:`h_t` and :math:`c_t` are the hidden and cell states at time t, :math:`x_t` is the
+    input (or the previous layer's output), and :math:`i_t, f_t, g_t, o_t` are the input, forget,
+    cell and output gates. With ``proj_size = P > 0`` the hidden state is projected,
+    :math:`h_t = W_{hr} (o_t \odot \tanh(c_t))`, so :math:`h_t` and the output have P features
+    while :math:`c_t` keeps ``hidden_size``.
+
+    Args:
+        input_size: The number of expected features in the input `x`
+        hidden_size: The number of features in the hidden state `h` (and the cell state `c`)
+        num_layers: Number of stacked recurrent layers. Default: 1
+        bias: If ``False``, the layer has no ``b_ih`` and ``b_hh``. Default: ``True``
+        batch_first: If ``True``, input and output are ``(N, L, H)``; not the states. Default: ``False``
+        dropout: Dropout probability on the outputs of each layer but the last, in training
+            mode. Default: 0
+        bidirectional: If ``True``, becomes a bidirectional LSTM. Default: ``False``
+        proj_size: If ``> 0``, an LSTM with projections of that size; must be smaller than
+            ``hidden_size``. Default: 0
+        device, dtype: Factory arguments for the parameters.
+
+    Inputs: input, (h_0, c_0)
+        - **input**: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first``, unbatched
+          ``(L, H_in)``, or a :class:`~torch.nn.utils.rnn.PackedSequence`.
+        - **h_0**: ``(D * num_layers, N, H_out)`` (or ``(D * num_layers, H_out)`` unbatched).
+        - **c_0**: ``(D * num_layers, N, H_cell)`` (or ``(D * num_layers, H_cell)`` unbatched).
+          Both default to zeros when ``(h_0, c_0)`` is not given.
+
+        where ``D`` is 2 if bidirectional else 1, ``H_cell = hidden_size`` and
+        ``H_out = proj_size`` if ``proj_size > 0`` else ``hidden_size``.
+
+    Outputs: output, (h_n, c_n)
+        - **output**: ``(L, N, D * H_out)`` (batch_first: ``(N, L, D * H_out)``; unbatched
+          ``(L, D * H_out)``), or a PackedSequence when the input was packed.
+        - **h_n**: ``(D * num_layers, N, H_out)``, the final hidden state of every layer and direction.
+        - **c_n**: ``(D * num_layers, N, H_cell)``, the final cell state of every layer and direction.
+
+    Attributes:
+        weight_ih_l[k]: ``(W_ii|W_if|W_ig|W_io)``, ``(4*hidden_size, input_size)`` for k = 0,
+            ``(4*hidden_size, D*H_out)`` after.
+        weight_hh_l[k]: ``(W_hi|W_hf|W_hg|W_ho)``, ``(4*hidden_size, H_out)``.
+        bias_ih_l[k], bias_hh_l[k]: ``(4*hidden_size)``.
+        weight_hr_l[k]: ``(proj_size, hidden_size)``, only when ``proj_size > 0``.
+        The reverse direction has the same with the ``_reverse`` suffix. All are initialised from
+        :math:`\mathcal{U}(-\sqrt{k}, \sqrt{k})`, :math:`k = 1/\text{hidden\_size}`.
+
+    Example::
+
+        >>> lstm = rnnkit.LSTM(10, 20, 2)
+        >>> h0, c0 = torch.randn(2, 3, 20), torch.randn(2, 3, 20)
+        >>> output, (hn, cn) = lstm(torch.randn(5, 3, 10), (h0, c0))
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+
 class RNNCellBase(nn.Module):
     """Base class of the single-step cells: one step of a registered cell's math."""
 
@@ -457,7 +529,7 @@ class RNNCellBase(nn.Module):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        state = None if hx is None else ((hx,) if cell.state_size == 1 else tuple(hx))
+        state = None if hx is None else _as_state(hx, cell.state_size, name)
         if state is not None:
             for i, s in enumerate(state):
                 what = "hidden" if cell.state_size == 1 else f"hx[{i}]"
@@ -540,3 +612,45 @@ class GRUCell(RNNCellBase):
 
     def _mode(self) -> str:
         return "GRU"
+
+
+class LSTMCell(RNNCellBase):
+    r"""An LSTM cell (gates i|f|g|o, as :class:`LSTM`); a drop-in for :class:`torch.nn.LSTMCell`.
+
+    .. math::
+        \begin{array}{ll}
+        i = \sigma(W_{ii} x + b_{ii} + W_{hi} h + b_{hi}) \\
+        f = \sigma(W_{if} x + b_{if} + W_{hf} h + b_{hf}) \\
+        g = \tanh(W_{ig} x + b_{ig} + W_{hg} h + b_{hg}) \\
+        o = \sigma(W_{io} x + b_{io} + W_{ho} h + b_{ho}) \\
+        c' = f \odot c + i \odot g \\
+        h' = o \odot \tanh(c')
+        \end{array}
+
+    Args:
+        input_size: The number of expected features in the input `x`
+        hidden_size: The number of features in the hidden state `h` and cell state `c`
+        bias: If ``False``, no ``bias_ih`` / ``bias_hh`` (they are None). Default: ``True``
+
+    Inputs: input, (h_0, c_0)
+        - **input**: ``(N, H_in)`` or ``(H_in)``.
+        - **h_0**, **c_0**: ``(N, H)`` or ``(H)``; both default to zeros.
+
+    Outputs: (h_1, c_1), each ``(N, H)`` or ``(H)``.
+
+    Attributes:
+        weight_ih: ``(4*hidden_size, input_size)``; weight_hh: ``(4*hidden_size, hidden_size)``;
+        bias_ih, bias_hh: ``(4*hidden_size)``; all from :math:`\mathcal{U}(-\sqrt{k}, \sqrt{k})`,
+        :math:`k = 1/\text{hidden\_size}`.
+
+    Example::
+
+        >>> cell = rnnkit.LSTMCell(10, 20)
+        >>> h, c = cell(torch.randn(3, 10), (torch.randn(3, 20), torch.randn(3, 20)))
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
+        super().__init__("LSTM", input_size, hidden_size, bias, device=device, dtype=dtype)
+
+    def _mode(self) -> str:
+        return "LSTM"
