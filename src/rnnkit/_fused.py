@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._driver import reference_layer
 from .cells import CELLS, Cell, LayerParams
 from .kernels import driver
 
@@ -127,6 +128,8 @@ def fused_layer(
     reverse: bool,
 ) -> tuple:
     """The driver's layer contract (see rnnkit._driver), run by the fused kernels."""
+    if p.w_hr is not None:  # LSTM projections: no fused kernel yet
+        return reference_layer(cell, x, state, p, batch_sizes, reverse)
     T, B = x.shape[0], x.shape[1]
     steps = np.full(T, B, np.int64) if batch_sizes is None else np.asarray(batch_sizes, np.int64)
     h0 = state[0]

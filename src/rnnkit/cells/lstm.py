@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kernels.config import jit
+from ..kernels.mathfn import sigmoid, tanh
 from .base import Cell, LayerParams
 
 
@@ -30,4 +32,47 @@ def _lstm_step(xw, state, p: LayerParams):
     return (h, c)
 
 
-LSTM = Cell(mode="LSTM", gates=4, step=_lstm_step, state_size=2, label="LSTM")
+# ---- fused-kernel pointwise math (rows of one step; see kernels/driver.py for the contract)
+# saved = [i | f | g | o | tanh(c')], 5H per row and step; c' itself is kept by the driver.
+# Projections (proj_size > 0) run on the reference path (see rnnkit._fused).
+
+
+@jit
+def _lstm_forward(xw, hw, h, c, saved):
+    H = h.shape[0]
+    for j in range(H):
+        i = sigmoid(xw[j] + hw[j])
+        f = sigmoid(xw[H + j] + hw[H + j])
+        g = tanh(xw[2 * H + j] + hw[2 * H + j])
+        o = sigmoid(xw[3 * H + j] + hw[3 * H + j])
+        cj = f * c[j] + i * g
+        tc = tanh(cj)
+        c[j] = cj
+        h[j] = o * tc
+        saved[j] = i
+        saved[H + j] = f
+        saved[2 * H + j] = g
+        saved[3 * H + j] = o
+        saved[4 * H + j] = tc
+
+
+@jit
+def _lstm_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
+    H = h.shape[0]
+    for j in range(H):
+        i = saved[j]
+        f = saved[H + j]
+        g = saved[2 * H + j]
+        o = saved[3 * H + j]
+        tc = saved[4 * H + j]
+        dcj = dc[j] + dh[j] * o * (1 - tc * tc)
+        dxw[j] = dcj * g * i * (1 - i)
+        dxw[H + j] = dcj * c_prev[j] * f * (1 - f)
+        dxw[2 * H + j] = dcj * i * (1 - g * g)
+        dxw[3 * H + j] = dh[j] * tc * o * (1 - o)
+        dc[j] = dcj * f
+        dh[j] = 0
+
+
+LSTM = Cell(mode="LSTM", gates=4, step=_lstm_step, state_size=2, label="LSTM", saved=5,
+            kernels=(_lstm_forward, _lstm_backward))
