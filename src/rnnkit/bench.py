@@ -1,0 +1,246 @@
+"""Benchmark: rnnkit against torch.nn in one process, on the same inputs and weights.
+
+Contract: each implementation is registered under a name (torch.nn always among them); both are
+warmed up first (JIT compile and allocator warm-up stay out of the figures); then repetitions
+alternate between implementations, so drift hits both alike; we report medians, the ratio
+torch.nn / rnnkit, achieved GFLOP/s and, for training, the peak memory of one step measured in
+a fresh process. When an implementation's repetitions disagree widely (interquartile range over
+25% of the median) the ratio is withheld: something else was using the CPU.
+
+    python -m rnnkit.bench                       # the grid, all cells, table on stdout
+    python -m rnnkit.bench --json out.json --plot out.png --cells gru --reps 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+import rnnkit
+
+# (T, B, input, hidden, layers)
+GRID = [(100, 1, 32, 64, 1), (100, 32, 64, 128, 1), (200, 64, 128, 256, 2),
+        (100, 64, 512, 512, 1), (50, 128, 1024, 1024, 1)]
+CELLS = {"rnn_tanh": ("RNN", {"nonlinearity": "tanh"}, 1), "rnn_relu": ("RNN", {"nonlinearity": "relu"}, 1),
+         "gru": ("GRU", {}, 3), "lstm": ("LSTM", {}, 4)}
+IMPLEMENTATIONS: dict[str, Callable] = {
+    "torch.nn": lambda cls: getattr(nn, cls),
+    "rnnkit": lambda cls: getattr(rnnkit, cls),
+}
+NOISY_IQR = 0.25
+
+
+@dataclass
+class Row:
+    cell: str
+    shape: tuple
+    mode: str  # "forward" (no_grad) or "train" (forward + backward of a scalar loss)
+    seconds: dict = field(default_factory=dict)  # implementation -> median seconds
+    iqr: dict = field(default_factory=dict)  # implementation -> interquartile range / median
+    gflops: dict = field(default_factory=dict)
+    peak_mib: dict = field(default_factory=dict)
+    ratio: float | None = None  # torch.nn time / rnnkit time; None when the timings were noisy
+
+    @property
+    def noisy(self) -> bool:
+        return any(v > NOISY_IQR for v in self.iqr.values())
+
+
+def flops(cell: str, shape: tuple, mode: str, bidirectional: bool = False) -> float:
+    """Multiply-adds x2 of the GEMMs: input and recurrent products (backward costs twice forward)."""
+    T, B, I, H, L = shape
+    G = CELLS[cell][2]
+    D = 2 if bidirectional else 1
+    total = 0.0
+    for layer in range(L):
+        inp = I if layer == 0 else D * H
+        total += D * 2.0 * T * B * G * H * (inp + H)
+    return total * (3 if mode == "train" else 1)
+
+
+def _modules(cell: str, shape: tuple, dtype=torch.float32):
+    T, B, I, H, L = shape
+    cls, kwargs, _ = CELLS[cell]
+    torch.manual_seed(0)
+    mods = {name: make(cls)(I, H, L, **kwargs).to(dtype) for name, make in IMPLEMENTATIONS.items()}
+    ref = mods["torch.nn"].state_dict()
+    for m in mods.values():
+        m.load_state_dict(ref)
+    x = torch.randn(T, B, I, dtype=dtype)
+    return mods, x
+
+
+def _step(module, x, mode: str) -> Callable[[], None]:
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                module(x)
+    else:
+        def run():
+            module.zero_grad(set_to_none=True)
+            out, _ = module(x)
+            out.sum().backward()
+    return run
+
+
+def _quartiles(values: list) -> tuple:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return q[0], q[1], q[2]
+
+
+def measure(cell: str, shape: tuple, mode: str, reps: int, warmup: int, min_time: float) -> Row:
+    mods, x = _modules(cell, shape)
+    runs = {name: _step(m, x, mode) for name, m in mods.items()}
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    # Each repetition times a batch of calls long enough (min_time) to dwarf timer noise.
+    inner = {}
+    for name, run in runs.items():
+        start = time.perf_counter()
+        run()
+        inner[name] = max(1, int(min_time / max(time.perf_counter() - start, 1e-6)))
+    times: dict = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, run in runs.items():  # alternate implementations every repetition
+            start = time.perf_counter()
+            for _ in range(inner[name]):
+                run()
+            times[name].append((time.perf_counter() - start) / inner[name])
+    row = Row(cell, shape, mode)
+    work = flops(cell, shape, mode)
+    for name, values in times.items():
+        lo, med, hi = _quartiles(values)
+        row.seconds[name] = med
+        row.iqr[name] = (hi - lo) / med
+        row.gflops[name] = work / med / 1e9
+    if not row.noisy:
+        row.ratio = row.seconds["torch.nn"] / row.seconds["rnnkit"]
+    return row
+
+
+_MEMORY_SNIPPET = """
+import sys, torch, rnnkit.bench as b
+name, cell, shape = sys.argv[1], sys.argv[2], tuple(int(v) for v in sys.argv[3:])
+mods, x = b._modules(cell, shape)
+run = b._step(mods[name], x, "train")
+run()
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+base = rss("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+run()
+print((rss("VmHWM:") - base) / 2**20)
+"""
+
+
+def peak_memory_mib(name: str, cell: str, shape: tuple) -> float | None:
+    """Peak resident memory added by one training step (after a first one), in a fresh process."""
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SNIPPET, name, cell, *map(str, shape)],
+                          capture_output=True, text=True, timeout=600)
+    return float(proc.stdout.strip()) if proc.returncode == 0 and proc.stdout.strip() else None
+
+
+def machine() -> dict:
+    import numba
+    import numpy
+
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "numba": numba.__version__,
+        "numpy": numpy.__version__, "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "numba_threads": numba.get_num_threads(),
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(unset)"),
+        "rnnkit_backend": rnnkit.get_backend(),
+    }
+
+
+def format_table(rows: list) -> str:
+    lines = [f"{'cell':9} {'(T, B, I, H, L)':24} {'mode':8} {'torch.nn ms':>11} {'rnnkit ms':>10} "
+             f"{'ratio':>7} {'GFLOP/s t/r':>13} {'peak MiB t/r':>14}"]
+    for r in rows:
+        ratio = f"{r.ratio:6.2f}x" if r.ratio is not None else " noisy"
+        mem = (f"{r.peak_mib.get('torch.nn', float('nan')):6.1f}/{r.peak_mib.get('rnnkit', float('nan')):<6.1f}"
+               if r.peak_mib else "")
+        lines.append(
+            f"{r.cell:9} {str(r.shape):24} {r.mode:8} {r.seconds['torch.nn'] * 1e3:11.3f} "
+            f"{r.seconds['rnnkit'] * 1e3:10.3f} {ratio:>7} "
+            f"{r.gflops['torch.nn']:6.1f}/{r.gflops['rnnkit']:<6.1f} {mem:>14}"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.cell} {r.mode}\n{r.shape}" for r in rows]
+    ratios = [r.ratio or 0.0 for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
+    ax.bar(range(len(rows)), ratios, color=["tab:blue" if r.mode == "forward" else "tab:orange" for r in rows])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=6)
+    ax.set_ylabel("speed-up over torch.nn (x)")
+    ax.set_title("rnnkit vs torch.nn (blue: forward, orange: train)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="rnnkit bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", nargs="+", default=[c for c in CELLS if hasattr(rnnkit, CELLS[c][0])],
+                        choices=list(CELLS))
+    parser.add_argument("--shapes", nargs="+", default=None,
+                        help="shapes as T,B,I,H,L (default: the standard grid)")
+    parser.add_argument("--modes", nargs="+", default=["forward", "train"], choices=["forward", "train"])
+    parser.add_argument("--reps", type=int, default=11, help="alternating repetitions (median)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--min-time", type=float, default=0.05, help="seconds per repetition")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--json", help="write the results as JSON here")
+    parser.add_argument("--plot", help="write a bar chart of the ratios (PNG) here")
+    args = parser.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else GRID
+    info = machine()
+    print("machine:", ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    rows = []
+    for cell in args.cells:
+        for shape in shapes:
+            for mode in args.modes:
+                row = measure(cell, shape, mode, args.reps, args.warmup, args.min_time)
+                if mode == "train" and not args.no_memory:
+                    row.peak_mib = {name: peak_memory_mib(name, cell, shape) for name in IMPLEMENTATIONS}
+                rows.append(row)
+                print(format_table([row]).splitlines()[-1], flush=True)
+    print()
+    print(format_table(rows))
+    if any(r.noisy for r in rows):
+        print(f"\n'noisy': an implementation's interquartile range exceeded {NOISY_IQR:.0%} of its median; "
+              "close other programs and re-run.")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "command": " ".join(sys.argv),
+                       "rows": [dict(asdict(r), ratio=r.ratio, noisy=r.noisy) for r in rows]}, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
