@@ -1,0 +1,133 @@
+"""The fused kernels: parity with torch.nn and with the reference, the backend switch, bounds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rnnkit
+from oracle import CELL_KINDS, TOL, twins
+from rnnkit import _backend, _fused
+from rnnkit.cells import CELLS
+import test_parity
+from test_parity import CASES, CONFIGS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("kind,num_layers,bias,batch_first,bidirectional", CONFIGS)
+def test_fused_matches_torch(kind, num_layers, bias, batch_first, bidirectional, case, dtype):
+    """The whole parity sweep of test_parity, with the fused kernels forced."""
+    with rnnkit.use_backend("fused"):
+        test_parity.test_matches_torch(kind, num_layers, bias, batch_first, bidirectional, case, dtype)
+
+
+@pytest.mark.parametrize("kind", CELL_KINDS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_equals_reference_on_long_odd_sequences(kind, packed):
+    torch.manual_seed(5)
+    _, m = twins(kind, torch.float64, input_size=7, hidden_size=13, num_layers=2, bidirectional=True)
+    x = torch.randn(300, 6, 7, dtype=torch.float64)
+    lengths = torch.tensor([300, 17, 299, 1, 150, 64])
+
+    def run(backend):
+        m.zero_grad()
+        xc = x.clone().requires_grad_(True)
+        inp = rnnkit.pack_padded_sequence(xc, lengths, enforce_sorted=False) if packed else xc
+        with rnnkit.use_backend(backend):
+            out, h = m(inp)
+        out = out.data if packed else out
+        states = h if isinstance(h, tuple) else (h,)
+        (out.sin().sum() + sum(s.cos().sum() for s in states)).backward()
+        return [out, *states, xc.grad, *[p.grad for p in m.parameters()]]
+
+    for r, f in zip(run("reference"), run("fused")):
+        torch.testing.assert_close(f, r, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("kind", CELL_KINDS)
+def test_fused_gradcheck(kind):
+    torch.manual_seed(2)
+    _, m = twins(kind, torch.float64, input_size=2, hidden_size=3, num_layers=2, bidirectional=True)
+    names = [n for n, _ in m.named_parameters()]
+    x = torch.randn(3, 3, 2, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([3, 1, 2])
+
+    def f(x, *weights):
+        packed = rnnkit.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        with rnnkit.use_backend("fused"):
+            out, h = torch.func.functional_call(m, dict(zip(names, weights)), (packed,))
+        return (out.data, *(h if isinstance(h, tuple) else (h,)))
+
+    assert torch.autograd.gradcheck(f, (x, *m.parameters()))
+
+
+def test_auto_uses_fused_for_cpu_float32_and_float64_only():
+    x32 = torch.zeros(1, 1, 1)
+    for cell in CELLS.values():
+        assert _backend.layer_for(cell, x32) is _fused.fused_layer
+        assert _backend.layer_for(cell, x32.double()) is _fused.fused_layer
+        assert _backend.layer_for(cell, x32.bfloat16()) is not _fused.fused_layer
+
+
+def test_other_dtypes_run_on_the_reference():
+    m = rnnkit.GRU(3, 4).bfloat16()
+    out, h = m(torch.randn(5, 2, 3, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    with rnnkit.use_backend("fused"), pytest.raises(RuntimeError, match="does not support GRU with torch.bfloat16"):
+        m(torch.randn(5, 2, 3, dtype=torch.bfloat16))
+
+
+def test_use_backend_restores_the_choice():
+    before = rnnkit.get_backend()
+    with rnnkit.use_backend("reference"):
+        assert rnnkit.get_backend() == "reference"
+    assert rnnkit.get_backend() == before
+
+
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_threaded_chunks_match_serial(batch, monkeypatch):
+    torch.manual_seed(0)
+    _, m = twins("gru", torch.float64, input_size=8, hidden_size=64)
+    x = torch.randn(20, batch, 8, dtype=torch.float64)
+    with rnnkit.use_backend("fused"):
+        monkeypatch.setattr(_fused, "_MIN_WORK_PER_THREAD", 1)  # split whenever possible
+        split = m(x)[0]
+        monkeypatch.setattr(_fused, "_MIN_WORK_PER_THREAD", 10**12)  # never split
+        serial = m(x)[0]
+    torch.testing.assert_close(split, serial, **TOL[torch.float64])
+
+
+BOUNDSCHECK_SCRIPT = r"""
+import torch, rnnkit
+from torch import nn
+rnnkit.set_backend("fused")
+torch.manual_seed(0)
+for cls, kw in [("RNN", {}), ("RNN", {"nonlinearity": "relu"}), ("GRU", {}), ("LSTM", {})]:
+    ref = getattr(nn, cls)(3, 4, 2, bidirectional=True, **kw).double()
+    m = getattr(rnnkit, cls)(3, 4, 2, bidirectional=True, **kw).double()
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 4, 3, dtype=torch.float64, requires_grad=True)
+    packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 2, 4, 1]), enforce_sorted=False)
+    out, h = m(packed)
+    out.data.sum().backward()
+    ref_out, _ = ref(packed)
+    assert torch.allclose(out.data, ref_out.data, atol=1e-9), cls
+    for batch in (0, 1, 3):
+        y, _ = m(torch.randn(2, batch, 3, dtype=torch.float64, requires_grad=True))
+        y.sum().backward()
+print("ok")
+"""
+
+
+def test_kernels_stay_in_bounds(tmp_path):
+    """Every kernel under numba's bounds checking (a separate compile, in its own cache)."""
+    env = dict(os.environ, NUMBA_BOUNDSCHECK="1", RNNKIT_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-c", BOUNDSCHECK_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")
