@@ -230,6 +230,38 @@ class RNNBase(nn.Module):
         got = ", ".join(f"{s.dim()}-D" for s in state)
         raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got ({got}) tensors")
 
+    def _check_weights(self, data: Tensor) -> None:
+        """Parameters replaced by the user must still fit the layer: a wrong shape, a mix of
+        dtypes or another device than the input would otherwise fail deep in the kernels."""
+        gates = self._cell.gates * self.hidden_size
+        h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
+        first_name = self._flat_weights_names[0]
+        first = getattr(self, first_name)
+        for name in self._flat_weights_names:
+            w = getattr(self, name)
+            if not isinstance(w, Tensor):
+                raise TypeError(f"{self._cell.label}: parameter {name} must be a Tensor, got {type(w).__name__}")
+            kind, rest = name.split("_l")
+            layer_input = self.input_size if rest.split("_")[0] == "0" else h_out * self._num_directions
+            expected = {
+                "weight_ih": (gates, layer_input), "weight_hh": (gates, h_out), "bias_ih": (gates,),
+                "bias_hh": (gates,), "weight_hr": (self.proj_size, self.hidden_size),
+            }[kind]
+            if tuple(w.shape) != expected:
+                raise RuntimeError(
+                    f"{self._cell.label}: parameter {name} has shape {tuple(w.shape)}, expected {expected}"
+                )
+            if w.dtype != first.dtype:
+                raise RuntimeError(
+                    f"{self._cell.label}: parameter {name} is {w.dtype} but {first_name} is {first.dtype}; "
+                    f"convert the whole model: model.to({first.dtype})"
+                )
+            if w.device != data.device:
+                raise RuntimeError(
+                    "Input and parameter tensors are not at the same device, found input tensor at "
+                    f"{data.device} and parameter tensor at {w.device}"
+                )
+
     # ------------------------------------------------------------------------ forward
     def forward(self, input, hx=None):
         cell = self._cell
@@ -253,6 +285,7 @@ class RNNBase(nn.Module):
             data = input if batched else input.unsqueeze(0 if self.batch_first else 1)
             batch = data.shape[0 if self.batch_first else 1]
 
+        self._check_weights(data)
         _check_dtype(data, self._flat_weights[0])
         if data.shape[-1] != self.input_size:
             raise RuntimeError(

@@ -1,0 +1,74 @@
+"""Conversion between rnnkit modules and their torch.nn twins, e.g. to export with torch.nn.
+
+``to_torch(module)`` builds the torch.nn module of the same class name with the same
+constructor arguments and loads the weights strictly; ``from_torch`` does the reverse. The copy
+has the same dtype, device, training mode and ``requires_grad`` flags, and shares no storage
+with the original. Building it draws no random numbers (the new module is made on the meta
+device and then filled), so converting does not disturb a seeded run.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from . import _modules
+
+# The constructor arguments each kind of module is rebuilt from, torch.nn's names.
+_LAYER_ARGS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
+_ARGS = {
+    "RNN": _LAYER_ARGS + ("nonlinearity",),
+    "GRU": _LAYER_ARGS,
+    "LSTM": _LAYER_ARGS + ("proj_size",),
+    "RNNCell": ("input_size", "hidden_size", "bias", "nonlinearity"),
+    "GRUCell": ("input_size", "hidden_size", "bias"),
+    "LSTMCell": ("input_size", "hidden_size", "bias"),
+}
+
+
+def _pairs() -> dict:
+    """(torch.nn class, rnnkit class) for every kind rnnkit provides."""
+    return {
+        name: (getattr(nn, name), getattr(_modules, name))
+        for name in _ARGS
+        if hasattr(_modules, name)
+    }
+
+
+def _convert(module: nn.Module, side: int, caller: str) -> nn.Module:
+    pairs = _pairs()
+    name = next((n for n, classes in pairs.items() if type(module) is classes[side]), None)
+    if name is None:
+        where = "torch.nn" if side == 0 else "rnnkit"
+        supported = ", ".join(f"{where}.{n}" for n in pairs)
+        raise TypeError(f"{caller} converts {supported}; got {type(module).__module__}.{type(module).__qualname__}")
+    kwargs = {arg: getattr(module, arg) for arg in _ARGS[name]}
+    first = next(module.parameters())
+    with warnings.catch_warnings():
+        # The one-layer dropout warning was already given when `module` was built.
+        warnings.filterwarnings("ignore", message="dropout option adds dropout after all but last")
+        twin = pairs[name][1 - side](**kwargs, device="meta", dtype=first.dtype)
+    twin = twin.to_empty(device=first.device)
+    twin.load_state_dict(module.state_dict(), strict=True)
+    for (_, ours), (_, theirs) in zip(twin.named_parameters(), module.named_parameters()):
+        ours.requires_grad_(theirs.requires_grad)
+    return twin.train(module.training)
+
+
+def to_torch(module: nn.Module) -> nn.Module:
+    """The torch.nn twin of an rnnkit RNN, GRU, LSTM, RNNCell, GRUCell or LSTMCell: same
+    constructor arguments, weights, dtype, device and training mode (for TorchScript or ONNX
+    export, or to compare). Raises TypeError for any other module."""
+    return _convert(module, 1, "rnnkit.to_torch")
+
+
+def from_torch(module: nn.Module) -> nn.Module:
+    """The rnnkit twin of a torch.nn RNN, GRU, LSTM, RNNCell, GRUCell or LSTMCell: same
+    constructor arguments, weights, dtype, device and training mode. Raises TypeError for any
+    other module (subclasses included: their forward may differ)."""
+    return _convert(module, 0, "rnnkit.from_torch")
+
+
+__all__ = ["to_torch", "from_torch"]
+
