@@ -1,10 +1,12 @@
 """The bridge from torch to the fused numba kernels: one autograd.Function per layer-direction.
 
-Forward: the input projection of every step is one GEMM (torch), then the kernel runs the whole
-time loop (recurrent product + the cell's fused pointwise update), saving what backward needs.
-Backward: the kernel runs the reverse-time loop producing dL/d(preactivations) for every step;
-the gradients of W_ih, W_hh, the biases and the input are then big GEMMs over all T*B rows.
-Kernels see contiguous float32/float64 CPU arrays only; this module guarantees that.
+Forward: the input projection of every step is one GEMM, then the kernel runs the whole time
+loop (recurrent product + the cell's fused pointwise update), saving what backward needs.
+Backward: the kernel runs the reverse-time loop producing dL/d(pre-activations) for every step;
+the gradients of the input, W_ih and W_hh are then single GEMMs over all T*B rows.
+All products run in rnnkit's kernels (rows split across numba's threads, single-threaded BLAS
+in each), so no other thread pool wakes up inside a call. Kernels see contiguous float32 or
+float64 CPU arrays only; this module guarantees that.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor
 from ._driver import reference_layer
 from .cells import CELLS, Cell, LayerParams
 from .kernels import driver
+from .kernels.linalg import gemm
 
 # Register every cell that has fused kernels; its id is its position in the registry.
 _KERNELS = {}
@@ -28,22 +31,30 @@ for _kind, _cell in enumerate(CELLS.values()):
         _KERNELS[_cell.mode] = driver.kernels_for(_kind, _cell.mode.lower())
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
-# Split the batch across threads only when a step has enough work to pay for waking them.
-_MIN_WORK_PER_THREAD = 64 * 1024  # multiply-adds per step (rows * H * GH)
+# Split work across threads only when each thread gets enough to pay for waking it.
+_MIN_WORK_PER_THREAD = 64 * 1024  # multiply-adds (per step in the time loop)
 
 
 def supports(cell: Cell, x: Tensor) -> bool:
     return cell.mode in _KERNELS and x.device.type == "cpu" and x.dtype in SUPPORTED_DTYPES
 
 
-def _chunks(batch: int, hidden: int, gates_hidden: int) -> int:
-    threads = numba.get_num_threads()
-    work = batch * hidden * gates_hidden
-    return max(1, min(threads, batch, work // _MIN_WORK_PER_THREAD))
+def _chunks(rows: int, work: int) -> int:
+    """Threads for ``rows`` independent rows carrying ``work`` multiply-adds in all."""
+    return max(1, min(numba.get_num_threads(), rows, work // _MIN_WORK_PER_THREAD))
 
 
-def _np(t: Optional[Tensor]) -> np.ndarray:
+def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
+
+
+def _matmul(a: np.ndarray, b: np.ndarray, bias: Optional[np.ndarray] = None, trans_a: bool = False):
+    """op(a) @ b (+ bias) by the kernels' threaded GEMM."""
+    rows = a.shape[1] if trans_a else a.shape[0]
+    out = np.empty((rows, b.shape[1]), b.dtype)
+    empty = np.empty(0, b.dtype)
+    gemm(a, b, out, empty if bias is None else bias, trans_a, _chunks(rows, out.size * b.shape[0]))
+    return out
 
 
 class _FusedLayer(torch.autograd.Function):
@@ -51,42 +62,37 @@ class _FusedLayer(torch.autograd.Function):
     def forward(ctx, cell: Cell, steps: np.ndarray, reverse: bool, x, w_ih, w_hh, b_ih, b_hh, h0, c0):
         T, B, I = x.shape
         GH, H = w_hh.shape
-        x2d = x.reshape(T * B, I)
-        xw = torch.addmm(b_ih, x2d, w_ih.t()) if b_ih is not None else x2d @ w_ih.t()
-        dtype = xw.numpy().dtype
-        b_hh_np = _np(b_hh) if b_hh is not None else np.zeros(GH, dtype)
+        x2d = _np(x).reshape(T * B, I)
+        xw = _matmul(x2d, _np(w_ih.t()), None if b_ih is None else _np(b_ih))
+        dtype = xw.dtype
         Hc = c0.shape[-1]
         training = any(ctx.needs_input_grad)
-        saved_shape = (T, B, cell.saved * H) if training else (1, 1, cell.saved * H)
         out = np.empty((T, B, H), dtype)
         c_seq = np.empty((T, B, Hc), dtype)
         h_n = np.empty((B, H), dtype)
         c_n = np.empty((B, Hc), dtype)
-        saved = np.empty(saved_shape, dtype)
-        hw = np.empty((B, GH), dtype)
-        args = (xw.view(T, B, GH).numpy(), _np(w_hh.t()), b_hh_np, _np(h0), _np(c0), steps, reverse,
-                out, c_seq, h_n, c_n, saved, hw)
+        saved = np.empty((T, B, cell.saved * H) if training else (1, 1, cell.saved * H), dtype)
+        args = (xw.reshape(T, B, GH), _np(w_hh.t()), _np(b_hh) if b_hh is not None else np.zeros(GH, dtype),
+                _np(h0), _np(c0), steps, reverse, out, c_seq, h_n, c_n, saved, np.empty((B, GH), dtype))
         kernels = _KERNELS[cell.mode]
-        chunks = _chunks(B, H, GH)
+        chunks = _chunks(B, B * H * GH)
         if chunks > 1:
             kernels.forward_chunks(*args, chunks)
         else:
             kernels.forward_rows(*args, 0, B)
 
-        out_t, c_seq_t, saved_t = (torch.from_numpy(a) for a in (out, c_seq, saved))
         ctx.cell, ctx.steps, ctx.reverse = cell, steps, reverse
-        ctx.has_bias = b_ih is not None
-        ctx.save_for_backward(x, w_ih, w_hh, h0, c0, out_t, c_seq_t, saved_t)
-        results = (out_t, torch.from_numpy(h_n))
+        ctx.x2d, ctx.w_ih, ctx.w_hh = x2d, _np(w_ih), _np(w_hh)
+        ctx.h0, ctx.c0, ctx.out, ctx.c_seq, ctx.saved = args[3], args[4], out, c_seq, saved
+        results = (torch.from_numpy(out), torch.from_numpy(h_n))
         return results + (torch.from_numpy(c_n),) if cell.state_size == 2 else results
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn=None):
-        x, w_ih, w_hh, h0, c0, out, c_seq, saved = ctx.saved_tensors
-        cell = ctx.cell
-        T, B, I = x.shape
-        GH, H = w_hh.shape
-        dtype = out.numpy().dtype
+        cell, out, h0, c0 = ctx.cell, ctx.out, ctx.h0, ctx.c0
+        T, B, H = out.shape
+        GH = ctx.w_hh.shape[0]
+        dtype = out.dtype
 
         def grad_or_zeros(g, like):
             return _np(g) if g is not None else np.zeros(like.shape, dtype)
@@ -96,27 +102,27 @@ class _FusedLayer(torch.autograd.Function):
         h_prev = np.empty((T, B, H), dtype)
         d_h0 = np.empty((B, H), dtype)
         d_c0 = np.empty(c0.shape, dtype)
-        args = (_np(w_hh), grad_or_zeros(d_out, out), grad_or_zeros(d_hn, h0), grad_or_zeros(d_cn, c0),
-                saved.numpy(), out.numpy(), c_seq.numpy(), _np(h0), _np(c0), ctx.steps, ctx.reverse,
-                d_xw, d_hw, h_prev, d_h0, d_c0)
+        args = (ctx.w_hh, grad_or_zeros(d_out, out), grad_or_zeros(d_hn, h0), grad_or_zeros(d_cn, c0),
+                ctx.saved, out, ctx.c_seq, h0, c0, ctx.steps, ctx.reverse, d_xw, d_hw, h_prev, d_h0, d_c0)
         kernels = _KERNELS[cell.mode]
-        chunks = _chunks(B, H, GH)
+        chunks = _chunks(B, B * H * GH)
         if chunks > 1:
             kernels.backward_chunks(*args, chunks)
         else:
             kernels.backward_rows(*args, 0, B)
 
         need = ctx.needs_input_grad
-        d_xw2 = torch.from_numpy(d_xw).view(T * B, GH)
-        d_hw2 = torch.from_numpy(d_hw).view(T * B, GH)
-        dx = (d_xw2 @ w_ih).view(T, B, I) if need[3] else None
-        dw_ih = d_xw2.t() @ x.reshape(T * B, I) if need[4] else None
-        dw_hh = d_hw2.t() @ torch.from_numpy(h_prev).view(T * B, H) if need[5] else None
-        db_ih = d_xw2.sum(0) if need[6] else None
-        db_hh = d_hw2.sum(0) if need[7] else None
-        dh0 = torch.from_numpy(d_h0) if need[8] else None
-        dc0 = torch.from_numpy(d_c0) if need[9] else None
-        return None, None, None, dx, dw_ih, dw_hh, db_ih, db_hh, dh0, dc0
+        d_xw2, d_hw2 = d_xw.reshape(T * B, GH), d_hw.reshape(T * B, GH)
+        grads = (
+            _matmul(d_xw2, ctx.w_ih).reshape(T, B, ctx.x2d.shape[1]) if need[3] else None,  # input
+            _matmul(d_xw2, ctx.x2d, trans_a=True) if need[4] else None,  # W_ih
+            _matmul(d_hw2, h_prev.reshape(T * B, H), trans_a=True) if need[5] else None,  # W_hh
+            d_xw2.sum(0) if need[6] else None,  # b_ih
+            d_hw2.sum(0) if need[7] else None,  # b_hh
+            d_h0 if need[8] else None,
+            d_c0 if need[9] else None,
+        )
+        return (None, None, None) + tuple(None if g is None else torch.from_numpy(g) for g in grads)
 
 
 def fused_layer(

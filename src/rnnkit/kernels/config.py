@@ -28,6 +28,7 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 
 
 def _source_hash() -> str:
+    # numba's version and the kernel sources; blas.py's bindings are part of the sources.
     digest = hashlib.sha256(numba.__version__.encode())
     for folder in ("kernels", "cells"):
         for path in sorted((_PACKAGE / folder).glob("*.py")):

@@ -1,0 +1,122 @@
+"""GEMM from inside the kernels: scipy's OpenBLAS ``?gemm``, called with no Python in between.
+
+numba's own ``np.dot`` goes through scipy's BLAS too; we call it directly so a kernel can
+multiply a row range of a larger array in place. The Fortran routines are bound as external
+symbols (not ctypes objects), which keeps the calling kernels cacheable.
+
+Threads: rnnkit's kernels split the batch across numba threads themselves, and every BLAS call
+they make is single-threaded (``openblas_set_num_threads_local``, per calling thread, OpenBLAS
+>= 0.3.27), so BLAS worker threads never run, never spin after a call, and never compete with
+torch's OpenMP threads or ours. Without that function (or without scipy) the kernels use their
+own loops instead (``AVAILABLE`` is False).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+
+import numpy as np
+from numba import types
+
+from .config import jit
+
+
+def _bind() -> bool:
+    try:
+        import llvmlite.binding as llvm
+        import scipy
+        import scipy.linalg.cython_blas  # noqa: F401  (loads the library)
+        from numba.extending import get_cython_function_address
+    except ImportError:
+        return False
+    libs = glob.glob(os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs", "libscipy_openblas*.so*"))
+    local = None
+    for path in libs:
+        local = getattr(ctypes.CDLL(path), "openblas_set_num_threads_local", None)
+        if local is not None:
+            break
+    if local is None:
+        return False
+    llvm.add_symbol("rnnkit_sgemm", get_cython_function_address("scipy.linalg.cython_blas", "sgemm"))
+    llvm.add_symbol("rnnkit_dgemm", get_cython_function_address("scipy.linalg.cython_blas", "dgemm"))
+    llvm.add_symbol("rnnkit_blas_threads_local", ctypes.cast(local, ctypes.c_void_p).value)
+    return True
+
+
+# Stubs keep the symbols linkable when the real ones are missing (the kernels never call
+# ``gemm_rows`` then, and the thread switch does nothing).
+_STUB_THREADS = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_int32)(lambda n: 1)
+_STUB_GEMM = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 13)(lambda *args: None)
+
+
+def _bind_stubs() -> None:
+    import llvmlite.binding as llvm
+
+    for name in ("rnnkit_sgemm", "rnnkit_dgemm"):
+        llvm.add_symbol(name, ctypes.cast(_STUB_GEMM, ctypes.c_void_p).value)
+    llvm.add_symbol("rnnkit_blas_threads_local", ctypes.cast(_STUB_THREADS, ctypes.c_void_p).value)
+
+
+AVAILABLE = _bind()
+if not AVAILABLE:
+    _bind_stubs()
+
+# Fortran interface: every argument by pointer (transa, transb, m, n, k, alpha, a, lda, b, ldb,
+# beta, c, ldc), pointers passed as integers.
+_sgemm = types.ExternalFunction("rnnkit_sgemm", types.void(*[types.intp] * 13))
+_dgemm = types.ExternalFunction("rnnkit_dgemm", types.void(*[types.intp] * 13))
+_threads_local = types.ExternalFunction("rnnkit_blas_threads_local", types.int32(types.int32))
+
+
+@jit
+def single_threaded() -> int:
+    """Make this thread's BLAS calls single-threaded; returns the previous setting."""
+    return _threads_local(1)
+
+
+@jit
+def restore_threads(previous) -> None:
+    _threads_local(previous)
+
+
+@jit
+def gemm_rows(a, b, c, r0, r1, beta, trans_a=False):
+    """Rows [r0, r1) of c = op(a) @ b + beta * c, all row-major and C-contiguous.
+
+    op(a) is a (M, K), or with ``trans_a`` the transpose of a (K, M); b is (K, N), c (M, N).
+    Row-major C = op(A) @ B is column-major C^T = B^T @ op(A)^T, which ?gemm computes on the
+    arrays' own memory: ?gemm('N', 'N' or 'T', N, rows, K, 1, B, N, A, lda, beta, C, N).
+    """
+    M = r1 - r0
+    K, N = b.shape
+    if M <= 0:
+        return
+    ints = np.empty(4, np.int32)
+    ints[0] = N
+    ints[1] = M
+    ints[2] = K
+    ints[3] = a.shape[1]  # lda: a's row length, K (plain) or M_total (transposed)
+    flags = np.empty(2, np.uint8)
+    flags[0] = 78  # 'N'
+    flags[1] = 84 if trans_a else 78  # 'T' or 'N'
+    scalars = np.empty(2, c.dtype)
+    scalars[0] = 1
+    scalars[1] = beta
+    n_ptr = ints.ctypes.data
+    m_ptr = n_ptr + 4
+    k_ptr = n_ptr + 8
+    lda_ptr = n_ptr + 12
+    alpha_ptr = scalars.ctypes.data
+    beta_ptr = alpha_ptr + c.itemsize
+    a_ptr = a.ctypes.data + (r0 if trans_a else r0 * K) * a.itemsize
+    c_ptr = c.ctypes.data + r0 * N * c.itemsize
+    nt_ptr = flags.ctypes.data
+    ta_ptr = nt_ptr + 1
+    if c.itemsize == 4:
+        _sgemm(nt_ptr, ta_ptr, n_ptr, m_ptr, k_ptr, alpha_ptr, b.ctypes.data, n_ptr, a_ptr, lda_ptr,
+               beta_ptr, c_ptr, n_ptr)
+    else:
+        _dgemm(nt_ptr, ta_ptr, n_ptr, m_ptr, k_ptr, alpha_ptr, b.ctypes.data, n_ptr, a_ptr, lda_ptr,
+               beta_ptr, c_ptr, n_ptr)
