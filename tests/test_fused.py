@@ -131,3 +131,18 @@ def test_kernels_stay_in_bounds(tmp_path):
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("kind", CELL_KINDS)
+def test_torch_export_sees_one_op_per_layer_direction(kind):
+    torch.manual_seed(0)
+    _, m = twins(kind, input_size=3, hidden_size=6, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 2, 3)
+    with rnnkit.use_backend("fused"):
+        program = torch.export.export(m, (x,))
+        eager = m(x)
+    ops = [n for n in program.graph.nodes if n.target is torch.ops.rnnkit.layer.default]
+    expected = 0 if kind == "lstm-proj" else 4  # projections run on the reference path
+    assert len(ops) == expected
+    exported = program.module()(x)
+    torch.testing.assert_close(exported[0], eager[0])
