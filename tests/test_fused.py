@@ -49,6 +49,33 @@ def test_fused_equals_reference_on_long_odd_sequences(kind, packed):
         torch.testing.assert_close(f, r, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_fused_lstm_projections_equal_reference_on_a_long_packed_sequence(batch_first):
+    """The projecting driver path (m_t, h_t = W_hr m_t, dL/dW_hr) on ragged lengths, both
+    directions, a stacked layer reading the projected output, every gradient incl. weight_hr."""
+    torch.manual_seed(11)
+    m = rnnkit.LSTM(5, 33, 2, bidirectional=True, proj_size=7, batch_first=batch_first).double()
+    lengths = torch.tensor([120, 3, 119, 1, 60, 77, 120, 2, 45])
+    x = torch.randn(len(lengths), 120, 5, dtype=torch.float64)
+    x = x if batch_first else x.transpose(0, 1).contiguous()
+    h0 = torch.randn(4, len(lengths), 7, dtype=torch.float64)
+    c0 = torch.randn(4, len(lengths), 33, dtype=torch.float64)
+
+    def run(backend):
+        m.zero_grad()
+        leaves = [t.clone().requires_grad_(True) for t in (x, h0, c0)]
+        packed = rnnkit.pack_padded_sequence(leaves[0], lengths, batch_first=batch_first, enforce_sorted=False)
+        with rnnkit.use_backend(backend):
+            out, (h, c) = m(packed, tuple(leaves[1:]))
+        (out.data.sin().sum() + h.cos().sum() + (c * c).sum()).backward()
+        return [out.data, h, c, *[t.grad for t in leaves], *[p.grad for p in m.parameters()]]
+
+    reference, fused = run("reference"), run("fused")
+    assert sum(name.startswith("weight_hr") for name, _ in m.named_parameters()) == 4
+    for r, f in zip(reference, fused):
+        torch.testing.assert_close(f, r, **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("kind", CELL_KINDS)
 def test_fused_gradcheck(kind):
     torch.manual_seed(2)
@@ -89,17 +116,26 @@ def test_use_backend_restores_the_choice():
     assert rnnkit.get_backend() == before
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm-proj"])
 @pytest.mark.parametrize("batch", [1, 3, 64])
-def test_threaded_chunks_match_serial(batch, monkeypatch):
+def test_threaded_chunks_match_serial(batch, kind, monkeypatch):
     torch.manual_seed(0)
-    _, m = twins("gru", torch.float64, input_size=8, hidden_size=64)
+    _, m = twins(kind, torch.float64, input_size=8, hidden_size=64)
     x = torch.randn(20, batch, 8, dtype=torch.float64)
+
+    def run():
+        m.zero_grad()
+        out = m(x)[0]
+        out.sin().sum().backward()
+        return [out, *[p.grad for p in m.parameters()]]
+
     with rnnkit.use_backend("fused"):
         monkeypatch.setattr(_fused, "_MIN_WORK_PER_THREAD", 1)  # split whenever possible
-        split = m(x)[0]
+        split = run()
         monkeypatch.setattr(_fused, "_MIN_WORK_PER_THREAD", 10**12)  # never split
-        serial = m(x)[0]
-    torch.testing.assert_close(split, serial, **TOL[torch.float64])
+        serial = run()
+    for s, r in zip(split, serial):
+        torch.testing.assert_close(s, r, **TOL[torch.float64])
 
 
 BOUNDSCHECK_SCRIPT = r"""
@@ -107,7 +143,8 @@ import torch, rnnkit
 from torch import nn
 rnnkit.set_backend("fused")
 torch.manual_seed(0)
-for cls, kw in [("RNN", {}), ("RNN", {"nonlinearity": "relu"}), ("GRU", {}), ("LSTM", {})]:
+for cls, kw in [("RNN", {}), ("RNN", {"nonlinearity": "relu"}), ("GRU", {}), ("LSTM", {}),
+                ("LSTM", {"proj_size": 2})]:
     ref = getattr(nn, cls)(3, 4, 2, bidirectional=True, **kw).double()
     m = getattr(rnnkit, cls)(3, 4, 2, bidirectional=True, **kw).double()
     m.load_state_dict(ref.state_dict())
@@ -116,10 +153,13 @@ for cls, kw in [("RNN", {}), ("RNN", {"nonlinearity": "relu"}), ("GRU", {}), ("L
     out, h = m(packed)
     out.data.sum().backward()
     ref_out, _ = ref(packed)
-    assert torch.allclose(out.data, ref_out.data, atol=1e-9), cls
+    assert torch.allclose(out.data, ref_out.data, atol=1e-9), (cls, kw)
     for batch in (0, 1, 3):
         y, _ = m(torch.randn(2, batch, 3, dtype=torch.float64, requires_grad=True))
         y.sum().backward()
+        with torch.no_grad():  # inference scratch, T == 1 included
+            m(torch.randn(1, batch, 3, dtype=torch.float64))
+            m(torch.randn(2, batch, 3, dtype=torch.float64))
 print("ok")
 """
 
@@ -142,7 +182,6 @@ def test_torch_export_sees_one_op_per_layer_direction(kind):
         program = torch.export.export(m, (x,))
         eager = m(x)
     ops = [n for n in program.graph.nodes if n.target is torch.ops.rnnkit.layer.default]
-    expected = 0 if kind == "lstm-proj" else 4  # projections run on the reference path
-    assert len(ops) == expected
+    assert len(ops) == 4
     exported = program.module()(x)
     torch.testing.assert_close(exported[0], eager[0])

@@ -3,9 +3,11 @@ op ``rnnkit::layer`` (with its autograd formula and shape function) under torch.
 torch.export, a thinner autograd.Function in eager mode; both run ``_forward``/``_backward``.
 
 Forward: the input projection of every step is one GEMM, then the kernel runs the whole time
-loop (recurrent product + the cell's fused pointwise update), saving what backward needs.
-Backward: the kernel runs the reverse-time loop producing dL/d(pre-activations) for every step;
-the gradients of the input, W_ih and W_hh are then single GEMMs over all T*B rows.
+loop (recurrent product + the cell's fused pointwise update + the LSTM's output projection when
+it has one), saving what backward needs.
+Backward: the kernel runs the reverse-time loop producing dL/d(pre-activations) (and dL/dh_t
+when projecting) for every step; the gradients of the input, W_ih, W_hh (and W_hr) are then
+single GEMMs over all T*B rows.
 All products run in rnnkit's kernels (rows split across numba's threads, single-threaded BLAS
 in each), so no other thread pool wakes up inside a call. Kernels see contiguous float32 or
 float64 CPU arrays only; this module guarantees that.
@@ -20,7 +22,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._driver import reference_layer
 from .cells import CELLS, Cell, LayerParams
 from .kernels import driver
 from .kernels.linalg import gemm
@@ -59,47 +60,59 @@ def _matmul(a: np.ndarray, b: np.ndarray, bias: Optional[np.ndarray] = None, tra
     return out
 
 
-def _forward(mode: str, steps: np.ndarray, reverse: bool, training: bool, x, w_ih, w_hh, b_ih, b_hh, h0, c0):
-    """Arrays in, arrays out: (out, h_n, c_n, c_seq, saved) of one layer-direction."""
+def _forward(mode: str, steps: np.ndarray, reverse: bool, training: bool, x, w_ih, w_hh, b_ih, b_hh, w_hr,
+             h0, c0):
+    """Arrays in, arrays out: (out, h_n, c_n, c_seq, saved, m_seq) of one layer-direction;
+    m_seq is the LSTM's output before projection when w_hr is given (see kernels/driver.py)."""
     cell = CELLS[mode]
     T, B, I = x.shape
-    GH, H = w_hh.shape
+    GH, Ho = w_hh.shape  # Ho: proj_size with projections, else H
+    H = GH // cell.gates
     xw = _matmul(x.reshape(T * B, I), np.ascontiguousarray(w_ih.T), b_ih)
     dtype = xw.dtype
     Hc = c0.shape[-1]
-    out = np.empty((T, B, H), dtype)
+    out = np.empty((T, B, Ho), dtype)
     c_seq = np.empty((T, B, Hc), dtype)
-    h_n = np.empty((B, H), dtype)
+    h_n = np.empty((B, Ho), dtype)
     c_n = np.empty((B, Hc), dtype)
     saved = np.empty((T, B, cell.saved * H) if training else (1, 1, cell.saved * H), dtype)
+    if w_hr is None:
+        w_hr_t, m_seq = np.empty((0, 0), dtype), np.empty((0, 0, 0), dtype)
+    else:
+        w_hr_t, m_seq = np.ascontiguousarray(w_hr.T), np.empty((T if training else 1, B, H), dtype)
     args = (xw.reshape(T, B, GH), np.ascontiguousarray(w_hh.T), b_hh if b_hh is not None else np.zeros(GH, dtype),
-            h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved, np.empty((B, GH), dtype))
+            w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved, m_seq, np.empty((B, GH), dtype))
     kernels = _KERNELS[mode]
-    chunks = _chunks(B, B * H * GH)
+    chunks = _chunks(B, B * (Ho * GH + w_hr_t.size))
     if chunks > 1:
         kernels.forward_chunks(*args, chunks)
     else:
         kernels.forward_rows(*args, 0, B)
-    return out, h_n, c_n, c_seq, saved
+    return out, h_n, c_n, c_seq, saved, m_seq
 
 
 def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool], d_out, d_hn, d_cn,
-              x, w_ih, w_hh, h0, c0, out, c_seq, saved):
-    """BPTT by the kernel, then the gradient GEMMs: grads of (x, w_ih, w_hh, b_ih, b_hh, h0, c0),
-    None where ``need`` says no."""
+              x, w_ih, w_hh, w_hr, h0, c0, out, c_seq, saved, m_seq):
+    """BPTT by the kernel, then the gradient GEMMs: grads of (x, w_ih, w_hh, b_ih, b_hh, w_hr, h0,
+    c0), None where ``need`` says no."""
     cell = CELLS[mode]
-    T, B, H = out.shape
+    T, B, Ho = out.shape
     I = x.shape[-1]
     GH = w_hh.shape[0]
     dtype = out.dtype
     d_xw = np.empty((T, B, GH), dtype)
     d_hw = np.empty((T, B, GH), dtype) if cell.separate_input_grad else d_xw
-    h_prev = np.empty((T, B, H), dtype)
-    d_h0 = np.empty((B, H), dtype)
+    h_prev = np.empty((T, B, Ho), dtype)
+    d_h0 = np.empty((B, Ho), dtype)
     d_c0 = np.empty(c0.shape, dtype)
-    args = (w_hh, d_out, d_hn, d_cn, saved, out, c_seq, h0, c0, steps, reverse, d_xw, d_hw, h_prev, d_h0, d_c0)
+    if w_hr is None:
+        w_hr, d_h_seq, dm = np.empty((0, 0), dtype), np.empty((0, 0, 0), dtype), np.empty((0, 0), dtype)
+    else:
+        d_h_seq, dm = np.empty((T, B, Ho), dtype), np.empty((B, w_hr.shape[1]), dtype)
+    args = (w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
+            d_xw, d_hw, h_prev, d_h_seq, dm, d_h0, d_c0)
     kernels = _KERNELS[mode]
-    chunks = _chunks(B, B * H * GH)
+    chunks = _chunks(B, B * (Ho * GH + w_hr.size))
     if chunks > 1:
         kernels.backward_chunks(*args, chunks)
     else:
@@ -108,11 +121,13 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
     return (
         _matmul(d_xw2, w_ih).reshape(T, B, I) if need[0] else None,
         _matmul(d_xw2, x.reshape(T * B, I), trans_a=True) if need[1] else None,
-        _matmul(d_hw2, h_prev.reshape(T * B, H), trans_a=True) if need[2] else None,
+        _matmul(d_hw2, h_prev.reshape(T * B, Ho), trans_a=True) if need[2] else None,
         d_xw2.sum(0) if need[3] else None,
         d_hw2.sum(0) if need[4] else None,
-        d_h0 if need[5] else None,
-        d_c0 if need[6] else None,
+        # dL/dW_hr = sum_t dh_t^T m_t
+        _matmul(d_h_seq.reshape(T * B, Ho), m_seq.reshape(T * B, m_seq.shape[-1]), trans_a=True) if need[5] else None,
+        d_h0 if need[6] else None,
+        d_c0 if need[7] else None,
     )
 
 
@@ -128,49 +143,56 @@ def _tensors(*arrays):
 # torch.compile / torch.export treat a whole layer-direction as one opaque op.
 @torch.library.custom_op("rnnkit::layer", mutates_args=())
 def _layer_op(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
-              h0: Tensor, c0: Tensor, steps: Tensor, mode: str, reverse: bool, training: bool
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _tensors(*_forward(mode, steps.numpy(), reverse, training, *_arrays(x, w_ih, w_hh, b_ih, b_hh, h0, c0)))
+              w_hr: Optional[Tensor], h0: Tensor, c0: Tensor, steps: Tensor, mode: str, reverse: bool,
+              training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    arrays = _arrays(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)
+    return _tensors(*_forward(mode, steps.numpy(), reverse, training, *arrays))
 
 
 @_layer_op.register_fake
-def _layer_fake(x, w_ih, w_hh, b_ih, b_hh, h0, c0, steps, mode, reverse, training):
+def _layer_fake(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, steps, mode, reverse, training):
     T, B = x.shape[0], x.shape[1]
-    H, Hc, S = w_hh.shape[1], c0.shape[-1], CELLS[mode].saved * w_hh.shape[1]
+    Ho, Hc, H = w_hh.shape[1], c0.shape[-1], w_hh.shape[0] // CELLS[mode].gates
+    S = CELLS[mode].saved * H
     saved = x.new_empty((T, B, S) if training else (1, 1, S))
-    return x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(B, Hc), x.new_empty(T, B, Hc), saved
+    m_seq = x.new_empty((0, 0, 0) if w_hr is None else (T if training else 1, B, H))
+    return x.new_empty(T, B, Ho), x.new_empty(B, Ho), x.new_empty(B, Hc), x.new_empty(T, B, Hc), saved, m_seq
 
 
 @torch.library.custom_op("rnnkit::layer_backward", mutates_args=())
 def _layer_backward_op(d_out: Tensor, d_hn: Tensor, d_cn: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor,
-                       h0: Tensor, c0: Tensor, out: Tensor, c_seq: Tensor, saved: Tensor, steps: Tensor,
-                       mode: str, reverse: bool, need: list[bool]) -> list[Tensor]:
+                       w_hr: Optional[Tensor], h0: Tensor, c0: Tensor, out: Tensor, c_seq: Tensor,
+                       saved: Tensor, m_seq: Tensor, steps: Tensor, mode: str, reverse: bool,
+                       need: list[bool]) -> list[Tensor]:
     grads = _backward(mode, steps.numpy(), reverse, need,
-                      *_arrays(d_out, d_hn, d_cn, x, w_ih, w_hh, h0, c0, out, c_seq, saved))
+                      *_arrays(d_out, d_hn, d_cn, x, w_ih, w_hh, w_hr, h0, c0, out, c_seq, saved, m_seq))
     return [torch.from_numpy(g) if g is not None else x.new_empty(0) for g in grads]
 
 
 @_layer_backward_op.register_fake
-def _layer_backward_fake(d_out, d_hn, d_cn, x, w_ih, w_hh, h0, c0, out, c_seq, saved, steps, mode, reverse, need):
-    shapes = [x.shape, w_ih.shape, w_hh.shape, w_hh.shape[:1], w_hh.shape[:1], h0.shape, c0.shape]
+def _layer_backward_fake(d_out, d_hn, d_cn, x, w_ih, w_hh, w_hr, h0, c0, out, c_seq, saved, m_seq, steps,
+                         mode, reverse, need):
+    w_hr_shape = (0,) if w_hr is None else w_hr.shape
+    shapes = [x.shape, w_ih.shape, w_hh.shape, w_hh.shape[:1], w_hh.shape[:1], w_hr_shape, h0.shape, c0.shape]
     return [x.new_empty(shape if n else (0,)) for shape, n in zip(shapes, need)]
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_ih, w_hh, b_ih, b_hh, h0, c0, steps, mode, reverse, training = inputs
-    out, h_n, c_n, c_seq, saved = output
+    x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, steps, mode, reverse, training = inputs
+    out, h_n, c_n, c_seq, saved, m_seq = output
     ctx.mode, ctx.reverse = mode, reverse
-    ctx.save_for_backward(x, w_ih, w_hh, h0, c0, out, c_seq, saved, steps)
+    ctx.save_for_backward(x, w_ih, w_hh, w_hr, h0, c0, out, c_seq, saved, m_seq, steps)
 
 
-def _layer_grad(ctx, d_out, d_hn, d_cn, d_c_seq, d_saved):
-    x, w_ih, w_hh, h0, c0, out, c_seq, saved, steps = ctx.saved_tensors
-    need = list(ctx.needs_input_grad[:7])
+def _layer_grad(ctx, d_out, d_hn, d_cn, d_c_seq, d_saved, d_m_seq):
+    x, w_ih, w_hh, w_hr, h0, c0, out, c_seq, saved, m_seq, steps = ctx.saved_tensors
+    need = list(ctx.needs_input_grad[:8])
     grads = _layer_backward_op(
         d_out if d_out is not None else torch.zeros_like(out),
         d_hn if d_hn is not None else torch.zeros_like(h0),
         d_cn if d_cn is not None else torch.zeros_like(c0),
-        x, w_ih, w_hh, h0, c0, out, c_seq, saved, steps, ctx.mode, ctx.reverse, need,
+        x, w_ih, w_hh, w_hr, h0, c0, out, c_seq, saved, m_seq, steps,
+        ctx.mode, ctx.reverse, need,
     )
     return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 4
 
@@ -183,19 +205,18 @@ class _EagerLayer(torch.autograd.Function):
     custom op's dispatch, which matters for small layers; both run _forward/_backward."""
 
     @staticmethod
-    def forward(ctx, mode, steps, reverse, training, x, w_ih, w_hh, b_ih, b_hh, h0, c0):
-        arrays = _arrays(x, w_ih, w_hh, b_ih, b_hh, h0, c0)
-        out, h_n, c_n, c_seq, saved = _forward(mode, steps, reverse, training, *arrays)
+    def forward(ctx, mode, steps, reverse, training, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0):
+        arrays = _arrays(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)
+        out, h_n, c_n, c_seq, saved, m_seq = _forward(mode, steps, reverse, training, *arrays)
         ctx.mode, ctx.steps, ctx.reverse = mode, steps, reverse
-        ctx.arrays = (arrays[0], arrays[1], arrays[2], arrays[5], arrays[6], out, c_seq, saved)
+        x, w_ih, w_hh, _, _, w_hr, h0, c0 = arrays
+        ctx.arrays = (x, w_ih, w_hh, w_hr, h0, c0, out, c_seq, saved, m_seq)
         return _tensors(out, h_n, c_n)
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
-        x, w_ih, w_hh, h0, c0, out, c_seq, saved = ctx.arrays
         grads = _backward(
-            ctx.mode, ctx.steps, ctx.reverse, ctx.needs_input_grad[4:], *_arrays(d_out, d_hn, d_cn),
-            x, w_ih, w_hh, h0, c0, out, c_seq, saved,
+            ctx.mode, ctx.steps, ctx.reverse, ctx.needs_input_grad[4:], *_arrays(d_out, d_hn, d_cn), *ctx.arrays
         )
         return (None,) * 4 + _tensors(*grads)
 
@@ -209,16 +230,14 @@ def fused_layer(
     reverse: bool,
 ) -> tuple:
     """The driver's layer contract (see rnnkit._driver), run by the fused kernels."""
-    if p.w_hr is not None:  # LSTM projections: no fused kernel yet
-        return reference_layer(cell, x, state, p, batch_sizes, reverse)
     T, B = x.shape[0], x.shape[1]
     steps = np.full(T, B, np.int64) if batch_sizes is None else np.asarray(batch_sizes, np.int64)
     h0 = state[0]
     c0 = state[1] if cell.state_size == 2 else h0.new_zeros(B, 0)
-    params = (x, p.w_ih, p.w_hh, p.b_ih, p.b_hh, h0, c0)
+    params = (x, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr, h0, c0)
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
     if torch.compiler.is_compiling():
-        out, h_n, c_n, _, _ = torch.ops.rnnkit.layer(*params, torch.from_numpy(steps), cell.mode, reverse, training)
+        out, h_n, c_n, *_ = torch.ops.rnnkit.layer(*params, torch.from_numpy(steps), cell.mode, reverse, training)
     else:
         out, h_n, c_n = _EagerLayer.apply(cell.mode, steps, reverse, training, *params)
     return out, ((h_n, c_n) if cell.state_size == 2 else (h_n,))

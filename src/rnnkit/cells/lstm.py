@@ -34,7 +34,8 @@ def _lstm_step(xw, state, p: LayerParams):
 
 # ---- fused-kernel pointwise math (rows of one step; see kernels/driver.py for the contract)
 # saved = [i | f | g | o | tanh(c')], 5H per row and step; c' itself is kept by the driver.
-# Projections (proj_size > 0) run on the reference path (see rnnkit._fused).
+# With projections (proj_size > 0) the driver hands these kernels a scratch row for ``h``, which
+# receives m = o * tanh(c'), and projects it itself (see kernels/driver.py); they never read h.
 
 
 @jit

@@ -3,18 +3,26 @@ once for every cell, direction and variable-length batch.
 
 Legend (all arrays C-contiguous, float32 or float64 unless said):
     T  time steps                 B  batch rows (sorted by decreasing length when packed)
-    H  hidden state size          Hc cell-state size (LSTM: H; other cells: 0)
+    H  the cell's own size        Hc cell-state size (LSTM: H; other cells: 0)
     G  gates per cell             GH = G * H
     S  values saved per row and step for backward (cell-specific, a multiple of H)
+    P  projection size (LSTM proj_size), or 0 when the layer does not project
+    Ho size of the recurrent state h and of the output: P when projecting, else H
 
     xw       (T, B, GH)  input projection x_t W_ih^T + b_ih, for every step (one GEMM before)
-    w_hh_t   (H, GH)     W_hh transposed: hw = h @ w_hh_t + b_hh
-    w_hh     (GH, H)     W_hh: dh_prev += dhw @ w_hh
+    w_hh_t   (Ho, GH)    W_hh transposed: hw = h @ w_hh_t + b_hh
+    w_hh     (GH, Ho)    W_hh: dh_prev += dhw @ w_hh
     b_hh     (GH,)       zeros when the layer has no bias
+    w_hr_t   (H, P)      W_hr transposed: h_t = m_t @ w_hr_t; (0, 0) when not projecting
+    w_hr     (P, H)      W_hr: dm_t = dh_t @ w_hr; (0, 0) when not projecting
     steps    (T,) int64  active rows per step, non-increasing (a PackedSequence's batch_sizes)
-    out      (T, B, H)   h_t for every step (zero at inactive rows)
+    out      (T, B, Ho)  h_t for every step (zero at inactive rows)
     c_seq    (T, B, Hc)  c_t for every step
     saved    (T, B, S)   what the cell's backward needs; (1, 1, S) scratch when not training
+    m_seq    (T, B, H)   projecting only: the cell's output m_t before projection (zero at
+                         inactive rows); (1, B, H) scratch when not training; (0, 0, 0) otherwise
+    d_h_seq  (T, B, P)   projecting only: dL/dh_t for every step (zero at inactive rows), so
+                         dL/dW_hr = sum_t dh_t^T m_t is one GEMM after the loop; else (0, 0, 0)
 
 The loops below are templates: ``kernels_for(kind)`` compiles one copy of each per cell, with
 ``KIND`` frozen as a constant so each cell's pointwise math is inlined into its own loops (and
@@ -25,8 +33,19 @@ each copy caches under its own name). A cell plugs in as a pair of pointwise row
              h (H,), dxw (GH,) out: dL/dxw_t, dhw (GH,) out: dL/d(h_prev W_hh^T + b_hh))
 The driver owns everything else: reversal, per-sequence lengths (inactive rows keep their
 state, so the reverse direction starts each sequence at its own last step), the recurrent
-products, and row ranges [r0, r1) so threads can each take a slice of the batch for the whole
-sequence.
+products, the optional projection, and row ranges [r0, r1) so threads can each take a slice of
+the batch for the whole sequence.
+
+Projections (LSTM proj_size, P > 0, decided by the shape of w_hr_t / w_hr): the cell computes
+its own output m_t (H,) as always, but into a row of m_seq instead of the state h, and the
+driver projects the active rows with one product per step, h_t = m_t @ w_hr_t. Backward
+mirrors it: dm_t = dh_t @ w_hr on the active rows feeds the cell's backward as its ``dh``. So
+for a projecting layer the cell's arguments change meaning: forward's ``h`` is a scratch row
+(its input value is unspecified, so the cell must not read h_prev there); backward's ``dh`` is
+dL/dm_t, ``h`` is m_t, ``h_prev`` is the projected previous state (Ho,) and the part of
+dL/dh_prev the cell writes back into ``dh`` is ignored (it must be zero: no path bypasses W_hh).
+Only cells meeting that (the LSTM) may be given projections. Without projections the loops run
+exactly as before: the cell writes h_t into the state itself, with no extra copy or product.
 """
 
 from __future__ import annotations
@@ -74,11 +93,16 @@ def _cell_backward(kind, dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
         )
 
 
-def _forward_rows(xw, w_hh_t, b_hh, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved, hw, r0, r1):
+def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
+                  m_seq, hw, r0, r1):
     """Run rows [r0, r1) through the whole sequence. hw (B, GH) is scratch."""
     blas_threads = single_threaded()
     T = xw.shape[0]
-    keep = saved.shape[0] == T  # training: keep every step's saved values
+    # training: keep every step's saved values (else saved is one (1, 1, S) scratch row; the
+    # batch size tells them apart when T == 1)
+    keep = saved.shape[0] == T and saved.shape[1] == xw.shape[1]
+    project = w_hr_t.shape[1] > 0
+    keep_m = m_seq.shape[0] == T
     h = h_n  # the running state lives in h_n / c_n
     c = c_n
     for r in range(r0, r1):
@@ -88,21 +112,36 @@ def _forward_rows(xw, w_hh_t, b_hh, h0, c0, steps, reverse, out, c_seq, h_n, c_n
         t = T - 1 - i if reverse else i
         n = min(max(steps[t], r0), r1)  # rows [r0, n) are active at step t
         matmul_bias(h, w_hh_t, b_hh, hw, r0, n)
-        for r in range(r0, n):
-            cell_forward(KIND, xw[t, r], hw[r], h[r], c[r], saved[t if keep else 0, r if keep else 0])
-            out[t, r, :] = h[r]
-            c_seq[t, r, :] = c[r]
+        if project:
+            m = m_seq[t if keep_m else 0]
+            for r in range(r0, n):
+                cell_forward(KIND, xw[t, r], hw[r], m[r], c[r], saved[t if keep else 0, r if keep else 0])
+                c_seq[t, r, :] = c[r]
+                h[r, :] = 0.0
+            matmul_acc(m, w_hr_t, h, r0, n)  # h_t = m_t @ w_hr_t
+            for r in range(r0, n):
+                out[t, r, :] = h[r]
+            if keep_m:
+                for r in range(n, r1):
+                    m[r, :] = 0.0
+        else:
+            for r in range(r0, n):
+                cell_forward(KIND, xw[t, r], hw[r], h[r], c[r], saved[t if keep else 0, r if keep else 0])
+                out[t, r, :] = h[r]
+                c_seq[t, r, :] = c[r]
         for r in range(n, r1):
             out[t, r, :] = 0.0
             c_seq[t, r, :] = 0.0
     restore_threads(blas_threads)
 
 
-def _backward_rows(w_hh, d_out, d_hn, d_cn, saved, out, c_seq, h0, c0, steps, reverse,
-                  d_xw, d_hw, h_prev, d_h0, d_c0, r0, r1):
-    """BPTT for rows [r0, r1): fills d_xw, d_hw (T, B, GH), h_prev (T, B, H), d_h0, d_c0."""
+def _backward_rows(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
+                   d_xw, d_hw, h_prev, d_h_seq, dm, d_h0, d_c0, r0, r1):
+    """BPTT for rows [r0, r1): fills d_xw, d_hw (T, B, GH), h_prev (T, B, Ho), d_h_seq, d_h0,
+    d_c0. dm (B, H) is scratch (projecting only)."""
     blas_threads = single_threaded()
     T = out.shape[0]
+    project = w_hr.shape[0] > 0
     dh = d_h0  # the running gradient lives in d_h0 / d_c0
     dc = d_c0
     for r in range(r0, r1):
@@ -115,11 +154,26 @@ def _backward_rows(w_hh, d_out, d_hn, d_cn, saved, out, c_seq, h0, c0, steps, re
         for r in range(r0, n):
             first = tp < 0 or tp >= T or r >= steps[tp]
             hp = h0[r] if first else out[tp, r]
-            cp = c0[r] if first else c_seq[tp, r]
             h_prev[t, r, :] = hp
             dhr = dh[r]
             dhr += d_out[t, r]
-            cell_backward(KIND, dhr, dc[r], saved[t, r], hp, cp, out[t, r], d_xw[t, r], d_hw[t, r])
+            if project:
+                d_h_seq[t, r, :] = dhr
+            else:
+                cp = c0[r] if first else c_seq[tp, r]
+                cell_backward(KIND, dhr, dc[r], saved[t, r], hp, cp, out[t, r], d_xw[t, r], d_hw[t, r])
+        if project:
+            for r in range(r0, n):
+                dm[r, :] = 0.0
+            matmul_acc(dh, w_hr, dm, r0, n)  # dm_t = dh_t @ w_hr
+            for r in range(r0, n):
+                first = tp < 0 or tp >= T or r >= steps[tp]
+                cp = c0[r] if first else c_seq[tp, r]
+                cell_backward(KIND, dm[r], dc[r], saved[t, r], h_prev[t, r], cp, m_seq[t, r],
+                              d_xw[t, r], d_hw[t, r])
+                dh[r, :] = 0.0  # no path from h_t to h_prev bypasses W_hh (see the legend)
+            for r in range(n, r1):
+                d_h_seq[t, r, :] = 0.0
         for r in range(n, r1):
             h_prev[t, r, :] = 0.0
             d_xw[t, r, :] = 0.0
@@ -128,22 +182,23 @@ def _backward_rows(w_hh, d_out, d_hn, d_cn, saved, out, c_seq, h0, c0, steps, re
     restore_threads(blas_threads)
 
 
-def _forward_chunks(xw, w_hh_t, b_hh, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved, hw, chunks):
+def _forward_chunks(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
+                    m_seq, hw, chunks):
     """_forward_rows over ``chunks`` slices of the batch, one thread each for the whole sequence."""
     size = (xw.shape[1] + chunks - 1) // chunks
     for i in prange(chunks):
         r0 = i * size
-        forward_rows(xw, w_hh_t, b_hh, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved, hw,
-                     r0, min(r0 + size, xw.shape[1]))
+        forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
+                     m_seq, hw, r0, min(r0 + size, xw.shape[1]))
 
 
-def _backward_chunks(w_hh, d_out, d_hn, d_cn, saved, out, c_seq, h0, c0, steps, reverse,
-                     d_xw, d_hw, h_prev, d_h0, d_c0, chunks):
+def _backward_chunks(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
+                     d_xw, d_hw, h_prev, d_h_seq, dm, d_h0, d_c0, chunks):
     size = (out.shape[1] + chunks - 1) // chunks
     for i in prange(chunks):
         r0 = i * size
-        backward_rows(w_hh, d_out, d_hn, d_cn, saved, out, c_seq, h0, c0, steps, reverse,
-                      d_xw, d_hw, h_prev, d_h0, d_c0, r0, min(r0 + size, out.shape[1]))
+        backward_rows(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
+                      d_xw, d_hw, h_prev, d_h_seq, dm, d_h0, d_c0, r0, min(r0 + size, out.shape[1]))
 
 
 class CellKernels(NamedTuple):
