@@ -153,6 +153,8 @@ class RNNBase(nn.Module):
                     names.append(name)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
+        # the shape each parameter must keep, whatever the user assigns later
+        self._param_shapes = {name: tuple(getattr(self, name).shape) for name in self._flat_weights_names}
         self.reset_parameters()
 
     @property
@@ -178,18 +180,6 @@ class RNNBase(nn.Module):
     @property
     def all_weights(self) -> list[list[Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
-
-    def _layer_params(self) -> list[LayerParams]:
-        params = []
-        for names in self._all_weights:
-            get = {name.split("_l")[0]: getattr(self, name) for name in names}
-            params.append(
-                LayerParams(
-                    get["weight_ih"], get["weight_hh"], get.get("bias_ih"),
-                    get.get("bias_hh"), get.get("weight_hr"),
-                )
-            )
-        return params
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
@@ -230,37 +220,40 @@ class RNNBase(nn.Module):
         got = ", ".join(f"{s.dim()}-D" for s in state)
         raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got ({got}) tensors")
 
-    def _check_weights(self, data: Tensor) -> None:
-        """Parameters replaced by the user must still fit the layer: a wrong shape, a mix of
-        dtypes or another device than the input would otherwise fail deep in the kernels."""
-        gates = self._cell.gates * self.hidden_size
-        h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
-        first_name = self._flat_weights_names[0]
-        first = getattr(self, first_name)
-        for name in self._flat_weights_names:
-            w = getattr(self, name)
-            if not isinstance(w, Tensor):
-                raise TypeError(f"{self._cell.label}: parameter {name} must be a Tensor, got {type(w).__name__}")
-            kind, rest = name.split("_l")
-            layer_input = self.input_size if rest.split("_")[0] == "0" else h_out * self._num_directions
-            expected = {
-                "weight_ih": (gates, layer_input), "weight_hh": (gates, h_out), "bias_ih": (gates,),
-                "bias_hh": (gates,), "weight_hr": (self.proj_size, self.hidden_size),
-            }[kind]
-            if tuple(w.shape) != expected:
-                raise RuntimeError(
-                    f"{self._cell.label}: parameter {name} has shape {tuple(w.shape)}, expected {expected}"
-                )
-            if w.dtype != first.dtype:
-                raise RuntimeError(
-                    f"{self._cell.label}: parameter {name} is {w.dtype} but {first_name} is {first.dtype}; "
-                    f"convert the whole model: model.to({first.dtype})"
-                )
-            if w.device != data.device:
-                raise RuntimeError(
-                    "Input and parameter tensors are not at the same device, found input tensor at "
-                    f"{data.device} and parameter tensor at {w.device}"
-                )
+    def _layer_params(self, data: Tensor) -> list[LayerParams]:
+        """The parameters of every layer and direction, checked: parameters replaced by the user
+        must still fit the layer (a wrong shape, a mix of dtypes or another device than the input
+        would otherwise fail deep in the kernels)."""
+        expected = self._param_shapes
+        label = self._cell.label
+        dtype = None
+        params = []
+        for names in self._all_weights:
+            found = {}
+            for name in names:
+                w = getattr(self, name)
+                if not isinstance(w, Tensor):
+                    raise TypeError(f"{label}: parameter {name} must be a Tensor, got {type(w).__name__}")
+                if w.shape != expected[name]:
+                    raise RuntimeError(
+                        f"{label}: parameter {name} has shape {tuple(w.shape)}, expected {expected[name]}"
+                    )
+                if dtype is None:
+                    dtype, first_name = w.dtype, name
+                elif w.dtype != dtype:
+                    raise RuntimeError(
+                        f"{label}: parameter {name} is {w.dtype} but {first_name} is {dtype}; "
+                        f"convert the whole model: model.to({dtype})"
+                    )
+                if w.device != data.device:
+                    raise RuntimeError(
+                        "Input and parameter tensors are not at the same device, found input tensor at "
+                        f"{data.device} and parameter tensor at {w.device}"
+                    )
+                found[name.split("_l")[0]] = w
+            params.append(LayerParams(found["weight_ih"], found["weight_hh"], found.get("bias_ih"),
+                                      found.get("bias_hh"), found.get("weight_hr")))
+        return params
 
     # ------------------------------------------------------------------------ forward
     def forward(self, input, hx=None):
@@ -285,8 +278,8 @@ class RNNBase(nn.Module):
             data = input if batched else input.unsqueeze(0 if self.batch_first else 1)
             batch = data.shape[0 if self.batch_first else 1]
 
-        self._check_weights(data)
-        _check_dtype(data, self._flat_weights[0])
+        params = self._layer_params(data)
+        _check_dtype(data, params[0].w_ih)
         if data.shape[-1] != self.input_size:
             raise RuntimeError(
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {data.shape[-1]}"
@@ -319,7 +312,7 @@ class RNNBase(nn.Module):
             _backend.layer_for(cell, x),
             x,
             state,
-            self._layer_params(),
+            params,
             self.num_layers,
             self._num_directions,
             self.dropout,
