@@ -4,11 +4,12 @@ numba's own ``np.dot`` goes through scipy's BLAS too; we call it directly so a k
 multiply a row range of a larger array in place. The Fortran routines are bound as external
 symbols (not ctypes objects), which keeps the calling kernels cacheable.
 
-Threads: rnnkit's kernels split the batch across numba threads themselves, and every BLAS call
-they make is single-threaded (``openblas_set_num_threads_local``, per calling thread, OpenBLAS
->= 0.3.27), so BLAS worker threads never run, never spin after a call, and never compete with
-torch's OpenMP threads or ours. Without that function (or without scipy) the kernels use their
-own loops instead (``AVAILABLE`` is False).
+Threads: rnnkit's kernels split their work across numba's threads (the OpenMP pool torch uses
+too), so scipy's OpenBLAS is set to one thread when it is bound: its worker threads would
+otherwise spin after each call and starve torch's and ours (and OpenBLAS warns when it is asked
+for threads inside an OpenMP region). This affects scipy.linalg's own BLAS calls in the same
+process; numpy's BLAS and torch's are separate libraries and untouched. Without scipy, or
+without that switch, the kernels use their own loops instead (``AVAILABLE`` is False).
 """
 
 from __future__ import annotations
@@ -32,22 +33,21 @@ def _bind() -> bool:
     except ImportError:
         return False
     libs = glob.glob(os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs", "libscipy_openblas*.so*"))
-    local = None
+    set_threads = None
     for path in libs:
-        local = getattr(ctypes.CDLL(path), "openblas_set_num_threads_local", None)
-        if local is not None:
+        set_threads = getattr(ctypes.CDLL(path), "scipy_openblas_set_num_threads", None)
+        if set_threads is not None:
             break
-    if local is None:
+    if set_threads is None:
         return False
+    set_threads(1)
     llvm.add_symbol("rnnkit_sgemm", get_cython_function_address("scipy.linalg.cython_blas", "sgemm"))
     llvm.add_symbol("rnnkit_dgemm", get_cython_function_address("scipy.linalg.cython_blas", "dgemm"))
-    llvm.add_symbol("rnnkit_blas_threads_local", ctypes.cast(local, ctypes.c_void_p).value)
     return True
 
 
-# Stubs keep the symbols linkable when the real ones are missing (the kernels never call
-# ``gemm_rows`` then, and the thread switch does nothing).
-_STUB_THREADS = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_int32)(lambda n: 1)
+# A stub keeps the symbols linkable when the real ones are missing (the kernels never call
+# ``gemm_rows`` then).
 _STUB_GEMM = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 13)(lambda *args: None)
 
 
@@ -56,7 +56,6 @@ def _bind_stubs() -> None:
 
     for name in ("rnnkit_sgemm", "rnnkit_dgemm"):
         llvm.add_symbol(name, ctypes.cast(_STUB_GEMM, ctypes.c_void_p).value)
-    llvm.add_symbol("rnnkit_blas_threads_local", ctypes.cast(_STUB_THREADS, ctypes.c_void_p).value)
 
 
 AVAILABLE = _bind()
@@ -67,19 +66,6 @@ if not AVAILABLE:
 # beta, c, ldc), pointers passed as integers.
 _sgemm = types.ExternalFunction("rnnkit_sgemm", types.void(*[types.intp] * 13))
 _dgemm = types.ExternalFunction("rnnkit_dgemm", types.void(*[types.intp] * 13))
-_threads_local = types.ExternalFunction("rnnkit_blas_threads_local", types.int32(types.int32))
-
-
-@jit
-def single_threaded() -> int:
-    """Make this thread's BLAS calls single-threaded; returns the previous setting."""
-    return _threads_local(1)
-
-
-@jit
-def restore_threads(previous) -> None:
-    _threads_local(previous)
-
 
 @jit
 def gemm_rows(a, b, c, r0, r1, beta, trans_a=False):

@@ -56,7 +56,6 @@ from typing import NamedTuple
 from numba import prange, types
 from numba.extending import overload
 
-from .blas import restore_threads, single_threaded
 from .config import jit, jit_parallel
 from .linalg import matmul_acc, matmul_bias
 
@@ -96,7 +95,6 @@ def _cell_backward(kind, dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
 def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
                   m_seq, hw, r0, r1):
     """Run rows [r0, r1) through the whole sequence. hw (B, GH) is scratch."""
-    blas_threads = single_threaded()
     T = xw.shape[0]
     # training: keep every step's saved values (else saved is one (1, 1, S) scratch row; the
     # batch size tells them apart when T == 1)
@@ -132,14 +130,12 @@ def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, 
         for r in range(n, r1):
             out[t, r, :] = 0.0
             c_seq[t, r, :] = 0.0
-    restore_threads(blas_threads)
 
 
 def _backward_rows(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
                    d_xw, d_hw, h_prev, d_h_seq, dm, d_h0, d_c0, r0, r1):
     """BPTT for rows [r0, r1): fills d_xw, d_hw (T, B, GH), h_prev (T, B, Ho), d_h_seq, d_h0,
     d_c0. dm (B, H) is scratch (projecting only)."""
-    blas_threads = single_threaded()
     T = out.shape[0]
     project = w_hr.shape[0] > 0
     dh = d_h0  # the running gradient lives in d_h0 / d_c0
@@ -179,7 +175,6 @@ def _backward_rows(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, 
             d_xw[t, r, :] = 0.0
             d_hw[t, r, :] = 0.0
         matmul_acc(d_hw[t], w_hh, dh, r0, n)
-    restore_threads(blas_threads)
 
 
 def _forward_chunks(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,

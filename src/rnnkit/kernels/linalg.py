@@ -11,7 +11,6 @@ from __future__ import annotations
 from numba import prange
 
 from .blas import AVAILABLE as BLAS, gemm_rows
-from .blas import restore_threads, single_threaded
 from .config import jit, jit_parallel
 
 # Below this many multiply-adds a call, our loops beat a BLAS call (and its fixed cost).
@@ -77,18 +76,16 @@ def _gemm_rows_any(a, b, c, r0, r1, trans_a):
 @jit_parallel
 def gemm(a, b, c, bias, trans_a, chunks):
     """c = op(a) @ b (+ bias, a (N,) row, when it is non-empty), the rows of c split across
-    ``chunks`` threads, each running single-threaded BLAS: a (M, K) or (K, M) when trans_a,
+    ``chunks`` threads, each calling (single-threaded) BLAS: a (M, K) or (K, M) when trans_a,
     b (K, N), c (M, N)."""
     M = c.shape[0]
     size = (M + chunks - 1) // chunks
     for i in prange(chunks):
         r0 = i * size
         r1 = min(r0 + size, M)
-        blas_threads = single_threaded()
         for r in range(r0, r1):
             if bias.shape[0] > 0:
                 c[r, :] = bias
             else:
                 c[r, :] = 0
         _gemm_rows_any(a, b, c, r0, r1, trans_a)
-        restore_threads(blas_threads)
