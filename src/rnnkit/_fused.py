@@ -47,6 +47,15 @@ def _chunks(rows: int, work: int) -> int:
     return max(1, min(numba.get_num_threads(), rows, work // _MIN_WORK_PER_THREAD))
 
 
+def _launch(rows_kernel, chunks_kernel, args: tuple, batch: int, work_per_step: int) -> None:
+    """Run a time loop over the whole batch: threaded over batch chunks when it pays."""
+    chunks = _chunks(batch, work_per_step)
+    if chunks > 1:
+        chunks_kernel(*args, chunks)
+    else:
+        rows_kernel(*args, 0, batch)
+
+
 def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
@@ -83,11 +92,7 @@ def _forward(mode: str, steps: np.ndarray, reverse: bool, training: bool, x, w_i
     args = (xw.reshape(T, B, GH), np.ascontiguousarray(w_hh.T), b_hh if b_hh is not None else np.zeros(GH, dtype),
             w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved, m_seq, np.empty((B, GH), dtype))
     kernels = _KERNELS[mode]
-    chunks = _chunks(B, B * (Ho * GH + w_hr_t.size))
-    if chunks > 1:
-        kernels.forward_chunks(*args, chunks)
-    else:
-        kernels.forward_rows(*args, 0, B)
+    _launch(kernels.forward_rows, kernels.forward_chunks, args, B, B * (Ho * GH + w_hr_t.size))
     return out, h_n, c_n, c_seq, saved, m_seq
 
 
@@ -112,11 +117,7 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
     args = (w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
             d_xw, d_hw, h_prev, d_h_seq, dm, d_h0, d_c0)
     kernels = _KERNELS[mode]
-    chunks = _chunks(B, B * (Ho * GH + w_hr.size))
-    if chunks > 1:
-        kernels.backward_chunks(*args, chunks)
-    else:
-        kernels.backward_rows(*args, 0, B)
+    _launch(kernels.backward_rows, kernels.backward_chunks, args, B, B * (Ho * GH + w_hr.size))
     d_xw2, d_hw2 = d_xw.reshape(T * B, GH), d_hw.reshape(T * B, GH)
     return (
         _matmul(d_xw2, w_ih).reshape(T, B, I) if need[0] else None,
