@@ -190,13 +190,16 @@ def plot(rows: list, path: str) -> None:
     import matplotlib.pyplot as plt
 
     labels = [f"{r.cell} {r.mode}\n{r.shape}" for r in rows]
-    ratios = [r.ratio or 0.0 for r in rows]
+    ratios = [r.seconds["torch.nn"] / r.seconds["rnnkit"] for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
-    ax.bar(range(len(rows)), ratios, color=["tab:blue" if r.mode == "forward" else "tab:orange" for r in rows])
+    bars = ax.bar(range(len(rows)), ratios, color=["tab:blue" if r.mode == "forward" else "tab:orange" for r in rows])
+    for bar, r in zip(bars, rows):
+        if r.noisy:
+            bar.set_hatch("//")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=6)
     ax.set_ylabel("speed-up over torch.nn (x)")
-    ax.set_title("rnnkit vs torch.nn (blue: forward, orange: train)")
+    ax.set_title("rnnkit vs torch.nn (blue: forward, orange: train; hatched: noisy repetitions)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
