@@ -185,3 +185,61 @@ def test_torch_export_sees_one_op_per_layer_direction(kind):
     assert len(ops) == 4
     exported = program.module()(x)
     torch.testing.assert_close(exported[0], eager[0])
+
+
+def test_in_place_change_of_what_backward_reads_raises():
+    """Backward reads the output and the weights: changing them in place must not go unnoticed."""
+    m = rnnkit.RNN(4, 8).double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    with rnnkit.use_backend("fused"):
+        out, _ = m(x)
+        out.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+        out, _ = m(x)
+        with torch.no_grad():
+            m.weight_hh_l0.mul_(0.5)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+
+def test_create_graph_through_the_kernels_raises():
+    m = rnnkit.GRU(3, 4)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    with rnnkit.use_backend("fused"):
+        out, _ = m(x)
+        (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+            g.pow(2).sum().backward()
+
+
+def test_mixed_dtypes_never_reach_the_kernels():
+    """Under autocast the module skips its dtype check; the kernels take one dtype, so mixed
+    ones go to the torch ops, which refuse them (instead of BLAS reading past a buffer)."""
+    cell = CELLS["RNN_TANH"]
+    m = rnnkit.RNN(8, 16).double()
+    x = torch.randn(4, 32, 8)  # float32 input, float64 weights
+    (p,) = m._layer_params(x.double())
+    with pytest.raises(RuntimeError, match="must have the same dtype"):
+        _fused.fused_layer(cell, x, (torch.zeros(32, 16),), p, None, False)
+
+
+def test_use_backend_is_local_to_the_thread():
+    import threading
+
+    seen = []
+    inside, done = threading.Event(), threading.Event()
+
+    def other():
+        inside.wait()
+        seen.append(rnnkit.get_backend())
+        done.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    before = rnnkit.get_backend()
+    with rnnkit.use_backend("reference" if before != "reference" else "fused"):
+        inside.set()
+        done.wait()
+    thread.join()
+    assert seen == [before]

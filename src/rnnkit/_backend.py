@@ -9,9 +9,11 @@ not support raises. The environment variable ``RNNKIT_BACKEND`` sets the default
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from typing import Callable, Iterator, NamedTuple
 
+import torch
 from torch import Tensor
 
 from ._driver import LayerFn, reference_layer
@@ -27,6 +29,9 @@ class Backend(NamedTuple):
 _BACKENDS: dict[str, Backend] = {"reference": Backend(reference_layer, lambda cell, x: True)}
 _AUTO = "auto"
 _choice = os.environ.get("RNNKIT_BACKEND", _AUTO)
+# use_backend's override: per thread and per asyncio task, so concurrent callers never see
+# (or undo) each other's choice.
+_override: contextvars.ContextVar = contextvars.ContextVar("rnnkit_backend", default=None)
 
 
 def register_backend(name: str, layer: LayerFn, supports: Callable[[Cell, Tensor], bool]) -> None:
@@ -39,8 +44,9 @@ def available_backends() -> list[str]:
     return [_AUTO, *_BACKENDS]
 
 
+@torch.compiler.assume_constant_result  # torch.compile reads the choice once, at trace time
 def get_backend() -> str:
-    return _choice
+    return _override.get() or _choice
 
 
 def set_backend(name: str) -> None:
@@ -54,12 +60,13 @@ def set_backend(name: str) -> None:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Context manager form of :func:`set_backend`, restoring the previous choice on exit."""
-    previous = _choice
-    set_backend(name)
+    if name not in available_backends():
+        raise ValueError(f"Unknown rnnkit backend {name!r}. Select from {available_backends()}.")
+    token = _override.set(name)
     try:
         yield
     finally:
-        set_backend(previous)
+        _override.reset(token)
 
 
 def _register_fused() -> None:
@@ -69,14 +76,15 @@ def _register_fused() -> None:
 
 
 def layer_for(cell: Cell, x: Tensor) -> LayerFn:
-    if _choice == _AUTO:
+    choice = get_backend()
+    if choice == _AUTO:
         return next(b.layer for b in _BACKENDS.values() if b.supports(cell, x))
-    backend = _BACKENDS.get(_choice)
+    backend = _BACKENDS.get(choice)
     if backend is None:
-        raise RuntimeError(f"rnnkit backend {_choice!r} is not available here")
+        raise RuntimeError(f"rnnkit backend {choice!r} is not available here")
     if not backend.supports(cell, x):
         raise RuntimeError(
-            f"rnnkit backend {_choice!r} does not support {cell.mode} with {x.dtype} tensors on {x.device}; "
+            f"rnnkit backend {choice!r} does not support {cell.mode} with {x.dtype} tensors on {x.device}; "
             "use rnnkit.set_backend('auto') or 'reference'"
         )
     return backend.layer

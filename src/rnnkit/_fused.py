@@ -21,7 +21,9 @@ import numba
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
+from ._driver import reference_layer
 from .cells import CELLS, Cell, LayerParams
 from .kernels import driver
 from .kernels.linalg import gemm
@@ -210,14 +212,20 @@ class _EagerLayer(torch.autograd.Function):
         arrays = _arrays(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)
         out, h_n, c_n, c_seq, saved, m_seq = _forward(mode, steps, reverse, training, *arrays)
         ctx.mode, ctx.steps, ctx.reverse = mode, steps, reverse
-        x, w_ih, w_hh, _, _, w_hr, h0, c0 = arrays
-        ctx.arrays = (x, w_ih, w_hh, w_hr, h0, c0, out, c_seq, saved, m_seq)
-        return _tensors(out, h_n, c_n)
+        ctx.internal = (c_seq, saved, m_seq)  # never seen by the caller
+        results = _tensors(out, h_n, c_n)
+        # Through save_for_backward, so an in-place change of any of them (the returned output
+        # included: it shares memory with what backward reads) raises instead of corrupting grads.
+        ctx.save_for_backward(x, w_ih, w_hh, w_hr, h0, c0, results[0])
+        return results
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable: create_graph raises
     def backward(ctx, d_out, d_hn, d_cn):
+        c_seq, saved, m_seq = ctx.internal
         grads = _backward(
-            ctx.mode, ctx.steps, ctx.reverse, ctx.needs_input_grad[4:], *_arrays(d_out, d_hn, d_cn), *ctx.arrays
+            ctx.mode, ctx.steps, ctx.reverse, ctx.needs_input_grad[4:],
+            *_arrays(d_out, d_hn, d_cn, *ctx.saved_tensors), c_seq, saved, m_seq,
         )
         return (None,) * 4 + _tensors(*grads)
 
@@ -236,6 +244,10 @@ def fused_layer(
     h0 = state[0]
     c0 = state[1] if cell.state_size == 2 else h0.new_zeros(B, 0)
     params = (x, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr, h0, c0)
+    if any(t is not None and t.dtype != x.dtype for t in params):
+        # mixed dtypes (possible under autocast, which skips the module's dtype check): the
+        # kernels take one dtype, torch ops promote
+        return reference_layer(cell, x, state, p, batch_sizes, reverse)
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
     if torch.compiler.is_compiling():
         out, h_n, c_n, *_ = torch.ops.rnnkit.layer(*params, torch.from_numpy(steps), cell.mode, reverse, training)

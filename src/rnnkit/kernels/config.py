@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import os
 from pathlib import Path
 
@@ -28,8 +29,13 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 
 
 def _source_hash() -> str:
-    # numba's version and the kernel sources; blas.py's bindings are part of the sources.
+    # numba's version, scipy's (its BLAS is bound into the kernels, or stubbed out without it)
+    # and the kernel sources.
     digest = hashlib.sha256(numba.__version__.encode())
+    try:
+        digest.update(importlib.metadata.version("scipy").encode())
+    except importlib.metadata.PackageNotFoundError:
+        digest.update(b"no scipy")
     for folder in ("kernels", "cells"):
         for path in sorted((_PACKAGE / folder).glob("*.py")):
             digest.update(path.name.encode())
