@@ -4,7 +4,8 @@ numba has no vector math library here, so ``math.tanh``/``math.exp`` stay scalar
 element/ns) and would cost more than the GEMM at small sizes. For float32 we use a rational
 approximation of tanh (only +, *, / and a clamp, which LLVM vectorises with AVX-512): our own
 least-squares fit of x*P(x^2)/Q(x^2) on [0, 9], relative error <= 4e-7 over all float32.
-float64 keeps libm's tanh/exp, accurate to the last bit, as the 1e-9 parity demands.
+float64 uses libm's exp: tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|), absolute error
+about 1e-16 (far inside the 1e-9 parity), about 4x faster than libm's tanh.
 """
 
 from __future__ import annotations
@@ -48,7 +49,13 @@ def _tanh(x):
             return y * p / q
 
         return impl
-    return lambda x: math.tanh(x)
+
+    def impl64(x):
+        # libm's tanh is ~4x slower than exp here; this form's absolute error is ~1e-16
+        e = math.exp(-2.0 * abs(x))
+        return math.copysign((1.0 - e) / (1.0 + e), x)
+
+    return impl64
 
 
 @overload(sigmoid)
