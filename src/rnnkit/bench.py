@@ -46,6 +46,7 @@ class Row:
     cell: str
     shape: tuple
     mode: str  # "forward" (no_grad) or "train" (forward + backward of a scalar loss)
+    variant: str = ""  # off the default grid: "float64", "packed", "bidirectional", "projP", joined by +
     seconds: dict = field(default_factory=dict)  # implementation -> median seconds
     iqr: dict = field(default_factory=dict)  # implementation -> interquartile range / median
     gflops: dict = field(default_factory=dict)
@@ -69,15 +70,24 @@ def flops(cell: str, shape: tuple, mode: str, bidirectional: bool = False) -> fl
     return total * (3 if mode == "train" else 1)
 
 
-def _modules(cell: str, shape: tuple, dtype=torch.float32):
+def _modules(cell: str, shape: tuple, dtype=torch.float32, packed: bool = False, bidirectional: bool = False,
+             proj_size: int = 0):
+    """Twin modules (same weights) and one input; packed input has lengths drawn in [T/2, T]."""
     T, B, I, H, L = shape
     cls, kwargs, _ = CELLS[cell]
+    if proj_size:
+        kwargs = dict(kwargs, proj_size=proj_size)
     torch.manual_seed(0)
-    mods = {name: make(cls)(I, H, L, **kwargs).to(dtype) for name, make in IMPLEMENTATIONS.items()}
+    mods = {name: make(cls)(I, H, L, bidirectional=bidirectional, **kwargs).to(dtype)
+            for name, make in IMPLEMENTATIONS.items()}
     ref = mods["torch.nn"].state_dict()
     for m in mods.values():
         m.load_state_dict(ref)
     x = torch.randn(T, B, I, dtype=dtype)
+    if packed:
+        lengths = torch.randint(max(1, T // 2), T + 1, (B,))
+        lengths[0] = T
+        x = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
     return mods, x
 
 
@@ -90,7 +100,7 @@ def _step(module, x, mode: str) -> Callable[[], None]:
         def run():
             module.zero_grad(set_to_none=True)
             out, _ = module(x)
-            out.sum().backward()
+            (out.data if isinstance(out, nn.utils.rnn.PackedSequence) else out).sum().backward()
     return run
 
 
@@ -99,8 +109,9 @@ def _quartiles(values: list) -> tuple:
     return q[0], q[1], q[2]
 
 
-def measure(cell: str, shape: tuple, mode: str, reps: int, warmup: int, min_time: float) -> Row:
-    mods, x = _modules(cell, shape)
+def measure(cell: str, shape: tuple, mode: str, reps: int, warmup: int, min_time: float,
+            dtype=torch.float32, packed: bool = False, bidirectional: bool = False, proj_size: int = 0) -> Row:
+    mods, x = _modules(cell, shape, dtype, packed, bidirectional, proj_size)
     runs = {name: _step(m, x, mode) for name, m in mods.items()}
     for run in runs.values():
         for _ in range(warmup):
@@ -118,8 +129,13 @@ def measure(cell: str, shape: tuple, mode: str, reps: int, warmup: int, min_time
             for _ in range(inner[name]):
                 run()
             times[name].append((time.perf_counter() - start) / inner[name])
-    row = Row(cell, shape, mode)
-    work = flops(cell, shape, mode)
+    variant = "+".join(v for v, on in (("float64", dtype == torch.float64), ("packed", packed),
+                                        ("bidirectional", bidirectional),
+                                        (f"proj{proj_size}", proj_size > 0)) if on)
+    row = Row(cell, shape, mode, variant)
+    work = flops(cell, shape, mode, bidirectional)
+    if packed:  # count the steps sequences really have
+        work *= x.batch_sizes.sum().item() / (shape[0] * shape[1])
     for name, values in times.items():
         lo, med, hi = _quartiles(values)
         row.seconds[name] = med
@@ -170,7 +186,7 @@ def machine() -> dict:
 
 def format_table(rows: list) -> str:
     lines = [f"{'cell':9} {'(T, B, I, H, L)':24} {'mode':8} {'torch.nn ms':>11} {'rnnkit ms':>10} "
-             f"{'ratio':>7} {'GFLOP/s t/r':>13} {'peak MiB t/r':>14}"]
+             f"{'ratio':>7} {'GFLOP/s t/r':>13} {'peak MiB t/r':>14}  variant"]
     for r in rows:
         ratio = f"{r.ratio:6.2f}x" if r.ratio is not None else " noisy"
         mem = (f"{r.peak_mib.get('torch.nn', float('nan')):6.1f}/{r.peak_mib.get('rnnkit', float('nan')):<6.1f}"
@@ -178,7 +194,7 @@ def format_table(rows: list) -> str:
         lines.append(
             f"{r.cell:9} {str(r.shape):24} {r.mode:8} {r.seconds['torch.nn'] * 1e3:11.3f} "
             f"{r.seconds['rnnkit'] * 1e3:10.3f} {ratio:>7} "
-            f"{r.gflops['torch.nn']:6.1f}/{r.gflops['rnnkit']:<6.1f} {mem:>14}"
+            f"{r.gflops['torch.nn']:6.1f}/{r.gflops['rnnkit']:<6.1f} {mem:>14}  {r.variant}"
         )
     return "\n".join(lines)
 
@@ -215,6 +231,10 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=11, help="alternating repetitions (median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds per repetition")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--packed", action="store_true", help="PackedSequence input, lengths in [T/2, T]")
+    parser.add_argument("--bidirectional", action="store_true")
+    parser.add_argument("--proj-size", type=int, default=0, help="LSTM projections (GFLOP/s then omit W_hr)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--json", help="write the results as JSON here")
     parser.add_argument("--plot", help="write a bar chart of the ratios (PNG) here")
@@ -226,8 +246,9 @@ def main(argv=None) -> int:
     for cell in args.cells:
         for shape in shapes:
             for mode in args.modes:
-                row = measure(cell, shape, mode, args.reps, args.warmup, args.min_time)
-                if mode == "train" and not args.no_memory:
+                row = measure(cell, shape, mode, args.reps, args.warmup, args.min_time,
+                              getattr(torch, args.dtype), args.packed, args.bidirectional, args.proj_size)
+                if mode == "train" and not args.no_memory and not row.variant:  # memory: default grid only
                     row.peak_mib = {name: peak_memory_mib(name, cell, shape) for name in IMPLEMENTATIONS}
                 rows.append(row)
                 print(format_table([row]).splitlines()[-1], flush=True)
