@@ -511,7 +511,7 @@ class RNNCellBase(nn.Module):
 
     __constants__ = ["input_size", "hidden_size", "bias"]
 
-    def __init__(self, mode: str, input_size: int, hidden_size: int, bias: bool, device=None, dtype=None):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         _check_int("input_size", input_size)
         _check_int("hidden_size", hidden_size)
@@ -521,7 +521,7 @@ class RNNCellBase(nn.Module):
         self.hidden_size = hidden_size
         self.bias = bias
         factory = {"device": device, "dtype": dtype}
-        gate_size = CELLS[mode].gates * hidden_size
+        gate_size = CELLS[self._mode()].gates * hidden_size
         self.weight_ih = Parameter(torch.empty((gate_size, input_size), **factory))
         self.weight_hh = Parameter(torch.empty((gate_size, hidden_size), **factory))
         if bias:
@@ -533,6 +533,7 @@ class RNNCellBase(nn.Module):
         self.reset_parameters()
 
     def _mode(self) -> str:
+        """The registered cell this module steps (subclasses say which)."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -615,7 +616,7 @@ class RNNCell(RNNCellBase):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
         self.nonlinearity = nonlinearity
-        super().__init__(self._mode(), input_size, hidden_size, bias, device=device, dtype=dtype)
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
 
     def _mode(self) -> str:
         return "RNN_RELU" if self.nonlinearity == "relu" else "RNN_TANH"
@@ -632,9 +633,6 @@ class GRUCell(RNNCellBase):
     Inputs: input ``(N, H_in)`` or ``(H_in)``, hidden ``(N, H_out)`` or ``(H_out)`` (default zeros).
     Output: h' ``(N, H_out)`` or ``(H_out)``.
     """
-
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
-        super().__init__("GRU", input_size, hidden_size, bias, device=device, dtype=dtype)
 
     def _mode(self) -> str:
         return "GRU"
@@ -674,9 +672,6 @@ class LSTMCell(RNNCellBase):
         >>> cell = rnnkit.LSTMCell(10, 20)
         >>> h, c = cell(torch.randn(3, 10), (torch.randn(3, 20), torch.randn(3, 20)))
     """
-
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
-        super().__init__("LSTM", input_size, hidden_size, bias, device=device, dtype=dtype)
 
     def _mode(self) -> str:
         return "LSTM"
