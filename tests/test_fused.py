@@ -138,10 +138,47 @@ def test_threaded_chunks_match_serial(batch, kind, monkeypatch):
         torch.testing.assert_close(s, r, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("kind", CELL_KINDS)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("time_chunks", [3, 100])
+def test_time_chunks_equal_one_pass(kind, packed, time_chunks, monkeypatch):
+    """Long sequences run in chunks of time (the state and running gradient carried between
+    kernel calls, the GEMMs per chunk, dL/dW_hh from the shifted outputs): same numbers as the
+    reference, chunk lengths that do not divide T included, both directions, ragged lengths."""
+    torch.manual_seed(3)
+    _, m = twins(kind, torch.float64, input_size=5, hidden_size=6, num_layers=2, bidirectional=True)
+    x = torch.randn(23, 5, 5, dtype=torch.float64)
+    lengths = torch.tensor([23, 4, 22, 1, 9])
+    _, h = m(x)
+    h0 = [torch.randn_like(s) for s in (h if isinstance(h, tuple) else (h,))]
+
+    def run(backend):
+        m.zero_grad()
+        leaves = [t.clone().requires_grad_(True) for t in (x, *h0)]
+        inp = rnnkit.pack_padded_sequence(leaves[0], lengths, enforce_sorted=False) if packed else leaves[0]
+        state = tuple(leaves[1:]) if len(leaves) > 2 else leaves[1]
+        with rnnkit.use_backend(backend):
+            out, h = m(inp, state)
+        out = out.data if packed else out
+        states = h if isinstance(h, tuple) else (h,)
+        (out.sin().sum() + sum(s.cos().sum() for s in states)).backward()
+        return [out, *states, *[t.grad for t in leaves], *[p.grad for p in m.parameters()]]
+
+    reference = run("reference")
+    monkeypatch.setattr(_fused, "_CHUNK_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(_fused, "_CHUNK_ROWS", 1)
+    monkeypatch.setattr(_fused, "_TIME_CHUNKS", time_chunks)
+    assert _fused._chunk_steps(23, 5, 6) == (8 if time_chunks == 3 else 1)
+    for r, f in zip(reference, run("fused")):
+        torch.testing.assert_close(f, r, **TOL[torch.float64])
+
+
 BOUNDSCHECK_SCRIPT = r"""
 import torch, rnnkit
 from torch import nn
+from rnnkit import _fused
 rnnkit.set_backend("fused")
+_fused._CHUNK_MIN_ELEMENTS, _fused._CHUNK_ROWS, _fused._TIME_CHUNKS = 0, 1, 2  # time chunks too
 torch.manual_seed(0)
 for cls, kw in [("RNN", {}), ("RNN", {"nonlinearity": "relu"}), ("GRU", {}), ("LSTM", {}),
                 ("LSTM", {"proj_size": 2})]:

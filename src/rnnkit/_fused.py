@@ -62,13 +62,41 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-def _matmul(a: np.ndarray, b: np.ndarray, bias: Optional[np.ndarray] = None, trans_a: bool = False):
-    """op(a) @ b (+ bias) by the kernels' threaded GEMM."""
+def _matmul(a: np.ndarray, b: np.ndarray, bias: Optional[np.ndarray] = None, trans_a: bool = False,
+            out: Optional[np.ndarray] = None, accumulate: bool = False) -> np.ndarray:
+    """op(a) @ b (+ bias) by the kernels' threaded GEMM, into ``out`` when given (added to it
+    when ``accumulate``)."""
     rows = a.shape[1] if trans_a else a.shape[0]
-    out = np.empty((rows, b.shape[1]), b.dtype)
+    if out is None:
+        out = np.empty((rows, b.shape[1]), b.dtype)
     empty = np.empty(0, b.dtype)
-    gemm(a, b, out, empty if bias is None else bias, trans_a, _chunks(rows, out.size * b.shape[0]))
+    gemm(a, b, out, empty if bias is None else bias, trans_a, accumulate, _chunks(rows, out.size * b.shape[0]))
     return out
+
+
+# Sequences whose per-step buffers (input projections forward; pre-activation gradients
+# backward) stay below this many elements run as one chunk; longer ones in about
+# _TIME_CHUNKS chunks of at least _CHUNK_ROWS rows each (see "Time chunks" in kernels/driver.py),
+# so those buffers take a fraction of the memory of the whole sequence's.
+_CHUNK_MIN_ELEMENTS = 1 << 20
+_TIME_CHUNKS = 32
+_CHUNK_ROWS = 512
+
+
+def _chunk_steps(T: int, B: int, width: int) -> int:
+    """Steps per time chunk for per-step buffers of ``width`` elements per row."""
+    if T * B * width <= _CHUNK_MIN_ELEMENTS:
+        return max(T, 1)
+    return max(1, min(T, max(-(-_CHUNK_ROWS // B), -(-T // _TIME_CHUNKS))))
+
+
+def _time_chunks(T: int, L: int, reverse: bool, backward: bool):
+    """(i0, i1, t_lo) of each chunk of L steps: processing steps [i0, i1) are the times
+    [t_lo, t_lo + i1 - i0). At least one (empty when T == 0: the loops still set the state)."""
+    late_first = reverse != backward  # processing order runs from late to early times
+    for i0 in range(0, max(T, 1), L):
+        i1 = min(T, i0 + L)
+        yield i0, i1, (T - i1 if late_first else i0)
 
 
 def _forward(mode: str, steps: np.ndarray, reverse: bool, training: bool, x, w_ih, w_hh, b_ih, b_hh, w_hr,
@@ -79,8 +107,7 @@ def _forward(mode: str, steps: np.ndarray, reverse: bool, training: bool, x, w_i
     T, B, I = x.shape
     GH, Ho = w_hh.shape  # Ho: proj_size with projections, else H
     H = GH // cell.gates
-    xw = _matmul(x.reshape(T * B, I), np.ascontiguousarray(w_ih.T), b_ih)
-    dtype = xw.dtype
+    dtype = x.dtype
     Hc = c0.shape[-1]
     out = np.empty((T, B, Ho), dtype)
     c_seq = np.empty((T, B, Hc), dtype)
@@ -91,47 +118,91 @@ def _forward(mode: str, steps: np.ndarray, reverse: bool, training: bool, x, w_i
         w_hr_t, m_seq = np.empty((0, 0), dtype), np.empty((0, 0, 0), dtype)
     else:
         w_hr_t, m_seq = np.ascontiguousarray(w_hr.T), np.empty((T if training else 1, B, H), dtype)
-    args = (xw.reshape(T, B, GH), np.ascontiguousarray(w_hh.T), b_hh if b_hh is not None else np.zeros(GH, dtype),
+    L = _chunk_steps(T, B, GH)
+    xw = np.empty((L, B, GH), dtype)
+    w_ih_t = np.ascontiguousarray(w_ih.T)
+    args = (np.ascontiguousarray(w_hh.T), b_hh if b_hh is not None else np.zeros(GH, dtype),
             w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved, m_seq, np.empty((B, GH), dtype))
     kernels = _KERNELS[mode]
-    _launch(kernels.forward_rows, kernels.forward_chunks, args, B, B * (Ho * GH + w_hr_t.size))
+    for i0, i1, t_lo in _time_chunks(T, L, reverse, backward=False):
+        n = i1 - i0
+        _matmul(x[t_lo:t_lo + n].reshape(n * B, I), w_ih_t, b_ih, out=xw[:n].reshape(n * B, GH))
+        _launch(kernels.forward_rows, kernels.forward_chunks, (xw[:n], *args, i0, i1), B,
+                B * (Ho * GH + w_hr_t.size))
     return out, h_n, c_n, c_seq, saved, m_seq
 
 
 def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool], d_out, d_hn, d_cn,
               x, w_ih, w_hh, w_hr, h0, c0, out, c_seq, saved, m_seq):
-    """BPTT by the kernel, then the gradient GEMMs: grads of (x, w_ih, w_hh, b_ih, b_hh, w_hr, h0,
-    c0), None where ``need`` says no."""
+    """BPTT by the kernel, then the gradient GEMMs, chunk by chunk of time: grads of (x, w_ih,
+    w_hh, b_ih, b_hh, w_hr, h0, c0), None where ``need`` says no."""
     cell = CELLS[mode]
     T, B, Ho = out.shape
     I = x.shape[-1]
     GH = w_hh.shape[0]
     dtype = out.dtype
-    d_xw = np.empty((T, B, GH), dtype)
-    d_hw = np.empty((T, B, GH), dtype) if cell.separate_input_grad else d_xw
-    h_prev = np.empty((T, B, Ho), dtype)
+    L = _chunk_steps(T, B, GH * (2 if cell.separate_input_grad else 1))
+    d_xw = np.empty((L, B, GH), dtype)
+    d_hw = np.empty((L, B, GH), dtype) if cell.separate_input_grad else d_xw
+    d_first = np.zeros((B, GH), dtype)
     d_h0 = np.empty((B, Ho), dtype)
     d_c0 = np.empty(c0.shape, dtype)
-    if w_hr is None:
-        w_hr, d_h_seq, dm = np.empty((0, 0), dtype), np.empty((0, 0, 0), dtype), np.empty((0, 0), dtype)
+    project = w_hr is not None
+    if project:
+        d_h_seq, dm = np.empty((L, B, Ho), dtype), np.empty((B, w_hr.shape[1]), dtype)
     else:
-        d_h_seq, dm = np.empty((T, B, Ho), dtype), np.empty((B, w_hr.shape[1]), dtype)
-    args = (w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
-            d_xw, d_hw, h_prev, d_h_seq, dm, d_h0, d_c0)
+        w_hr, d_h_seq, dm = np.empty((0, 0), dtype), np.empty((0, 0, 0), dtype), np.empty((0, 0), dtype)
+    dx = np.empty((T, B, I), dtype) if need[0] else None
+    dw_ih = np.zeros(w_ih.shape, dtype) if need[1] else None
+    dw_hh = np.zeros(w_hh.shape, dtype) if need[2] else None
+    db_ih = np.zeros(GH, dtype) if need[3] else None
+    db_hh = np.zeros(GH, dtype) if need[4] else None
+    dw_hr = np.zeros(w_hr.shape, dtype) if need[5] else None
+    args = (w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse)
     kernels = _KERNELS[mode]
-    _launch(kernels.backward_rows, kernels.backward_chunks, args, B, B * (Ho * GH + w_hr.size))
-    d_xw2, d_hw2 = d_xw.reshape(T * B, GH), d_hw.reshape(T * B, GH)
-    return (
-        _matmul(d_xw2, w_ih).reshape(T, B, I) if need[0] else None,
-        _matmul(d_xw2, x.reshape(T * B, I), trans_a=True) if need[1] else None,
-        _matmul(d_hw2, h_prev.reshape(T * B, Ho), trans_a=True) if need[2] else None,
-        d_xw2.sum(0) if need[3] else None,
-        d_hw2.sum(0) if need[4] else None,
-        # dL/dW_hr = sum_t dh_t^T m_t
-        _matmul(d_h_seq.reshape(T * B, Ho), m_seq.reshape(T * B, m_seq.shape[-1]), trans_a=True) if need[5] else None,
-        d_h0 if need[6] else None,
-        d_c0 if need[7] else None,
-    )
+    for i0, i1, t_lo in _time_chunks(T, L, reverse, backward=True):
+        n = i1 - i0
+        _launch(kernels.backward_rows, kernels.backward_chunks,
+                (*args, d_xw[:n], d_hw[:n], d_h_seq[:n], d_first, dm, d_h0, d_c0, i0, i1), B,
+                B * (Ho * GH + w_hr.size))
+        if n == 0:
+            continue
+        d_xw2, d_hw2 = d_xw[:n].reshape(n * B, GH), d_hw[:n].reshape(n * B, GH)
+        if dx is not None:
+            _matmul(d_xw2, w_ih, out=dx[t_lo:t_lo + n].reshape(n * B, I))
+        if dw_ih is not None:
+            _matmul(d_xw2, x[t_lo:t_lo + n].reshape(n * B, I), trans_a=True, out=dw_ih, accumulate=True)
+        if dw_hh is not None:
+            # h_prev of time t is out[t - 1] (out[t + 1] when reverse) but at each row's first
+            # step (added from d_first below)
+            k0, k1 = (0, min(n, T - 1 - t_lo)) if reverse else (max(0, 1 - t_lo), n)
+            if k1 > k0:
+                shift = 1 if reverse else -1
+                _matmul(d_hw[k0:k1].reshape(-1, GH), out[t_lo + k0 + shift:t_lo + k1 + shift].reshape(-1, Ho),
+                        trans_a=True, out=dw_hh, accumulate=True)
+        if db_ih is not None:
+            db_ih += d_xw2.sum(0)
+        if db_hh is not None:
+            db_hh += d_hw2.sum(0)
+        if dw_hr is not None:  # dL/dW_hr = sum_t dh_t^T m_t
+            _matmul(d_h_seq[:n].reshape(n * B, Ho), m_seq[t_lo:t_lo + n].reshape(n * B, m_seq.shape[-1]),
+                    trans_a=True, out=dw_hr, accumulate=True)
+    if dw_hh is not None:
+        _matmul(d_first, h0, trans_a=True, out=dw_hh, accumulate=True)
+    return (dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, d_h0 if need[6] else None, d_c0 if need[7] else None)
+
+
+def _output_grad(d_out: Optional[Tensor], out: Tensor) -> Tensor:
+    """dL/dout for the kernels, without materialising what autograd broadcast: a gradient that is
+    the same for every step or row (stride 0 there, e.g. of out.sum(); zeros when out got none)
+    goes in as its one distinct row (see d_out in kernels/driver.py)."""
+    if d_out is None:
+        return out.new_zeros(1, 1, out.shape[-1])
+    if d_out.stride(0) == 0:
+        d_out = d_out[:1]
+    if d_out.stride(1) == 0:
+        d_out = d_out[:, :1]
+    return d_out
 
 
 def _arrays(*tensors):
@@ -191,7 +262,7 @@ def _layer_grad(ctx, d_out, d_hn, d_cn, d_c_seq, d_saved, d_m_seq):
     x, w_ih, w_hh, w_hr, h0, c0, out, c_seq, saved, m_seq, steps = ctx.saved_tensors
     need = list(ctx.needs_input_grad[:8])
     grads = _layer_backward_op(
-        d_out if d_out is not None else torch.zeros_like(out),
+        _output_grad(d_out, out),
         d_hn if d_hn is not None else torch.zeros_like(h0),
         d_cn if d_cn is not None else torch.zeros_like(c0),
         x, w_ih, w_hh, w_hr, h0, c0, out, c_seq, saved, m_seq, steps,
@@ -209,23 +280,26 @@ class _EagerLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mode, steps, reverse, training, x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0):
+        ctx.set_materialize_grads(False)  # an output without a gradient costs no zeros (backward)
         arrays = _arrays(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)
         out, h_n, c_n, c_seq, saved, m_seq = _forward(mode, steps, reverse, training, *arrays)
         ctx.mode, ctx.steps, ctx.reverse = mode, steps, reverse
-        ctx.internal = (c_seq, saved, m_seq)  # never seen by the caller
         results = _tensors(out, h_n, c_n)
         # Through save_for_backward, so an in-place change of any of them (the returned output
-        # included: it shares memory with what backward reads) raises instead of corrupting grads.
-        ctx.save_for_backward(x, w_ih, w_hh, w_hr, h0, c0, results[0])
+        # included: it shares memory with what backward reads) raises instead of corrupting
+        # grads, and autograd frees them once this layer's backward has run (the rest of the
+        # graph's backward then runs without them).
+        ctx.save_for_backward(x, w_ih, w_hh, w_hr, h0, c0, results[0], *_tensors(c_seq, saved, m_seq))
         return results
 
     @staticmethod
     @once_differentiable  # the kernels' backward is not itself differentiable: create_graph raises
     def backward(ctx, d_out, d_hn, d_cn):
-        c_seq, saved, m_seq = ctx.internal
+        x, w_ih, w_hh, w_hr, h0, c0, out, *rest = ctx.saved_tensors
         grads = _backward(
             ctx.mode, ctx.steps, ctx.reverse, ctx.needs_input_grad[4:],
-            *_arrays(d_out, d_hn, d_cn, *ctx.saved_tensors), c_seq, saved, m_seq,
+            *_arrays(_output_grad(d_out, out), d_hn if d_hn is not None else torch.zeros_like(h0),
+                     d_cn if d_cn is not None else torch.zeros_like(c0), x, w_ih, w_hh, w_hr, h0, c0, out, *rest),
         )
         return (None,) * 4 + _tensors(*grads)
 

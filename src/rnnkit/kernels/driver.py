@@ -9,7 +9,8 @@ Legend (all arrays C-contiguous, float32 or float64 unless said):
     P  projection size (LSTM proj_size), or 0 when the layer does not project
     Ho size of the recurrent state h and of the output: P when projecting, else H
 
-    xw       (T, B, GH)  input projection x_t W_ih^T + b_ih, for every step (one GEMM before)
+    xw       (n, B, GH)  input projection x_t W_ih^T + b_ih of the n steps of one call (one
+                         GEMM before it; see "Time chunks" below)
     w_hh_t   (Ho, GH)    W_hh transposed: hw = h @ w_hh_t + b_hh
     w_hh     (GH, Ho)    W_hh: dh_prev += dhw @ w_hh
     b_hh     (GH,)       zeros when the layer has no bias
@@ -17,12 +18,26 @@ Legend (all arrays C-contiguous, float32 or float64 unless said):
     w_hr     (P, H)      W_hr: dm_t = dh_t @ w_hr; (0, 0) when not projecting
     steps    (T,) int64  active rows per step, non-increasing (a PackedSequence's batch_sizes)
     out      (T, B, Ho)  h_t for every step (zero at inactive rows)
+    d_out    (T, B, Ho)  dL/dout; (1, B, Ho), (T, 1, Ho) or (1, 1, Ho) when it is the same for
+                         every step or row (a gradient broadcast by autograd, e.g. of a sum)
     c_seq    (T, B, Hc)  c_t for every step
     saved    (T, B, S)   what the cell's backward needs; (1, 1, S) scratch when not training
     m_seq    (T, B, H)   projecting only: the cell's output m_t before projection (zero at
                          inactive rows); (1, B, H) scratch when not training; (0, 0, 0) otherwise
-    d_h_seq  (T, B, P)   projecting only: dL/dh_t for every step (zero at inactive rows), so
-                         dL/dW_hr = sum_t dh_t^T m_t is one GEMM after the loop; else (0, 0, 0)
+    d_h_seq  (n, B, P)   projecting only: dL/dh_t for the n steps of one call (zero at inactive
+                         rows), so dL/dW_hr = sum_t dh_t^T m_t is a GEMM after it; else (0, 0, 0)
+    d_xw     (n, B, GH)  backward: dL/dxw_t for the n steps of one call (zero at inactive rows)
+    d_hw     (n, B, GH)  backward: dL/d(h_prev W_hh^T + b_hh) likewise (d_xw itself for cells
+                         whose two are equal)
+    d_first  (B, GH)     backward: d_hw at each row's first step, where h_prev is h0[r]
+
+Time chunks: each loop runs the steps i0 <= i < i1 of its processing order (forward: time i,
+or T-1-i when reverse; backward the opposite) and carries its running state (h_n, c_n or
+d_h0, d_c0) from one call to the next, so the caller can run a long sequence in chunks and
+keep only one chunk's input projections and gradients alive: the GEMMs before a forward chunk
+and after a backward chunk then work on n*B rows at a time. dL/dW_hh needs no copy of h_prev:
+at every step but a row's first, h_prev is the output of the step before (zero at rows that
+were inactive there), and the first steps' share is d_first^T h0.
 
 The loops below are templates: ``kernels_for(kind)`` compiles one copy of each per cell, with
 ``KIND`` frozen as a constant so each cell's pointwise math is inlined into its own loops (and
@@ -93,27 +108,33 @@ def _cell_backward(kind, dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
 
 
 def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
-                  m_seq, hw, r0, r1):
-    """Run rows [r0, r1) through the whole sequence. hw (B, GH) is scratch."""
-    T = xw.shape[0]
+                  m_seq, hw, i0, i1, r0, r1):
+    """Run rows [r0, r1) through the steps i0 <= i < i1 in processing order (step i is time
+    T-1-i when reverse, else i), continuing the state kept in h_n / c_n (started from h0 / c0
+    when i0 == 0). xw holds the input projection of those steps only: xw[k] is time t_lo + k,
+    t_lo the earliest of them. hw (B, GH) is scratch."""
+    T, B = out.shape[0], out.shape[1]
+    t_lo = T - i1 if reverse else i0
     # training: keep every step's saved values (else saved is one (1, 1, S) scratch row; the
     # batch size tells them apart when T == 1)
-    keep = saved.shape[0] == T and saved.shape[1] == xw.shape[1]
+    keep = saved.shape[0] == T and saved.shape[1] == B
     project = w_hr_t.shape[1] > 0
     keep_m = m_seq.shape[0] == T
     h = h_n  # the running state lives in h_n / c_n
     c = c_n
-    for r in range(r0, r1):
-        h[r, :] = h0[r]
-        c[r, :] = c0[r]
-    for i in range(T):
+    if i0 == 0:
+        for r in range(r0, r1):
+            h[r, :] = h0[r]
+            c[r, :] = c0[r]
+    for i in range(i0, i1):
         t = T - 1 - i if reverse else i
+        x_t = xw[t - t_lo]
         n = min(max(steps[t], r0), r1)  # rows [r0, n) are active at step t
         matmul_bias(h, w_hh_t, b_hh, hw, r0, n)
         if project:
             m = m_seq[t if keep_m else 0]
             for r in range(r0, n):
-                cell_forward(KIND, xw[t, r], hw[r], m[r], c[r], saved[t if keep else 0, r if keep else 0])
+                cell_forward(KIND, x_t[r], hw[r], m[r], c[r], saved[t if keep else 0, r if keep else 0])
                 c_seq[t, r, :] = c[r]
                 h[r, :] = 0.0
             matmul_acc(m, w_hr_t, h, r0, n)  # h_t = m_t @ w_hr_t
@@ -124,7 +145,7 @@ def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, 
                     m[r, :] = 0.0
         else:
             for r in range(r0, n):
-                cell_forward(KIND, xw[t, r], hw[r], h[r], c[r], saved[t if keep else 0, r if keep else 0])
+                cell_forward(KIND, x_t[r], hw[r], h[r], c[r], saved[t if keep else 0, r if keep else 0])
                 out[t, r, :] = h[r]
                 c_seq[t, r, :] = c[r]
         for r in range(n, r1):
@@ -133,67 +154,81 @@ def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, 
 
 
 def _backward_rows(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
-                   d_xw, d_hw, h_prev, d_h_seq, dm, d_h0, d_c0, r0, r1):
-    """BPTT for rows [r0, r1): fills d_xw, d_hw (T, B, GH), h_prev (T, B, Ho), d_h_seq, d_h0,
-    d_c0. dm (B, H) is scratch (projecting only)."""
+                   d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, i0, i1, r0, r1):
+    """BPTT for rows [r0, r1) over the steps i0 <= i < i1 of the reverse-time loop (step i is
+    time i when reverse, else T-1-i), continuing the running gradient kept in d_h0 / d_c0
+    (started from d_hn / d_cn when i0 == 0). Fills, for those steps only (index k is time
+    t_lo + k, t_lo the earliest of them), d_xw, d_hw (n, B, GH) and d_h_seq; and d_first[r]
+    with d_hw at row r's first step, whose h_prev is h0[r] (at every other step h_prev is the
+    output of the step before, so dL/dW_hh needs no copy of it). dm (B, H) is scratch
+    (projecting only)."""
     T = out.shape[0]
+    t_lo = i0 if reverse else T - i1
     project = w_hr.shape[0] > 0
+    per_step = d_out.shape[0] == T  # else one (1, ., Ho) gradient for every step
+    per_row = d_out.shape[1] == out.shape[1]  # else one (., 1, Ho) gradient for every row
     dh = d_h0  # the running gradient lives in d_h0 / d_c0
     dc = d_c0
-    for r in range(r0, r1):
-        dh[r, :] = d_hn[r]
-        dc[r, :] = d_cn[r]
-    for i in range(T):
+    if i0 == 0:
+        for r in range(r0, r1):
+            dh[r, :] = d_hn[r]
+            dc[r, :] = d_cn[r]
+    for i in range(i0, i1):
         t = i if reverse else T - 1 - i  # forward's steps in reverse order
+        k = t - t_lo
         tp = t + 1 if reverse else t - 1  # the step that produced h_prev
         n = min(max(steps[t], r0), r1)
         for r in range(r0, n):
-            first = tp < 0 or tp >= T or r >= steps[tp]
-            hp = h0[r] if first else out[tp, r]
-            h_prev[t, r, :] = hp
             dhr = dh[r]
-            dhr += d_out[t, r]
+            dhr += d_out[t if per_step else 0, r if per_row else 0]
             if project:
-                d_h_seq[t, r, :] = dhr
+                d_h_seq[k, r, :] = dhr
             else:
+                first = tp < 0 or tp >= T or r >= steps[tp]
+                hp = h0[r] if first else out[tp, r]
                 cp = c0[r] if first else c_seq[tp, r]
-                cell_backward(KIND, dhr, dc[r], saved[t, r], hp, cp, out[t, r], d_xw[t, r], d_hw[t, r])
+                cell_backward(KIND, dhr, dc[r], saved[t, r], hp, cp, out[t, r], d_xw[k, r], d_hw[k, r])
+                if first:
+                    d_first[r, :] = d_hw[k, r]
         if project:
             for r in range(r0, n):
                 dm[r, :] = 0.0
             matmul_acc(dh, w_hr, dm, r0, n)  # dm_t = dh_t @ w_hr
             for r in range(r0, n):
                 first = tp < 0 or tp >= T or r >= steps[tp]
+                hp = h0[r] if first else out[tp, r]
                 cp = c0[r] if first else c_seq[tp, r]
-                cell_backward(KIND, dm[r], dc[r], saved[t, r], h_prev[t, r], cp, m_seq[t, r],
-                              d_xw[t, r], d_hw[t, r])
+                cell_backward(KIND, dm[r], dc[r], saved[t, r], hp, cp, m_seq[t, r], d_xw[k, r], d_hw[k, r])
+                if first:
+                    d_first[r, :] = d_hw[k, r]
                 dh[r, :] = 0.0  # no path from h_t to h_prev bypasses W_hh (see the legend)
             for r in range(n, r1):
-                d_h_seq[t, r, :] = 0.0
+                d_h_seq[k, r, :] = 0.0
         for r in range(n, r1):
-            h_prev[t, r, :] = 0.0
-            d_xw[t, r, :] = 0.0
-            d_hw[t, r, :] = 0.0
-        matmul_acc(d_hw[t], w_hh, dh, r0, n)
+            d_xw[k, r, :] = 0.0
+            d_hw[k, r, :] = 0.0
+        matmul_acc(d_hw[k], w_hh, dh, r0, n)
 
 
 def _forward_chunks(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
-                    m_seq, hw, chunks):
-    """_forward_rows over ``chunks`` slices of the batch, one thread each for the whole sequence."""
-    size = (xw.shape[1] + chunks - 1) // chunks
-    for i in prange(chunks):
-        r0 = i * size
+                    m_seq, hw, i0, i1, chunks):
+    """_forward_rows over ``chunks`` slices of the batch, one thread each."""
+    B = out.shape[1]
+    size = (B + chunks - 1) // chunks
+    for j in prange(chunks):
+        r0 = j * size
         forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
-                     m_seq, hw, r0, min(r0 + size, xw.shape[1]))
+                     m_seq, hw, i0, i1, r0, min(r0 + size, B))
 
 
 def _backward_chunks(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
-                     d_xw, d_hw, h_prev, d_h_seq, dm, d_h0, d_c0, chunks):
-    size = (out.shape[1] + chunks - 1) // chunks
-    for i in prange(chunks):
-        r0 = i * size
+                     d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, i0, i1, chunks):
+    B = out.shape[1]
+    size = (B + chunks - 1) // chunks
+    for j in prange(chunks):
+        r0 = j * size
         backward_rows(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
-                      d_xw, d_hw, h_prev, d_h_seq, dm, d_h0, d_c0, r0, min(r0 + size, out.shape[1]))
+                      d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, i0, i1, r0, min(r0 + size, B))
 
 
 class CellKernels(NamedTuple):

@@ -74,18 +74,19 @@ def _gemm_rows_any(a, b, c, r0, r1, trans_a):
 
 
 @jit_parallel
-def gemm(a, b, c, bias, trans_a, chunks):
-    """c = op(a) @ b (+ bias, a (N,) row, when it is non-empty), the rows of c split across
-    ``chunks`` threads, each calling (single-threaded) BLAS: a (M, K) or (K, M) when trans_a,
-    b (K, N), c (M, N)."""
+def gemm(a, b, c, bias, trans_a, accumulate, chunks):
+    """c = op(a) @ b (+ bias, a (N,) row, when it is non-empty), or c += op(a) @ b when
+    ``accumulate``; the rows of c split across ``chunks`` threads, each calling
+    (single-threaded) BLAS: a (M, K) or (K, M) when trans_a, b (K, N), c (M, N)."""
     M = c.shape[0]
     size = (M + chunks - 1) // chunks
     for i in prange(chunks):
         r0 = i * size
         r1 = min(r0 + size, M)
-        for r in range(r0, r1):
-            if bias.shape[0] > 0:
-                c[r, :] = bias
-            else:
-                c[r, :] = 0
+        if not accumulate:
+            for r in range(r0, r1):
+                if bias.shape[0] > 0:
+                    c[r, :] = bias
+                else:
+                    c[r, :] = 0
         _gemm_rows_any(a, b, c, r0, r1, trans_a)
