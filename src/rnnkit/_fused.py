@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 from ._driver import reference_layer
 from .cells import CELLS, Cell, LayerParams
 from .kernels import driver
-from .kernels.linalg import gemm
+from .kernels.linalg import column_sums, gemm, gemm_rows_range
 
 # Register every cell that has fused kernels; its id is its position in the registry.
 _KERNELS = {}
@@ -38,6 +38,9 @@ for _kind, _cell in enumerate(CELLS.values()):
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 # Split work across threads only when each thread gets enough to pay for waking it.
 _MIN_WORK_PER_THREAD = 64 * 1024  # multiply-adds (per step in the time loop)
+
+
+_NO_CELL_STATE = {dtype: torch.empty(1, 0, dtype=dtype) for dtype in SUPPORTED_DTYPES}  # (B, 0) views
 
 
 def supports(cell: Cell, x: Tensor) -> bool:
@@ -58,6 +61,10 @@ def _launch(rows_kernel, chunks_kernel, args: tuple, batch: int, work_per_step: 
         rows_kernel(*args, 0, batch)
 
 
+_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+_EMPTY = {np.float32: np.empty(0, np.float32), np.float64: np.empty(0, np.float64)}  # never written
+
+
 def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
@@ -69,8 +76,12 @@ def _matmul(a: np.ndarray, b: np.ndarray, bias: Optional[np.ndarray] = None, tra
     rows = a.shape[1] if trans_a else a.shape[0]
     if out is None:
         out = np.empty((rows, b.shape[1]), b.dtype)
-    empty = np.empty(0, b.dtype)
-    gemm(a, b, out, empty if bias is None else bias, trans_a, accumulate, _chunks(rows, out.size * b.shape[0]))
+    bias = _EMPTY[b.dtype.type] if bias is None else bias
+    chunks = _chunks(rows, out.size * b.shape[0])
+    if chunks > 1:
+        gemm(a, b, out, bias, trans_a, accumulate, chunks)
+    else:
+        gemm_rows_range(a, b, out, bias, trans_a, accumulate, 0, rows)
     return out
 
 
@@ -181,9 +192,9 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
                 _matmul(d_hw[k0:k1].reshape(-1, GH), out[t_lo + k0 + shift:t_lo + k1 + shift].reshape(-1, Ho),
                         trans_a=True, out=dw_hh, accumulate=True)
         if db_ih is not None:
-            db_ih += d_xw2.sum(0)
+            _add_column_sums(d_xw2, db_ih)
         if db_hh is not None:
-            db_hh += d_hw2.sum(0)
+            _add_column_sums(d_hw2, db_hh)
         if dw_hr is not None:  # dL/dW_hr = sum_t dh_t^T m_t
             _matmul(d_h_seq[:n].reshape(n * B, Ho), m_seq[t_lo:t_lo + n].reshape(n * B, m_seq.shape[-1]),
                     trans_a=True, out=dw_hr, accumulate=True)
@@ -192,17 +203,24 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
     return (dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, d_h0 if need[6] else None, d_c0 if need[7] else None)
 
 
-def _output_grad(d_out: Optional[Tensor], out: Tensor) -> Tensor:
+def _add_column_sums(a: np.ndarray, out: np.ndarray) -> None:
+    """out += a.sum(0): a kernel call for few rows (numpy's reduction costs several us to start),
+    numpy's pairwise sum for many (more accurate than a running sum)."""
+    if a.shape[0] <= 1024:
+        column_sums(a, out)
+    else:
+        out += a.sum(0)
+
+
+def _output_grad(d_out: np.ndarray) -> np.ndarray:
     """dL/dout for the kernels, without materialising what autograd broadcast: a gradient that is
-    the same for every step or row (stride 0 there, e.g. of out.sum(); zeros when out got none)
-    goes in as its one distinct row (see d_out in kernels/driver.py)."""
-    if d_out is None:
-        return out.new_zeros(1, 1, out.shape[-1])
-    if d_out.stride(0) == 0:
+    the same for every step or row (stride 0 there, e.g. of out.sum()) goes in as its one
+    distinct row (see d_out in kernels/driver.py)."""
+    if d_out.strides[0] == 0:
         d_out = d_out[:1]
-    if d_out.stride(1) == 0:
+    if d_out.strides[1] == 0:
         d_out = d_out[:, :1]
-    return d_out
+    return np.ascontiguousarray(d_out)
 
 
 def _arrays(*tensors):
@@ -238,8 +256,8 @@ def _layer_backward_op(d_out: Tensor, d_hn: Tensor, d_cn: Tensor, x: Tensor, w_i
                        w_hr: Optional[Tensor], h0: Tensor, c0: Tensor, out: Tensor, c_seq: Tensor,
                        saved: Tensor, m_seq: Tensor, steps: Tensor, mode: str, reverse: bool,
                        need: list[bool]) -> list[Tensor]:
-    grads = _backward(mode, steps.numpy(), reverse, need,
-                      *_arrays(d_out, d_hn, d_cn, x, w_ih, w_hh, w_hr, h0, c0, out, c_seq, saved, m_seq))
+    grads = _backward(mode, steps.numpy(), reverse, need, _output_grad(d_out.detach().numpy()),
+                      *_arrays(d_hn, d_cn, x, w_ih, w_hh, w_hr, h0, c0, out, c_seq, saved, m_seq))
     return [torch.from_numpy(g) if g is not None else x.new_empty(0) for g in grads]
 
 
@@ -262,7 +280,7 @@ def _layer_grad(ctx, d_out, d_hn, d_cn, d_c_seq, d_saved, d_m_seq):
     x, w_ih, w_hh, w_hr, h0, c0, out, c_seq, saved, m_seq, steps = ctx.saved_tensors
     need = list(ctx.needs_input_grad[:8])
     grads = _layer_backward_op(
-        _output_grad(d_out, out),
+        d_out if d_out is not None else out.new_zeros(1, 1, out.shape[-1]),
         d_hn if d_hn is not None else torch.zeros_like(h0),
         d_cn if d_cn is not None else torch.zeros_like(c0),
         x, w_ih, w_hh, w_hr, h0, c0, out, c_seq, saved, m_seq, steps,
@@ -298,7 +316,8 @@ class _EagerLayer(torch.autograd.Function):
         x, w_ih, w_hh, w_hr, h0, c0, out, *rest = ctx.saved_tensors
         grads = _backward(
             ctx.mode, ctx.steps, ctx.reverse, ctx.needs_input_grad[4:],
-            *_arrays(_output_grad(d_out, out), d_hn if d_hn is not None else torch.zeros_like(h0),
+            np.zeros((1, 1, out.shape[-1]), _NP_DTYPE[out.dtype]) if d_out is None else _output_grad(d_out.numpy()),
+            *_arrays(d_hn if d_hn is not None else torch.zeros_like(h0),
                      d_cn if d_cn is not None else torch.zeros_like(c0), x, w_ih, w_hh, w_hr, h0, c0, out, *rest),
         )
         return (None,) * 4 + _tensors(*grads)
@@ -316,7 +335,7 @@ def fused_layer(
     T, B = x.shape[0], x.shape[1]
     steps = np.full(T, B, np.int64) if batch_sizes is None else np.asarray(batch_sizes, np.int64)
     h0 = state[0]
-    c0 = state[1] if cell.state_size == 2 else h0.new_zeros(B, 0)
+    c0 = state[1] if cell.state_size == 2 else _NO_CELL_STATE[x.dtype].expand(B, 0)
     params = (x, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr, h0, c0)
     if any(t is not None and t.dtype != x.dtype for t in params):
         # mixed dtypes (possible under autocast, which skips the module's dtype check): the
@@ -325,6 +344,8 @@ def fused_layer(
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
     if torch.compiler.is_compiling():
         out, h_n, c_n, *_ = torch.ops.rnnkit.layer(*params, torch.from_numpy(steps), cell.mode, reverse, training)
-    else:
+    elif training:
         out, h_n, c_n = _EagerLayer.apply(cell.mode, steps, reverse, training, *params)
+    else:  # inference: no graph to record, so no autograd.Function around the kernels
+        out, h_n, c_n = _tensors(*_forward(cell.mode, steps, reverse, False, *_arrays(*params))[:3])
     return out, ((h_n, c_n) if cell.state_size == 2 else (h_n,))
