@@ -165,8 +165,12 @@ print((rss("VmHWM:") - base) / 2**20)
 
 def peak_memory_mib(name: str, cell: str, shape: tuple) -> float | None:
     """Peak resident memory added by one training step (after a first one), in a fresh process."""
+    # A fixed mmap threshold makes glibc return every freed large block to the system, so the
+    # resident peak follows live allocations (its default adaptive threshold keeps freed blocks
+    # of the first step resident, and the second step's peak then hides whatever reuses them).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.run([sys.executable, "-c", _MEMORY_SNIPPET, name, cell, *map(str, shape)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
     return float(proc.stdout.strip()) if proc.returncode == 0 and proc.stdout.strip() else None
 
 
