@@ -178,32 +178,28 @@ def _backward_rows(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, 
         k = t - t_lo
         tp = t + 1 if reverse else t - 1  # the step that produced h_prev
         n = min(max(steps[t], r0), r1)
-        for r in range(r0, n):
-            dhr = dh[r]
-            dhr += d_out[t if per_step else 0, r if per_row else 0]
-            if project:
-                d_h_seq[k, r, :] = dhr
-            else:
-                first = tp < 0 or tp >= T or r >= steps[tp]
-                hp = h0[r] if first else out[tp, r]
-                cp = c0[r] if first else c_seq[tp, r]
-                cell_backward(KIND, dhr, dc[r], saved[t, r], hp, cp, out[t, r], d_xw[k, r], d_hw[k, r])
-                if first:
-                    d_first[r, :] = d_hw[k, r]
         if project:
             for r in range(r0, n):
+                dhr = dh[r]
+                dhr += d_out[t if per_step else 0, r if per_row else 0]
+                d_h_seq[k, r, :] = dhr
                 dm[r, :] = 0.0
             matmul_acc(dh, w_hr, dm, r0, n)  # dm_t = dh_t @ w_hr
-            for r in range(r0, n):
-                first = tp < 0 or tp >= T or r >= steps[tp]
-                hp = h0[r] if first else out[tp, r]
-                cp = c0[r] if first else c_seq[tp, r]
-                cell_backward(KIND, dm[r], dc[r], saved[t, r], hp, cp, m_seq[t, r], d_xw[k, r], d_hw[k, r])
-                if first:
-                    d_first[r, :] = d_hw[k, r]
-                dh[r, :] = 0.0  # no path from h_t to h_prev bypasses W_hh (see the legend)
             for r in range(n, r1):
                 d_h_seq[k, r, :] = 0.0
+        for r in range(r0, n):
+            first = tp < 0 or tp >= T or r >= steps[tp]
+            hp = h0[r] if first else out[tp, r]
+            cp = c0[r] if first else c_seq[tp, r]
+            if project:
+                cell_backward(KIND, dm[r], dc[r], saved[t, r], hp, cp, m_seq[t, r], d_xw[k, r], d_hw[k, r])
+                dh[r, :] = 0.0  # no path from h_t to h_prev bypasses W_hh (see the legend)
+            else:
+                dhr = dh[r]
+                dhr += d_out[t if per_step else 0, r if per_row else 0]
+                cell_backward(KIND, dhr, dc[r], saved[t, r], hp, cp, out[t, r], d_xw[k, r], d_hw[k, r])
+            if first:
+                d_first[r, :] = d_hw[k, r]
         for r in range(n, r1):
             d_xw[k, r, :] = 0.0
             d_hw[k, r, :] = 0.0
