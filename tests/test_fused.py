@@ -49,6 +49,37 @@ def test_fused_equals_reference_on_long_odd_sequences(kind, packed):
         torch.testing.assert_close(f, r, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("kind", CELL_KINDS)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_inference_runs_the_whole_stack_in_one_call(kind, packed, dtype, monkeypatch):
+    """Without a gradient the fused backend runs every layer and direction in one call
+    (fused_stack: no layer-by-layer torch glue); it equals torch.nn for stacked, bidirectional,
+    ragged input with h_0 given, and never falls back to the layer path."""
+    torch.manual_seed(3)
+    ref, m = twins(kind, dtype, input_size=5, hidden_size=11, num_layers=3, bidirectional=True,
+                   batch_first=True)
+    lengths = torch.tensor([9, 2, 9, 5])
+    x = torch.randn(4, 9, 5, dtype=dtype)
+    state = tuple(torch.randn(6, 4, n, dtype=dtype) for n in ((2, 11) if kind == "lstm-proj" else (11, 11)))
+    hx = state if kind.startswith("lstm") else state[0]
+
+    def no_layer(*args):
+        raise AssertionError("the layer-by-layer path ran")
+
+    fused = _backend._BACKENDS["fused"]
+    monkeypatch.setitem(_backend._BACKENDS, "fused", fused._replace(layer=no_layer))
+    inp = rnnkit.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False) if packed else x
+    with rnnkit.use_backend("fused"), torch.no_grad():
+        out, h = m(inp, hx)
+        expected_out, expected_h = ref(inp, hx)
+    if packed:
+        out, expected_out = out.data, expected_out.data
+    torch.testing.assert_close(out, expected_out, **TOL[dtype])
+    for a, b in zip(h if isinstance(h, tuple) else (h,), expected_h if isinstance(h, tuple) else (expected_h,)):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_fused_lstm_projections_equal_reference_on_a_long_packed_sequence(batch_first):
     """The projecting driver path (m_t, h_t = W_hr m_t, dL/dW_hr) on ragged lengths, both

@@ -1,13 +1,14 @@
-"""The kernels' own matrix loops against numpy, on sizes off every block width: the one-row
-loop runs for batch 1 in every forward and backward; the four-row tiles run where scipy's BLAS
-is missing, which the other tests never see on a machine that has it."""
+"""The kernels' own matrix loops against numpy, on sizes off every block width: the register
+tiles of the time loop (every forward and backward), the one-row loop of small products, and
+the four-row loops that run where scipy's BLAS is missing (the other tests never see those on
+a machine that has it)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from rnnkit.kernels import linalg
+from rnnkit.kernels import linalg, tiles
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -36,3 +37,52 @@ def test_own_loops_match_numpy(K, N, dtype):
     np.testing.assert_allclose(out[2:7], expected[2:7], rtol=tol, atol=tol * K)
     np.testing.assert_array_equal(out[:2], start[:2])
     np.testing.assert_array_equal(out[7:], start[7:])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K,N", [(1, 1), (3, 5), (7, 16), (13, 33), (64, 64), (40, 100), (65, 130)])
+@pytest.mark.parametrize("r0,r1", [(0, 1), (2, 4), (1, 4), (0, 5), (3, 11), (0, 11)])
+def test_packed_tiles_match_numpy(K, N, r0, r1, dtype):
+    """The register tiles of the time loop: every row count 1-4 (and their mixes), strips
+    cut by N, on both dtypes; rows outside [r0, r1) and nothing past column N are touched."""
+    rng = np.random.default_rng(K * 1000 + N * 10 + r1)
+    a = rng.standard_normal((11, K)).astype(dtype)
+    b = rng.standard_normal((K, N)).astype(dtype)
+    start = rng.standard_normal((11, N)).astype(dtype)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    packed = tiles.pack(b, False)
+    np.testing.assert_array_equal(tiles.pack(np.ascontiguousarray(b.T), True), packed)
+    W = tiles.strip_width(dtype)
+    assert packed.shape == (-(-N // W), K, W)
+    np.testing.assert_array_equal(packed.transpose(1, 0, 2).reshape(K, -1)[:, :N], b)
+    assert not packed.transpose(1, 0, 2).reshape(K, -1)[:, N:].any()  # zeros past column N
+
+    # out is the front of a longer buffer: a write past column N of the last row would land in
+    # the guard (and past column N of another row, in the next row, checked below)
+    buffer = np.full(11 * N + 64, 5.0, dtype)
+    out = buffer[: 11 * N].reshape(11, N)
+    out[:] = start
+    tiles.matmul_packed(a, packed, out, r0, r1)
+    assert (buffer[11 * N:] == 5.0).all()
+    np.testing.assert_allclose(out[r0:r1], start[r0:r1] + a[r0:r1] @ b, rtol=tol, atol=tol * K)
+    np.testing.assert_array_equal(out[:r0], start[:r0])
+    np.testing.assert_array_equal(out[r1:], start[r1:])
+
+    # from a start row (a bias) instead of out's contents, which are then never read
+    bias = rng.standard_normal(N).astype(dtype)
+    out[:] = np.nan
+    tiles.matmul_packed(a, packed, out, r0, r1, bias)
+    np.testing.assert_allclose(out[r0:r1], bias + a[r0:r1] @ b, rtol=tol, atol=tol * K)
+    assert np.isnan(out[:r0]).all() and np.isnan(out[r1:]).all()
+    assert (buffer[11 * N:] == 5.0).all()
+
+
+def test_packed_tiles_refuse_mismatched_operands():
+    a = np.ones((4, 8), np.float32)
+    packed = tiles.pack(np.ones((8, 40), np.float32), False)
+    with pytest.raises(ValueError, match="do not fit"):
+        tiles.matmul_packed(a, packed, np.zeros((4, 70), np.float32), 0, 4)  # N off the strips
+    with pytest.raises(ValueError, match="do not fit"):
+        tiles.matmul_packed(np.ones((4, 9), np.float32), packed, np.zeros((4, 40), np.float32), 0, 4)
+    with pytest.raises(ValueError, match="do not fit"):
+        tiles.matmul_packed(a, packed, np.zeros((4, 40), np.float32), 0, 5)

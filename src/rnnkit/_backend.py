@@ -11,18 +11,20 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from ._driver import LayerFn, reference_layer
+from ._driver import LayerFn, StackFn, reference_layer
 from .cells import Cell
 
 
 class Backend(NamedTuple):
     layer: LayerFn
     supports: Callable[[Cell, Tensor], bool]
+    # optional: every layer and direction at once when no gradient is needed (see run_layers)
+    stack: Optional[StackFn] = None
 
 
 # Priority order for "auto": first match wins; the reference supports everything.
@@ -34,10 +36,11 @@ _choice = os.environ.get("RNNKIT_BACKEND", _AUTO)
 _override: contextvars.ContextVar = contextvars.ContextVar("rnnkit_backend", default=None)
 
 
-def register_backend(name: str, layer: LayerFn, supports: Callable[[Cell, Tensor], bool]) -> None:
+def register_backend(name: str, layer: LayerFn, supports: Callable[[Cell, Tensor], bool],
+                     stack: Optional[StackFn] = None) -> None:
     """Register a layer implementation ahead of the reference in the "auto" order."""
     global _BACKENDS
-    _BACKENDS = {name: Backend(layer, supports), **_BACKENDS}
+    _BACKENDS = {name: Backend(layer, supports, stack), **_BACKENDS}
 
 
 def available_backends() -> list[str]:
@@ -72,13 +75,17 @@ def use_backend(name: str) -> Iterator[None]:
 def _register_fused() -> None:
     from . import _fused  # compiles nothing at import: kernels compile on first use
 
-    register_backend("fused", _fused.fused_layer, _fused.supports)
+    register_backend("fused", _fused.fused_layer, _fused.supports, _fused.fused_stack)
 
 
 def layer_for(cell: Cell, x: Tensor) -> LayerFn:
+    return backend_for(cell, x).layer
+
+
+def backend_for(cell: Cell, x: Tensor) -> Backend:
     choice = get_backend()
     if choice == _AUTO:
-        return next(b.layer for b in _BACKENDS.values() if b.supports(cell, x))
+        return next(b for b in _BACKENDS.values() if b.supports(cell, x))
     backend = _BACKENDS.get(choice)
     if backend is None:
         raise RuntimeError(f"rnnkit backend {choice!r} is not available here")
@@ -87,7 +94,7 @@ def layer_for(cell: Cell, x: Tensor) -> LayerFn:
             f"rnnkit backend {choice!r} does not support {cell.mode} with {x.dtype} tensors on {x.device}; "
             "use rnnkit.set_backend('auto') or 'reference'"
         )
-    return backend.layer
+    return backend
 
 
 _register_fused()

@@ -14,6 +14,15 @@ A *layer function* runs one layer in one direction:
 
 ``reference_layer`` below is the torch-ops one (any device, dtype, autograd); the fused CPU
 kernels provide another with the same contract.
+
+A backend may also offer a *stack function* for inference, which runs every layer and
+direction in one call with ``run_layers``'s contract (without the layer-by-layer torch glue,
+which costs more than a small layer's whole time loop):
+
+    stack(cell, x, state0, params, num_layers, num_directions, batch_sizes) -> result or None
+
+It returns None when it cannot take the call (a gradient is needed, ...); ``run_layers`` then
+runs the layers one by one. It is never asked when inter-layer dropout is active.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from torch import Tensor
 from .cells import Cell, LayerParams
 
 LayerFn = Callable[..., tuple]
+StackFn = Callable[..., Optional[tuple]]
 
 
 def reference_layer(
@@ -64,10 +74,15 @@ def run_layers(
     dropout: float,
     training: bool,
     packing: Optional["Packing"],
+    stack: Optional[StackFn] = None,
 ) -> tuple:
     """Stack layers and directions. ``state0`` holds (L*D, B, .) tensors; returns
     ``(output (T, B, D*H_out), state_n)`` with state_n laid out like state0."""
     batch_sizes = packing.batch_sizes if packing is not None else None
+    if stack is not None and not (dropout > 0 and training and num_layers > 1):
+        result = stack(cell, x, state0, params, num_layers, num_directions, batch_sizes)
+        if result is not None:
+            return result
     finals: list = []
     for layer_idx in range(num_layers):
         if layer_idx > 0 and dropout > 0 and training:

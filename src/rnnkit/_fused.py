@@ -27,6 +27,7 @@ from ._driver import reference_layer
 from .cells import CELLS, Cell, LayerParams
 from .kernels import driver
 from .kernels.linalg import column_sums, gemm, gemm_rows_range
+from .kernels.tiles import gemm_packed, gemm_packed_rows, pack, strip_width
 
 # Register every cell that has fused kernels; its id is its position in the registry.
 _KERNELS = {}
@@ -36,8 +37,11 @@ for _kind, _cell in enumerate(CELLS.values()):
         _KERNELS[_cell.mode] = driver.kernels_for(_kind, _cell.mode.lower())
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
-# Split work across threads only when each thread gets enough to pay for waking it.
-_MIN_WORK_PER_THREAD = 64 * 1024  # multiply-adds (per step in the time loop)
+# Split work across threads only when each thread gets enough to pay for waking them (about
+# 10 us): per step of a time loop, which wakes them once for all its steps; per product for the
+# GEMMs before and after it.
+_MIN_WORK_PER_THREAD = 64 * 1024  # multiply-adds per step
+_MIN_GEMM_WORK_PER_THREAD = 512 * 1024  # multiply-adds
 
 
 _NO_CELL_STATE = {dtype: torch.empty(1, 0, dtype=dtype) for dtype in SUPPORTED_DTYPES}  # (B, 0) views
@@ -47,9 +51,12 @@ def supports(cell: Cell, x: Tensor) -> bool:
     return cell.mode in _KERNELS and x.device.type == "cpu" and x.dtype in SUPPORTED_DTYPES
 
 
-def _chunks(rows: int, work: int) -> int:
+def _chunks(rows: int, work: int, min_work: int = _MIN_WORK_PER_THREAD) -> int:
     """Threads for ``rows`` independent rows carrying ``work`` multiply-adds in all."""
-    return max(1, min(numba.get_num_threads(), rows, work // _MIN_WORK_PER_THREAD))
+    most = min(rows, work // min_work)
+    if most < 2:  # without asking numba, which costs a few us a call
+        return 1
+    return min(numba.get_num_threads(), most)
 
 
 def _launch(rows_kernel, chunks_kernel, args: tuple, batch: int, work_per_step: int) -> None:
@@ -77,12 +84,24 @@ def _matmul(a: np.ndarray, b: np.ndarray, bias: Optional[np.ndarray] = None, tra
     if out is None:
         out = np.empty((rows, b.shape[1]), b.dtype)
     bias = _EMPTY[b.dtype.type] if bias is None else bias
-    chunks = _chunks(rows, out.size * b.shape[0])
+    chunks = _chunks(rows, out.size * b.shape[0], _MIN_GEMM_WORK_PER_THREAD)
     if chunks > 1:
         gemm(a, b, out, bias, trans_a, accumulate, chunks)
     else:
         gemm_rows_range(a, b, out, bias, trans_a, accumulate, 0, rows)
     return out
+
+
+def _matmul_packed(a: np.ndarray, b_packed: np.ndarray, bias: Optional[np.ndarray], out: np.ndarray) -> None:
+    """out = a @ b (+ bias) by the register tiles (b packed by ``pack``), rows split across
+    threads when it pays."""
+    rows = a.shape[0]
+    bias = np.zeros(out.shape[1], out.dtype) if bias is None else bias
+    chunks = _chunks(rows, out.size * a.shape[1], _MIN_GEMM_WORK_PER_THREAD)
+    if chunks > 1:
+        gemm_packed(a, b_packed, out, bias, chunks)
+    else:
+        gemm_packed_rows(a, b_packed, out, bias, 0, rows)
 
 
 # Sequences whose per-step buffers (input projections forward; pre-activation gradients
@@ -126,20 +145,20 @@ def _forward(mode: str, steps: np.ndarray, reverse: bool, training: bool, x, w_i
     c_n = np.empty((B, Hc), dtype)
     saved = np.empty((T, B, cell.saved * H) if training else (1, 1, cell.saved * H), dtype)
     if w_hr is None:
-        w_hr_t, m_seq = np.empty((0, 0), dtype), np.empty((0, 0, 0), dtype)
+        w_hr_t, m_seq = np.empty((0, 0, strip_width(dtype)), dtype), np.empty((0, 0, 0), dtype)
     else:
-        w_hr_t, m_seq = np.ascontiguousarray(w_hr.T), np.empty((T if training else 1, B, H), dtype)
+        w_hr_t, m_seq = pack(w_hr, True), np.empty((T if training else 1, B, H), dtype)
     L = _chunk_steps(T, B, GH)
     xw = np.empty((L, B, GH), dtype)
-    w_ih_t = np.ascontiguousarray(w_ih.T)
-    args = (np.ascontiguousarray(w_hh.T), b_hh if b_hh is not None else np.zeros(GH, dtype),
+    w_ih_t = pack(w_ih, True)
+    args = (pack(w_hh, True), b_hh if b_hh is not None else np.zeros(GH, dtype),
             w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved, m_seq, np.empty((B, GH), dtype))
     kernels = _KERNELS[mode]
     for i0, i1, t_lo in _time_chunks(T, L, reverse, backward=False):
         n = i1 - i0
-        _matmul(x[t_lo:t_lo + n].reshape(n * B, I), w_ih_t, b_ih, out=xw[:n].reshape(n * B, GH))
+        _matmul_packed(x[t_lo:t_lo + n].reshape(n * B, I), w_ih_t, b_ih, xw[:n].reshape(n * B, GH))
         _launch(kernels.forward_rows, kernels.forward_chunks, (xw[:n], *args, i0, i1), B,
-                B * (Ho * GH + w_hr_t.size))
+                B * (Ho * GH + (0 if w_hr is None else w_hr.size)))
     return out, h_n, c_n, c_seq, saved, m_seq
 
 
@@ -163,13 +182,16 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
         d_h_seq, dm = np.empty((L, B, Ho), dtype), np.empty((B, w_hr.shape[1]), dtype)
     else:
         w_hr, d_h_seq, dm = np.empty((0, 0), dtype), np.empty((0, 0, 0), dtype), np.empty((0, 0), dtype)
+    w_hh_p = pack(w_hh, False)
+    w_hr_p = pack(w_hr, False) if project else np.empty((0, 0, strip_width(dtype)), dtype)
     dx = np.empty((T, B, I), dtype) if need[0] else None
     dw_ih = np.zeros(w_ih.shape, dtype) if need[1] else None
     dw_hh = np.zeros(w_hh.shape, dtype) if need[2] else None
     db_ih = np.zeros(GH, dtype) if need[3] else None
     db_hh = np.zeros(GH, dtype) if need[4] else None
     dw_hr = np.zeros(w_hr.shape, dtype) if need[5] else None
-    args = (w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse)
+    args = (w_hh_p, w_hr_p, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse)
+    w_ih_p = pack(w_ih, False) if dx is not None else None
     kernels = _KERNELS[mode]
     for i0, i1, t_lo in _time_chunks(T, L, reverse, backward=True):
         n = i1 - i0
@@ -180,7 +202,7 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
             continue
         d_xw2, d_hw2 = d_xw[:n].reshape(n * B, GH), d_hw[:n].reshape(n * B, GH)
         if dx is not None:
-            _matmul(d_xw2, w_ih, out=dx[t_lo:t_lo + n].reshape(n * B, I))
+            _matmul_packed(d_xw2, w_ih_p, None, dx[t_lo:t_lo + n].reshape(n * B, I))
         if dw_ih is not None:
             _matmul(d_xw2, x[t_lo:t_lo + n].reshape(n * B, I), trans_a=True, out=dw_ih, accumulate=True)
         if dw_hh is not None:
@@ -321,6 +343,39 @@ class _EagerLayer(torch.autograd.Function):
                      d_cn if d_cn is not None else torch.zeros_like(c0), x, w_ih, w_hh, w_hr, h0, c0, out, *rest),
         )
         return (None,) * 4 + _tensors(*grads)
+
+
+def fused_stack(cell: Cell, x: Tensor, state0: tuple, params: Sequence[LayerParams], num_layers: int,
+                num_directions: int, batch_sizes: Optional[Sequence[int]]) -> Optional[tuple]:
+    """Inference through every layer and direction in numpy, tensors made only at the ends
+    (the driver's stack contract, see rnnkit._driver); None when a gradient is needed, under
+    torch.compile (the custom op path) or for mixed dtypes (fused_layer's fallback)."""
+    if torch.compiler.is_compiling():
+        return None
+    tensors = [x, *state0, *(t for p in params for t in p if t is not None)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    if any(t.dtype != x.dtype for t in tensors):
+        return None
+    T, B = x.shape[0], x.shape[1]
+    steps = np.full(T, B, np.int64) if batch_sizes is None else np.asarray(batch_sizes, np.int64)
+    states = [_np(s) for s in state0]  # (L*D, B, .)
+    finals = [np.empty_like(s) for s in states]
+    c0 = states[1] if cell.state_size == 2 else np.empty((num_layers * num_directions, B, 0), states[0].dtype)
+    h = _np(x)
+    for layer in range(num_layers):
+        outs = []
+        for direction in range(num_directions):
+            k = layer * num_directions + direction
+            out, h_n, c_n = _forward(cell.mode, steps, direction == 1, False, h, *_arrays(*params[k][:4]),
+                                     _np(params[k].w_hr) if params[k].w_hr is not None else None,
+                                     states[0][k], c0[k])[:3]
+            finals[0][k] = h_n
+            if cell.state_size == 2:
+                finals[1][k] = c_n
+            outs.append(out)
+        h = outs[0] if num_directions == 1 else np.concatenate(outs, -1)
+    return torch.from_numpy(h), tuple(torch.from_numpy(f) for f in finals)
 
 
 def fused_layer(

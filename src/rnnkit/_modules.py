@@ -307,9 +307,10 @@ class RNNBase(nn.Module):
             if x.shape[0] == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
+        backend = _backend.backend_for(cell, x)
         out, state_n = run_layers(
             cell,
-            _backend.layer_for(cell, x),
+            backend.layer,
             x,
             state,
             params,
@@ -318,6 +319,7 @@ class RNNBase(nn.Module):
             self.dropout,
             self.training,
             packing,
+            backend.stack,
         )
 
         if packing is not None:

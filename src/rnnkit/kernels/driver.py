@@ -11,11 +11,13 @@ Legend (all arrays C-contiguous, float32 or float64 unless said):
 
     xw       (n, B, GH)  input projection x_t W_ih^T + b_ih of the n steps of one call (one
                          GEMM before it; see "Time chunks" below)
-    w_hh_t   (Ho, GH)    W_hh transposed: hw = h @ w_hh_t + b_hh
-    w_hh     (GH, Ho)    W_hh: dh_prev += dhw @ w_hh
+    The weights inside the loops are packed into strips for the register-tiled products
+    (``tiles.pack``: b (K, N) as (ceil(N / W), K, W), W columns per strip); written b* below:
+    w_hh_t*  W_hh^T (Ho, GH) packed: hw = h @ W_hh^T + b_hh
+    w_hh*    W_hh (GH, Ho) packed: dh_prev += dhw @ W_hh
     b_hh     (GH,)       zeros when the layer has no bias
-    w_hr_t   (H, P)      W_hr transposed: h_t = m_t @ w_hr_t; (0, 0) when not projecting
-    w_hr     (P, H)      W_hr: dm_t = dh_t @ w_hr; (0, 0) when not projecting
+    w_hr_t*  W_hr^T (H, P) packed: h_t = m_t @ W_hr^T; (0, 0, W) when not projecting
+    w_hr*    W_hr (P, H) packed: dm_t = dh_t @ W_hr; (0, 0, W) when not projecting
     steps    (T,) int64  active rows per step, non-increasing (a PackedSequence's batch_sizes)
     out      (T, B, Ho)  h_t for every step (zero at inactive rows)
     d_out    (T, B, Ho)  dL/dout; (1, B, Ho), (T, 1, Ho) or (1, 1, Ho) when it is the same for
@@ -51,10 +53,10 @@ state, so the reverse direction starts each sequence at its own last step), the 
 products, the optional projection, and row ranges [r0, r1) so threads can each take a slice of
 the batch for the whole sequence.
 
-Projections (LSTM proj_size, P > 0, decided by the shape of w_hr_t / w_hr): the cell computes
+Projections (LSTM proj_size, P > 0, decided by the shape of w_hr_t* / w_hr*): the cell computes
 its own output m_t (H,) as always, but into a row of m_seq instead of the state h, and the
-driver projects the active rows with one product per step, h_t = m_t @ w_hr_t. Backward
-mirrors it: dm_t = dh_t @ w_hr on the active rows feeds the cell's backward as its ``dh``. So
+driver projects the active rows with one product per step, h_t = m_t @ W_hr^T. Backward
+mirrors it: dm_t = dh_t @ W_hr on the active rows feeds the cell's backward as its ``dh``. So
 for a projecting layer the cell's arguments change meaning: forward's ``h`` is a scratch row
 (its input value is unspecified, so the cell must not read h_prev there); backward's ``dh`` is
 dL/dm_t, ``h`` is m_t, ``h_prev`` is the projected previous state (Ho,) and the part of
@@ -72,7 +74,7 @@ from numba import prange, types
 from numba.extending import overload
 
 from .config import jit, jit_parallel
-from .linalg import matmul_acc, matmul_bias
+from .tiles import matmul_packed
 
 _CELLS: dict[int, tuple] = {}
 KIND = -1  # replaced by each cell's id in its compiled copies of the loops
@@ -118,7 +120,7 @@ def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, 
     # training: keep every step's saved values (else saved is one (1, 1, S) scratch row; the
     # batch size tells them apart when T == 1)
     keep = saved.shape[0] == T and saved.shape[1] == B
-    project = w_hr_t.shape[1] > 0
+    project = w_hr_t.shape[0] > 0
     keep_m = m_seq.shape[0] == T
     h = h_n  # the running state lives in h_n / c_n
     c = c_n
@@ -130,14 +132,14 @@ def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, 
         t = T - 1 - i if reverse else i
         x_t = xw[t - t_lo]
         n = min(max(steps[t], r0), r1)  # rows [r0, n) are active at step t
-        matmul_bias(h, w_hh_t, b_hh, hw, r0, n)
+        matmul_packed(h, w_hh_t, hw, r0, n, b_hh)  # hw = h @ W_hh^T + b_hh
         if project:
             m = m_seq[t if keep_m else 0]
             for r in range(r0, n):
                 cell_forward(KIND, x_t[r], hw[r], m[r], c[r], saved[t if keep else 0, r if keep else 0])
                 c_seq[t, r, :] = c[r]
                 h[r, :] = 0.0
-            matmul_acc(m, w_hr_t, h, r0, n)  # h_t = m_t @ w_hr_t
+            matmul_packed(m, w_hr_t, h, r0, n)  # h_t = m_t @ W_hr^T
             for r in range(r0, n):
                 out[t, r, :] = h[r]
             if keep_m:
@@ -184,7 +186,7 @@ def _backward_rows(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, 
                 dhr += d_out[t if per_step else 0, r if per_row else 0]
                 d_h_seq[k, r, :] = dhr
                 dm[r, :] = 0.0
-            matmul_acc(dh, w_hr, dm, r0, n)  # dm_t = dh_t @ w_hr
+            matmul_packed(dh, w_hr, dm, r0, n)  # dm_t = dh_t @ W_hr
             for r in range(n, r1):
                 d_h_seq[k, r, :] = 0.0
         for r in range(r0, n):
@@ -203,7 +205,7 @@ def _backward_rows(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, 
         for r in range(n, r1):
             d_xw[k, r, :] = 0.0
             d_hw[k, r, :] = 0.0
-        matmul_acc(d_hw[k], w_hh, dh, r0, n)
+        matmul_packed(d_hw[k], w_hh, dh, r0, n)
 
 
 def _forward_chunks(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,

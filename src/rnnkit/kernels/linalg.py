@@ -1,12 +1,11 @@
-"""Matrix products of the kernels, on row ranges of plain contiguous arrays: the recurrent
-products inside the time loop, and the big products before and after it (``gemm``).
+"""Matrix products of the kernels on row ranges of plain contiguous arrays: the big products
+before and after the time loop (``gemm``: scipy's BLAS, or our loops for small ones or without
+BLAS). The recurrent products inside the loop are ``tiles.matmul_packed``.
 
-Legend: n rows (active batch rows of one step), K inner size, N output size.
+Legend: n rows, K inner size, N output size.
 Our own loops use the "axpy" order (rows of the right-hand matrix are contiguous in the inner
 loop), which LLVM vectorises, several k per pass over a row of the output so each load and
-store of it carries several multiply-adds. Measured on single rows of 64-512 x 64-2048 they
-beat a single-threaded OpenBLAS call (0.25 us for 64 x 64; BLAS's fixed cost is about that);
-from two rows up BLAS is as fast or faster, so it takes those when it is there.
+store of it carries several multiply-adds.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ BLAS_MIN_WORK = 16 * 64 * 64
 @jit
 def matmul_acc(a, b, out, r0, r1):
     """out[r] += a[r] @ b for r in [r0, r1).  a (B, K), b (K, N), out (B, N)."""
-    if r1 - r0 == 1:  # one row (batch 1): our loop beats a BLAS call at every size measured
+    if r1 - r0 == 1:  # one row: our loop beats a BLAS call at every size measured
         _acc_row(a, b, out, r0)
         return
     if BLAS and r1 > r0:
@@ -94,14 +93,6 @@ def _acc_row(a, b, out, r):
         for j in range(N):
             o[j] += xk * w[j]
         k += 1
-
-
-@jit
-def matmul_bias(a, b, bias, out, r0, r1):
-    """out[r] = a[r] @ b + bias for r in [r0, r1).  a (B, K), b (K, N), bias (N,), out (B, N)."""
-    for r in range(r0, r1):
-        out[r, :] = bias
-    matmul_acc(a, b, out, r0, r1)
 
 
 @jit
