@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -112,14 +113,15 @@ class Packing:
     """Moves between a PackedSequence's data ``(N, F)`` and the padded ``(T, B, F)`` layout."""
 
     def __init__(self, batch_sizes: Tensor):
-        sizes = batch_sizes.to(device="cpu", dtype=torch.int64)
+        sizes = batch_sizes.to(device="cpu", dtype=torch.int64).numpy()
         self.batch_sizes: list[int] = sizes.tolist()
         self.max_batch = self.batch_sizes[0]
-        n_steps = len(self.batch_sizes)
-        starts = torch.cumsum(sizes, 0) - sizes
-        step_of_row = torch.repeat_interleave(torch.arange(n_steps), sizes)
-        row_in_step = torch.arange(int(sizes.sum())) - torch.repeat_interleave(starts, sizes)
-        self._flat_cpu = step_of_row * self.max_batch + row_in_step
+        # every sequence runs all steps (e.g. batch 1): the data already is the padded layout
+        self.dense = self.batch_sizes[-1] == self.max_batch
+        if not self.dense:  # row i of the data is step t, row i - starts[t] of the padded layout
+            starts = np.cumsum(sizes) - sizes
+            flat = np.repeat(np.arange(len(sizes)) * self.max_batch - starts, sizes) + np.arange(sizes.sum())
+            self._flat_cpu = torch.from_numpy(flat)
         self._flat = {}
 
     def _index(self, device) -> Tensor:
@@ -129,10 +131,12 @@ class Packing:
 
     def pad(self, data: Tensor, n_steps: Optional[int] = None) -> Tensor:
         n_steps = len(self.batch_sizes) if n_steps is None else n_steps
+        if self.dense:
+            return data.view(n_steps, self.max_batch, data.shape[-1])
         padded = data.new_zeros(n_steps * self.max_batch, data.shape[-1])
         padded = padded.index_copy(0, self._index(data.device), data)
         return padded.view(n_steps, self.max_batch, data.shape[-1])
 
     def pack(self, padded: Tensor) -> Tensor:
         flat = padded.reshape(-1, padded.shape[-1])
-        return flat.index_select(0, self._index(padded.device))
+        return flat if self.dense else flat.index_select(0, self._index(padded.device))

@@ -296,7 +296,7 @@ class RNNBase(nn.Module):
             for i, (s, size) in enumerate(zip(state, self._state_sizes(batch))):
                 if s.shape != size:
                     raise RuntimeError(self._hidden_size_error(i).format(size, list(s.shape)))
-            if sorted_indices is not None:
+            if sorted_indices is not None and batch > 1:  # (one row: nothing to reorder)
                 state = tuple(s.index_select(1, sorted_indices) for s in state)
 
         if packed:
@@ -324,7 +324,7 @@ class RNNBase(nn.Module):
 
         if packing is not None:
             output = PackedSequence(packing.pack(out), batch_sizes, sorted_indices, unsorted_indices)
-            if unsorted_indices is not None:
+            if unsorted_indices is not None and batch > 1:
                 state_n = tuple(s.index_select(1, unsorted_indices) for s in state_n)
         else:
             output = out.transpose(0, 1) if self.batch_first else out
