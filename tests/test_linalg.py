@@ -86,3 +86,15 @@ def test_packed_tiles_refuse_mismatched_operands():
         tiles.matmul_packed(np.ones((4, 9), np.float32), packed, np.zeros((4, 40), np.float32), 0, 4)
     with pytest.raises(ValueError, match="do not fit"):
         tiles.matmul_packed(a, packed, np.zeros((4, 40), np.float32), 0, 5)
+
+
+def test_threaded_packed_gemm_refuses_mismatched_operands():
+    """The threaded product checks before its threads start: an exception raised inside them
+    would be lost, leaving rows unwritten."""
+    packed = tiles.pack(np.ones((8, 40), np.float32), False)
+    bias = np.zeros(40, np.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        tiles.gemm_packed(np.ones((64, 9), np.float32), packed, np.empty((64, 40), np.float32), bias, 2)
+    out = np.empty((64, 40), np.float32)
+    tiles.gemm_packed(np.ones((64, 8), np.float32), packed, out, bias, 2)
+    np.testing.assert_array_equal(out, np.full((64, 40), 8.0, np.float32))

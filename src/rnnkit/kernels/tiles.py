@@ -103,7 +103,8 @@ def _tile(typingctx, a, bp, out, r, s, rows, strips, start):
         return None
     arrays = (a, bp, out)
     if any(not isinstance(t, types.Array) or t.layout != "C" or t.dtype != a.dtype for t in arrays) \
-            or (a.ndim, bp.ndim, out.ndim) != (2, 3, 2) or a.dtype not in (types.float32, types.float64):
+            or (a.ndim, bp.ndim, out.ndim) != (2, 3, 2) or a.dtype not in (types.float32, types.float64) \
+            or not out.mutable or r != types.int64 or s != types.int64:
         return None  # the row lengths below are the arrays' own: C-contiguous only
     R, NS = rows.literal_value, strips.literal_value
     sig = types.void(a, bp, out, r, s, rows, strips, start)
@@ -193,13 +194,7 @@ def matmul_packed(a, bp, out, r0, r1, start=None):
     N = out.shape[1]
     if r1 <= r0 or N == 0:
         return
-    if K != a.shape[1] or S * bp.shape[2] < N or (S - 1) * bp.shape[2] >= N or r1 > out.shape[0] \
-            or r1 > a.shape[0] or r0 < 0:
-        raise ValueError("matmul_packed: operands do not fit")
-    if bp.shape[2] != 128 // a.itemsize:
-        raise ValueError("matmul_packed: strips of the wrong width")
-    if start is not None and start.shape[0] < N:
-        raise ValueError("matmul_packed: start is shorter than a row of out")
+    _check(a, bp, out, r0, r1, start)
     # strips outer, 4-row tiles inner: a strip (K * W values) stays in cache for every row
     block = max(1, 8192 // max(K, 1))  # strips per block: about 8192 * W values
     for s0 in range(0, S, block):
@@ -210,6 +205,20 @@ def matmul_packed(a, bp, out, r0, r1, start=None):
             r += 4
         if r < r1:
             _rows_from(a, bp, out, r, s0, s1, r1 - r, start)
+
+
+@jit
+def _check(a, bp, out, r0, r1, start):
+    """Raise unless rows [r0, r1) of a @ b fit out (see _tile's contract)."""
+    S, K, W = bp.shape
+    N = out.shape[1]
+    if K != a.shape[1] or S * W < N or (S > 0 and (S - 1) * W >= N) or r1 > out.shape[0] \
+            or r1 > a.shape[0] or r0 < 0:
+        raise ValueError("matmul_packed: operands do not fit")
+    if W != 128 // a.itemsize:
+        raise ValueError("matmul_packed: strips of the wrong width")
+    if start is not None and start.shape[0] < N:
+        raise ValueError("matmul_packed: start is shorter than a row of out")
 
 
 @jit
@@ -251,6 +260,8 @@ def gemm_packed_rows(a, bp, c, bias, r0, r1):
 def gemm_packed(a, bp, c, bias, chunks):
     """gemm_packed_rows over all rows of c, in ``chunks`` slices of rows, one thread each."""
     M = c.shape[0]
+    if M > 0 and c.shape[1] > 0:
+        _check(a, bp, c, 0, M, bias)  # here: an exception raised inside the threads is lost
     size = (M + chunks - 1) // chunks
     size = (size + 3) // 4 * 4  # whole four-row tiles in every slice but the last
     for i in prange(chunks):
