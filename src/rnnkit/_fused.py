@@ -345,6 +345,11 @@ class _EagerLayer(torch.autograd.Function):
         return (None,) * 4 + _tensors(*grads)
 
 
+def _steps(T: int, B: int, batch_sizes: Optional[Sequence[int]]) -> np.ndarray:
+    """Active rows per step for the kernels (see ``steps`` in kernels/driver.py)."""
+    return np.full(T, B, np.int64) if batch_sizes is None else np.asarray(batch_sizes, np.int64)
+
+
 def fused_stack(cell: Cell, x: Tensor, state0: tuple, params: Sequence[LayerParams], num_layers: int,
                 num_directions: int, batch_sizes: Optional[Sequence[int]]) -> Optional[tuple]:
     """Inference through every layer and direction in numpy, tensors made only at the ends
@@ -358,7 +363,7 @@ def fused_stack(cell: Cell, x: Tensor, state0: tuple, params: Sequence[LayerPara
     if any(t.dtype != x.dtype for t in tensors):
         return None
     T, B = x.shape[0], x.shape[1]
-    steps = np.full(T, B, np.int64) if batch_sizes is None else np.asarray(batch_sizes, np.int64)
+    steps = _steps(T, B, batch_sizes)
     states = [_np(s) for s in state0]  # (L*D, B, .)
     finals = [np.empty_like(s) for s in states]
     c0 = states[1] if cell.state_size == 2 else np.empty((num_layers * num_directions, B, 0), states[0].dtype)
@@ -367,8 +372,7 @@ def fused_stack(cell: Cell, x: Tensor, state0: tuple, params: Sequence[LayerPara
         outs = []
         for direction in range(num_directions):
             k = layer * num_directions + direction
-            out, h_n, c_n = _forward(cell.mode, steps, direction == 1, False, h, *_arrays(*params[k][:4]),
-                                     _np(params[k].w_hr) if params[k].w_hr is not None else None,
+            out, h_n, c_n = _forward(cell.mode, steps, direction == 1, False, h, *_arrays(*params[k]),
                                      states[0][k], c0[k])[:3]
             finals[0][k] = h_n
             if cell.state_size == 2:
@@ -388,7 +392,7 @@ def fused_layer(
 ) -> tuple:
     """The driver's layer contract (see rnnkit._driver), run by the fused kernels."""
     T, B = x.shape[0], x.shape[1]
-    steps = np.full(T, B, np.int64) if batch_sizes is None else np.asarray(batch_sizes, np.int64)
+    steps = _steps(T, B, batch_sizes)
     h0 = state[0]
     c0 = state[1] if cell.state_size == 2 else _NO_CELL_STATE[x.dtype].expand(B, 0)
     params = (x, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr, h0, c0)
