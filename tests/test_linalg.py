@@ -39,16 +39,21 @@ def test_own_loops_match_numpy(K, N, dtype):
     np.testing.assert_array_equal(out[7:], start[7:])
 
 
+ROWS = 24
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("K,N", [(1, 1), (3, 5), (7, 16), (13, 33), (64, 64), (40, 100), (65, 130)])
-@pytest.mark.parametrize("r0,r1", [(0, 1), (2, 4), (1, 4), (0, 5), (3, 11), (0, 11)])
+@pytest.mark.parametrize("r0,r1", [(0, 1), (2, 4), (1, 4), (0, 5), (1, 7), (0, 7), (0, 8), (0, 9), (1, 11),
+                                   (0, 11), (3, 15), (0, 13), (2, 16), (0, 15), (3, 24)])
 def test_packed_tiles_match_numpy(K, N, r0, r1, dtype):
-    """The register tiles of the time loop: every row count 1-4 (and their mixes), strips
-    cut by N, on both dtypes; rows outside [r0, r1) and nothing past column N are touched."""
+    """The register tiles of the time loop: 8-row tiles followed by every remainder 0-7, and
+    short ranges alone, strips cut by N, on both dtypes; rows outside [r0, r1) and nothing past
+    column N are touched."""
     rng = np.random.default_rng(K * 1000 + N * 10 + r1)
-    a = rng.standard_normal((11, K)).astype(dtype)
+    a = rng.standard_normal((ROWS, K)).astype(dtype)
     b = rng.standard_normal((K, N)).astype(dtype)
-    start = rng.standard_normal((11, N)).astype(dtype)
+    start = rng.standard_normal((ROWS, N)).astype(dtype)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     packed = tiles.pack(b, False)
     np.testing.assert_array_equal(tiles.pack(np.ascontiguousarray(b.T), True), packed)
@@ -59,11 +64,11 @@ def test_packed_tiles_match_numpy(K, N, r0, r1, dtype):
 
     # out is the front of a longer buffer: a write past column N of the last row would land in
     # the guard (and past column N of another row, in the next row, checked below)
-    buffer = np.full(11 * N + 64, 5.0, dtype)
-    out = buffer[: 11 * N].reshape(11, N)
+    buffer = np.full(ROWS * N + 64, 5.0, dtype)
+    out = buffer[: ROWS * N].reshape(ROWS, N)
     out[:] = start
     tiles.matmul_packed(a, packed, out, r0, r1)
-    assert (buffer[11 * N:] == 5.0).all()
+    assert (buffer[ROWS * N:] == 5.0).all()
     np.testing.assert_allclose(out[r0:r1], start[r0:r1] + a[r0:r1] @ b, rtol=tol, atol=tol * K)
     np.testing.assert_array_equal(out[:r0], start[:r0])
     np.testing.assert_array_equal(out[r1:], start[r1:])
@@ -74,7 +79,7 @@ def test_packed_tiles_match_numpy(K, N, r0, r1, dtype):
     tiles.matmul_packed(a, packed, out, r0, r1, bias)
     np.testing.assert_allclose(out[r0:r1], bias + a[r0:r1] @ b, rtol=tol, atol=tol * K)
     assert np.isnan(out[:r0]).all() and np.isnan(out[r1:]).all()
-    assert (buffer[11 * N:] == 5.0).all()
+    assert (buffer[ROWS * N:] == 5.0).all()
 
 
 def test_packed_tiles_refuse_mismatched_operands():
