@@ -43,7 +43,8 @@ class Cell:
     state_size: int = 1  # tensors in the recurrent state: 1 (h) or 2 (h, c)
     label: str = "RNN"  # the name torch's error messages use
     saved: int = 0  # fused kernels: values saved per row and step for backward, in units of H
-    # fused kernels: (forward, backward) pointwise row functions, see rnnkit.kernels.driver
+    # fused kernels: (forward, backward) pointwise row functions, or (forward, backward, infer)
+    # with an inference forward that writes nothing to ``saved``; see rnnkit.kernels.driver
     kernels: Optional[tuple] = None
     # fused kernels: True when dL/dxw differs from dL/dhw (GRU's n gate: r scales only hw);
     # otherwise the backward writes one array for both.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels.config import jit
+from ..kernels.config import jit, specialise
 from ..kernels.mathfn import sigmoid, tanh
 from .base import Cell, LayerParams
 
@@ -33,8 +33,10 @@ def _gru_step(xw, state, p: LayerParams):
 # saved = [r | z | n | W_hn h + b_hn], 4H per row and step.
 
 
-@jit
-def _gru_forward(xw, hw, h, c, saved):
+SAVE = True  # the template's switch, frozen per copy below
+
+
+def _gru_pointwise(xw, hw, h, c, saved):
     H = h.shape[0]
     for j in range(H):
         r = sigmoid(xw[j] + hw[j])
@@ -42,10 +44,17 @@ def _gru_forward(xw, hw, h, c, saved):
         hn = hw[2 * H + j]
         n = tanh(xw[2 * H + j] + r * hn)
         h[j] = n + z * (h[j] - n)
-        saved[j] = r
-        saved[H + j] = z
-        saved[2 * H + j] = n
-        saved[3 * H + j] = hn
+        if SAVE:
+            saved[j] = r
+            saved[H + j] = z
+            saved[2 * H + j] = n
+            saved[3 * H + j] = hn
+
+
+# One template, two copies: training saves the gates; inference writes nothing to ``saved``
+# (see "infer" in kernels/driver.py).
+_gru_forward = jit(specialise(_gru_pointwise, "_gru_forward", SAVE=True))
+_gru_infer = jit(specialise(_gru_pointwise, "_gru_infer", SAVE=False))
 
 
 @jit
@@ -70,4 +79,4 @@ def _gru_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
 
 
 GRU = Cell(mode="GRU", gates=3, step=_gru_step, label="GRU", saved=4,
-           kernels=(_gru_forward, _gru_backward), separate_input_grad=True)
+           kernels=(_gru_forward, _gru_backward, _gru_infer), separate_input_grad=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels.config import jit
+from ..kernels.config import jit, specialise
 from ..kernels.mathfn import sigmoid, tanh
 from .base import Cell, LayerParams
 
@@ -38,8 +38,10 @@ def _lstm_step(xw, state, p: LayerParams):
 # receives m = o * tanh(c'), and projects it itself (see kernels/driver.py); they never read h.
 
 
-@jit
-def _lstm_forward(xw, hw, h, c, saved):
+SAVE = True  # the template's switch, frozen per copy below
+
+
+def _lstm_pointwise(xw, hw, h, c, saved):
     H = h.shape[0]
     for j in range(H):
         i = sigmoid(xw[j] + hw[j])
@@ -50,11 +52,18 @@ def _lstm_forward(xw, hw, h, c, saved):
         tc = tanh(cj)
         c[j] = cj
         h[j] = o * tc
-        saved[j] = i
-        saved[H + j] = f
-        saved[2 * H + j] = g
-        saved[3 * H + j] = o
-        saved[4 * H + j] = tc
+        if SAVE:
+            saved[j] = i
+            saved[H + j] = f
+            saved[2 * H + j] = g
+            saved[3 * H + j] = o
+            saved[4 * H + j] = tc
+
+
+# One template, two copies: training saves the gates; inference writes nothing to ``saved``
+# (see "infer" in kernels/driver.py: the saves cost more than the math at H = 128).
+_lstm_forward = jit(specialise(_lstm_pointwise, "_lstm_forward", SAVE=True))
+_lstm_infer = jit(specialise(_lstm_pointwise, "_lstm_infer", SAVE=False))
 
 
 @jit
@@ -76,4 +85,4 @@ def _lstm_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
 
 
 LSTM = Cell(mode="LSTM", gates=4, step=_lstm_step, state_size=2, label="LSTM", saved=5,
-            kernels=(_lstm_forward, _lstm_backward))
+            kernels=(_lstm_forward, _lstm_backward, _lstm_infer))

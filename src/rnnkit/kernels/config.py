@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import os
+import types
 from pathlib import Path
 
 import numba
@@ -83,3 +84,13 @@ def jit(fn=None, *, parallel: bool = False):
 
 def jit_parallel(fn):
     return jit(fn, parallel=True)
+
+
+def specialise(template, name: str, **constants):
+    """``template`` as a new function named ``name`` whose globals include ``constants``, which
+    numba freezes at compile time: ``if CONSTANT:`` branches fold away before LLVM vectorises
+    the loops, and each copy compiles and caches under its own name."""
+    scope = dict(template.__globals__, **constants)
+    fn = types.FunctionType(template.__code__, scope, name, template.__defaults__)
+    fn.__qualname__ = name
+    return fn
