@@ -20,7 +20,7 @@ GFLOP/s float32 on one core of the 2-core benchmark machine; OpenBLAS's SGEMM wi
 SkylakeX kernels: about 228 per core).
 
 ``_tile`` is written in LLVM IR (a numba intrinsic) because numba's loops cannot express "keep
-these 8 vectors in registers across the k loop": LLVM keeps re-loading the output row when it
+these 16 vector sums in registers across the k loop": LLVM keeps re-loading the output row when it
 cannot prove it does not alias the weights. Columns past N are masked at the output's load
 and store only; the packed zeros make the k loop itself branch-free.
 """
