@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels.config import jit
+from ..kernels.config import jit_inline
 from ..kernels.mathfn import tanh
 from .base import Cell, LayerParams
 
@@ -22,13 +22,13 @@ def _elman_step(act):
 # Nothing is saved: backward reads h_t itself. d_xw and d_hw are the same array for Elman.
 
 
-@jit
+@jit_inline
 def _tanh_forward(xw, hw, h, c, saved):
     for j in range(h.shape[0]):
         h[j] = tanh(xw[j] + hw[j])
 
 
-@jit
+@jit_inline
 def _tanh_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
     for j in range(h.shape[0]):
         da = dh[j] * (1 - h[j] * h[j])
@@ -37,14 +37,14 @@ def _tanh_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
         dh[j] = 0
 
 
-@jit
+@jit_inline
 def _relu_forward(xw, hw, h, c, saved):
     for j in range(h.shape[0]):
         a = xw[j] + hw[j]
         h[j] = 0 if a < 0 else a  # relu(NaN) stays NaN, as in torch
 
 
-@jit
+@jit_inline
 def _relu_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
     for j in range(h.shape[0]):
         da = dh[j] if h[j] > 0 else 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels.config import jit, specialise
+from ..kernels.config import jit_inline, specialise
 from ..kernels.mathfn import sigmoid, tanh
 from .base import Cell, LayerParams
 
@@ -53,11 +53,11 @@ def _gru_pointwise(xw, hw, h, c, saved):
 
 # One template, two copies: training saves the gates; inference writes nothing to ``saved``
 # (see "infer" in kernels/driver.py).
-_gru_forward = jit(specialise(_gru_pointwise, "_gru_forward", SAVE=True))
-_gru_infer = jit(specialise(_gru_pointwise, "_gru_infer", SAVE=False))
+_gru_forward = jit_inline(specialise(_gru_pointwise, "_gru_forward", SAVE=True))
+_gru_infer = jit_inline(specialise(_gru_pointwise, "_gru_infer", SAVE=False))
 
 
-@jit
+@jit_inline
 def _gru_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
     H = h.shape[0]
     for j in range(H):

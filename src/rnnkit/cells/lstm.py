@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels.config import jit, specialise
+from ..kernels.config import jit_inline, specialise
 from ..kernels.mathfn import sigmoid, tanh
 from .base import Cell, LayerParams
 
@@ -63,11 +63,11 @@ def _lstm_pointwise(xw, hw, h, c, saved):
 
 # One template, two copies: training saves the gates; inference writes nothing to ``saved``
 # (see "infer" in kernels/driver.py: the saves cost more than the math at H = 128).
-_lstm_forward = jit(specialise(_lstm_pointwise, "_lstm_forward", SAVE=True))
-_lstm_infer = jit(specialise(_lstm_pointwise, "_lstm_infer", SAVE=False))
+_lstm_forward = jit_inline(specialise(_lstm_pointwise, "_lstm_forward", SAVE=True))
+_lstm_infer = jit_inline(specialise(_lstm_pointwise, "_lstm_infer", SAVE=False))
 
 
-@jit
+@jit_inline
 def _lstm_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
     H = h.shape[0]
     for j in range(H):

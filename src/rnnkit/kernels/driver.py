@@ -42,8 +42,10 @@ at every step but a row's first, h_prev is the output of the step before (zero a
 were inactive there), and the first steps' share is d_first^T h0.
 
 The loops below are templates: ``kernels_for(kind)`` compiles one copy of each per cell, with
-``KIND`` frozen as a constant so each cell's pointwise math is inlined into its own loops (and
-each copy caches under its own name). A cell plugs in as a pair of pointwise row functions registered under an integer id:
+the cell's row functions frozen in as ``cell_forward`` / ``cell_infer`` / ``cell_backward``, so
+each cell's pointwise math is inlined into its own loops (the cells compile with
+``config.jit_inline``: a call per row would cost more than the math) and each copy caches under
+its own name. A cell plugs in as pointwise row functions registered under an integer id:
     forward(xw (GH,), hw (GH,), h (H,) in: h_prev, out: h_t, c (Hc,) likewise, saved (S,))
     infer   (optional) forward's math without writing ``saved``, for loops that keep nothing
             for backward (inference): every segment of ``saved`` the loop writes is another
@@ -73,14 +75,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from numba import prange, types
-from numba.extending import overload
+from numba import prange
 
 from .config import jit, jit_parallel, specialise
 from .tiles import matmul_packed
 
 _CELLS: dict[int, tuple] = {}
-KIND = -1  # replaced by each cell's id in its compiled copies of the loops
 
 
 def register_cell(kind: int, forward, backward, infer=None) -> None:
@@ -88,39 +88,18 @@ def register_cell(kind: int, forward, backward, infer=None) -> None:
     _CELLS[kind] = (forward, backward, forward if infer is None else infer)
 
 
-def cell_forward(kind, xw, hw, h, c, saved):  # resolved at compile time, see _cell_forward
+# The cell's row functions inside the loops below: each compiled copy of the loops (see
+# ``kernels_for``) has its own cell's functions here, frozen at compile time and inlined.
+def cell_forward(xw, hw, h, c, saved):
     raise NotImplementedError
 
 
-def cell_backward(kind, dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
+def cell_infer(xw, hw, h, c, saved):
     raise NotImplementedError
 
 
-def cell_infer(kind, xw, hw, h, c, saved):
+def cell_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
     raise NotImplementedError
-
-
-@overload(cell_forward)
-def _cell_forward(kind, xw, hw, h, c, saved):
-    if isinstance(kind, types.IntegerLiteral):
-        fn = _CELLS[kind.literal_value][0]
-        return lambda kind, xw, hw, h, c, saved: fn(xw, hw, h, c, saved)
-
-
-@overload(cell_infer)
-def _cell_infer(kind, xw, hw, h, c, saved):
-    if isinstance(kind, types.IntegerLiteral):
-        fn = _CELLS[kind.literal_value][2]
-        return lambda kind, xw, hw, h, c, saved: fn(xw, hw, h, c, saved)
-
-
-@overload(cell_backward)
-def _cell_backward(kind, dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
-    if isinstance(kind, types.IntegerLiteral):
-        fn = _CELLS[kind.literal_value][1]
-        return lambda kind, dh, dc, saved, h_prev, c_prev, h, dxw, dhw: fn(
-            dh, dc, saved, h_prev, c_prev, h, dxw, dhw
-        )
 
 
 def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
@@ -151,9 +130,9 @@ def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, 
             m = m_seq[t if keep_m else 0]
             for r in range(r0, n):
                 if keep:
-                    cell_forward(KIND, x_t[r], hw[r], m[r], c[r], saved[t, r])
+                    cell_forward(x_t[r], hw[r], m[r], c[r], saved[t, r])
                 else:
-                    cell_infer(KIND, x_t[r], hw[r], m[r], c[r], saved[0, 0])
+                    cell_infer(x_t[r], hw[r], m[r], c[r], saved[0, 0])
                 c_seq[t, r, :] = c[r]
                 h[r, :] = 0.0
             matmul_packed(m, w_hr_t, h, r0, n)  # h_t = m_t @ W_hr^T
@@ -165,9 +144,9 @@ def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, 
         else:
             for r in range(r0, n):
                 if keep:
-                    cell_forward(KIND, x_t[r], hw[r], h[r], c[r], saved[t, r])
+                    cell_forward(x_t[r], hw[r], h[r], c[r], saved[t, r])
                 else:
-                    cell_infer(KIND, x_t[r], hw[r], h[r], c[r], saved[0, 0])
+                    cell_infer(x_t[r], hw[r], h[r], c[r], saved[0, 0])
                 out[t, r, :] = h[r]
                 c_seq[t, r, :] = c[r]
         for r in range(n, r1):
@@ -214,12 +193,12 @@ def _backward_rows(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, 
             hp = h0[r] if first else out[tp, r]
             cp = c0[r] if first else c_seq[tp, r]
             if project:
-                cell_backward(KIND, dm[r], dc[r], saved[t, r], hp, cp, m_seq[t, r], d_xw[k, r], d_hw[k, r])
+                cell_backward(dm[r], dc[r], saved[t, r], hp, cp, m_seq[t, r], d_xw[k, r], d_hw[k, r])
                 dh[r, :] = 0.0  # no path from h_t to h_prev bypasses W_hh (see the legend)
             else:
                 dhr = dh[r]
                 dhr += d_out[t if per_step else 0, r if per_row else 0]
-                cell_backward(KIND, dhr, dc[r], saved[t, r], hp, cp, out[t, r], d_xw[k, r], d_hw[k, r])
+                cell_backward(dhr, dc[r], saved[t, r], hp, cp, out[t, r], d_xw[k, r], d_hw[k, r])
             if first:
                 d_first[r, :] = d_hw[k, r]
         for r in range(n, r1):
@@ -260,8 +239,10 @@ class CellKernels(NamedTuple):
 
 def kernels_for(kind: int, name: str) -> CellKernels:
     """Compile (lazily, cached on disk) the driver's loops for the cell registered as ``kind``."""
-    fwd = jit(specialise(_forward_rows, f"forward_rows_{name}", KIND=kind))
-    bwd = jit(specialise(_backward_rows, f"backward_rows_{name}", KIND=kind))
+    forward, backward, infer = _CELLS[kind]
+    cell = {"cell_forward": forward, "cell_backward": backward, "cell_infer": infer}
+    fwd = jit(specialise(_forward_rows, f"forward_rows_{name}", **cell))
+    bwd = jit(specialise(_backward_rows, f"backward_rows_{name}", **cell))
     return CellKernels(
         fwd,
         bwd,

@@ -33,7 +33,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .config import jit, jit_parallel
+from .config import jit, jit_inline, jit_parallel
 
 VECTOR_BYTES = 64  # one AVX-512 register; LLVM splits the vectors on narrower machines
 # Rows of the main tile: 8 rows by one strip is 16 vector sums (of AVX-512's 32 registers), two
@@ -192,7 +192,7 @@ def _tile(typingctx, a, bp, out, r, s, rows, strips, start):
     return sig, codegen
 
 
-@jit
+@jit_inline
 def matmul_packed(a, bp, out, r0, r1, start=None):
     """out[r] += a[r] @ b for r in [r0, r1), b given packed (see ``pack``); or
     out[r] = start + a[r] @ b when ``start`` (N,) is given (out is then only written).
@@ -211,11 +211,13 @@ def matmul_packed(a, bp, out, r0, r1, start=None):
             for s in range(s0, s1):
                 _tile(a, bp, out, r, s, TILE_ROWS, 1, start)
             r += TILE_ROWS
-        if r < r1:
+        if r + 1 == r1:  # one row (batch 1): inlined, no call
+            _row_from(a, bp, out, r, s0, s1, start)
+        elif r < r1:
             _rows_from(a, bp, out, r, s0, s1, r1 - r, start)
 
 
-@jit
+@jit_inline
 def _check(a, bp, out, r0, r1, start):
     """Raise unless rows [r0, r1) of a @ b fit out (see _tile's contract)."""
     S, K, W = bp.shape
@@ -229,22 +231,29 @@ def _check(a, bp, out, r0, r1, start):
         raise ValueError("matmul_packed: start is shorter than a row of out")
 
 
+@jit_inline
+def _row_from(a, bp, out, r, s0, s1, start):
+    """Strips [s0, s1) for the single row r, up to four strips at a time so a tile has at least
+    four independent sums (an FMA's latency) where the columns allow. Inlined into the loops:
+    at batch 1 a call per step costs about as much as the product itself."""
+    s = s0
+    while s + 4 <= s1:
+        _tile(a, bp, out, r, s, 1, 4, start)
+        s += 4
+    if s + 2 <= s1:
+        _tile(a, bp, out, r, s, 1, 2, start)
+        s += 2
+    if s < s1:
+        _tile(a, bp, out, r, s, 1, 1, start)
+
+
 @jit
 def _rows_from(a, bp, out, r, s0, s1, R, start):
-    """Strips [s0, s1) for the last rows [r, r + R), R in 1..7: up to four strips at a time for
-    a single row, two for two or three rows, one for more, so a tile has at least four
-    independent sums (an FMA's latency) where the columns allow."""
+    """Strips [s0, s1) for the last rows [r, r + R), R in 1..7: two strips at a time for two
+    or three rows, one for more, so a tile has at least four independent sums where the
+    columns allow (one row: ``_row_from``)."""
     s = s0
-    if R == 1:
-        while s + 4 <= s1:
-            _tile(a, bp, out, r, s, 1, 4, start)
-            s += 4
-        if s + 2 <= s1:
-            _tile(a, bp, out, r, s, 1, 2, start)
-            s += 2
-        if s < s1:
-            _tile(a, bp, out, r, s, 1, 1, start)
-    elif R == 2:
+    if R == 2:
         while s + 2 <= s1:
             _tile(a, bp, out, r, s, 2, 2, start)
             s += 2
@@ -265,9 +274,11 @@ def _rows_from(a, bp, out, r, s0, s1, R, start):
     elif R == 6:
         for s in range(s0, s1):
             _tile(a, bp, out, r, s, 6, 1, start)
-    else:
+    elif R == 7:
         for s in range(s0, s1):
             _tile(a, bp, out, r, s, 7, 1, start)
+    else:
+        _row_from(a, bp, out, r, s0, s1, start)
 
 
 @jit
