@@ -23,7 +23,7 @@ from .cells import Cell
 class Backend(NamedTuple):
     layer: LayerFn
     supports: Callable[[Cell, Tensor], bool]
-    # optional: every layer and direction at once when no gradient is needed (see run_layers)
+    # optional: every layer and direction at once, without inter-layer dropout (see run_layers)
     stack: Optional[StackFn] = None
 
 

@@ -15,13 +15,13 @@ A *layer function* runs one layer in one direction:
 ``reference_layer`` below is the torch-ops one (any device, dtype, autograd); the fused CPU
 kernels provide another with the same contract.
 
-A backend may also offer a *stack function* for inference, which runs every layer and
-direction in one call with ``run_layers``'s contract (without the layer-by-layer torch glue,
-which costs more than a small layer's whole time loop):
+A backend may also offer a *stack function*, which runs every layer and direction in one call
+with ``run_layers``'s contract (without the layer-by-layer torch glue, which costs more than a
+small layer's whole time loop; with autograd it is one node for the whole stack):
 
     stack(cell, x, state0, params, num_layers, num_directions, batch_sizes) -> result or None
 
-It returns None when it cannot take the call (a gradient is needed, ...); ``run_layers`` then
+It returns None when it cannot take the call (under torch.compile, ...); ``run_layers`` then
 runs the layers one by one. It is never asked when inter-layer dropout is active.
 """
 

@@ -352,34 +352,125 @@ def _steps(T: int, B: int, batch_sizes: Optional[Sequence[int]]) -> np.ndarray:
 
 def fused_stack(cell: Cell, x: Tensor, state0: tuple, params: Sequence[LayerParams], num_layers: int,
                 num_directions: int, batch_sizes: Optional[Sequence[int]]) -> Optional[tuple]:
-    """Inference through every layer and direction in numpy, tensors made only at the ends
-    (the driver's stack contract, see rnnkit._driver); None when a gradient is needed, under
-    torch.compile (the custom op path) or for mixed dtypes (fused_layer's fallback)."""
+    """Every layer and direction in one call, tensors made only at the ends (the driver's stack
+    contract, see rnnkit._driver): inference straight through the kernels, training as one
+    autograd node (``_EagerStack``). None under torch.compile (the custom op path, layer by
+    layer) or for mixed dtypes (fused_layer's fallback)."""
     if torch.compiler.is_compiling():
         return None
-    tensors = [x, *state0, *(t for p in params for t in p if t is not None)]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return None
-    if any(t.dtype != x.dtype for t in tensors):
-        return None
-    T, B = x.shape[0], x.shape[1]
-    steps = _steps(T, B, batch_sizes)
-    states = [_np(s) for s in state0]  # (L*D, B, .)
-    finals = [np.empty_like(s) for s in states]
-    c0 = states[1] if cell.state_size == 2 else np.empty((num_layers * num_directions, B, 0), states[0].dtype)
-    h = _np(x)
+    weights = [t for p in params for t in p]  # _PER_LAYER per layer-direction, None where absent
+    dtype = x.dtype
+    grad = torch.is_grad_enabled()
+    training = False
+    for t in (x, *state0, *weights):
+        if t is not None:
+            if t.dtype != dtype:
+                return None
+            training = training or (grad and t.requires_grad)
+    plan = (cell, _steps(x.shape[0], x.shape[1], batch_sizes), num_layers, num_directions)
+    c0 = state0[1] if cell.state_size == 2 else None
+    if training:
+        out, h_n, c_n = _EagerStack.apply(plan, x, state0[0], c0, *weights)
+    else:
+        out, h_n, c_n = _tensors(*_stack_forward(plan, False, _np(x), _np(state0[0]), None if c0 is None else _np(c0),
+                                                 _arrays(*weights))[:3])
+    return out, ((h_n, c_n) if cell.state_size == 2 else (h_n,))
+
+
+_PER_LAYER = len(LayerParams._fields)  # w_ih, w_hh, b_ih, b_hh, w_hr
+
+
+def _stack_forward(plan: tuple, training: bool, x, h0, c0, weights):
+    """Arrays in, arrays out: (output, h_n, c_n, records) of a whole stack, records[k] holding
+    layer-direction k's (input, output, c_seq, saved, m_seq) for backward."""
+    cell, steps, num_layers, D = plan
+    if c0 is None:
+        c0 = np.empty((h0.shape[0], h0.shape[1], 0), h0.dtype)
+    h_n, c_n = np.empty_like(h0), np.empty_like(c0)
+    records = []
+    h = x
     for layer in range(num_layers):
         outs = []
-        for direction in range(num_directions):
-            k = layer * num_directions + direction
-            out, h_n, c_n = _forward(cell.mode, steps, direction == 1, False, h, *_arrays(*params[k]),
-                                     states[0][k], c0[k])[:3]
-            finals[0][k] = h_n
-            if cell.state_size == 2:
-                finals[1][k] = c_n
+        for direction in range(D):
+            k = layer * D + direction
+            w = weights[k * _PER_LAYER:(k + 1) * _PER_LAYER]
+            out, h_n[k], c_n[k], c_seq, saved, m_seq = _forward(cell.mode, steps, direction == 1, training, h,
+                                                               *w, h0[k], c0[k])
+            records.append((h, out, c_seq, saved, m_seq))
             outs.append(out)
-        h = outs[0] if num_directions == 1 else np.concatenate(outs, -1)
-    return torch.from_numpy(h), tuple(torch.from_numpy(f) for f in finals)
+        h = outs[0] if D == 1 else np.concatenate(outs, -1)
+    return h, h_n, c_n, records
+
+
+class _EagerStack(torch.autograd.Function):
+    """A whole stack (every layer and direction, no dropout between layers) as one autograd node
+    in eager mode: the layer-by-layer torch glue (a node, conversions and a stack of states per
+    layer) costs more than a small layer's kernels. Backward runs the layers in reverse, each
+    layer's input gradient being the output gradient of the one below."""
+
+    @staticmethod
+    def forward(ctx, plan, x, h0, c0, *weights):
+        ctx.set_materialize_grads(False)  # an output without a gradient costs no zeros (backward)
+        x_np = _np(x)
+        out, h_n, c_n, records = _stack_forward(plan, True, x_np, _np(h0), None if c0 is None else _np(c0),
+                                                _arrays(*weights))
+        results = _tensors(out, h_n, c_n)
+        # Everything backward reads goes through save_for_backward, so an in-place change of any
+        # of it (the returned output included) raises instead of corrupting grads, and autograd
+        # frees it once backward has run. Arrays shared by several records are saved once.
+        index = {id(x_np): 0, id(out): 1}  # array -> its position in ``saved``
+        saved = [x, results[0]]
+        slots = []
+        for record in records:
+            for a in record:
+                if id(a) not in index:
+                    index[id(a)] = len(saved)
+                    saved.append(torch.from_numpy(a))
+            slots.append([index[id(a)] for a in record])
+        ctx.plan, ctx.slots = plan, slots
+        ctx.save_for_backward(h0, c0, *weights, *saved)
+        return results
+
+    @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable: create_graph raises
+    def backward(ctx, d_out, d_hn, d_cn):
+        cell, steps, num_layers, D = ctx.plan
+        h0, c0, *rest = _arrays(*ctx.saved_tensors)
+        n_weights = num_layers * D * _PER_LAYER
+        weights, arrays = rest[:n_weights], rest[n_weights:]
+        needs = ctx.needs_input_grad
+        LD, B, Ho = h0.shape
+        if c0 is None:
+            c0 = np.empty((LD, B, 0), h0.dtype)
+        d_h = np.zeros((1, 1, D * Ho), h0.dtype) if d_out is None else _output_grad(d_out.numpy())
+        d_hn = np.zeros(h0.shape, h0.dtype) if d_hn is None else _np(d_hn)
+        d_cn = np.zeros(c0.shape, c0.dtype) if d_cn is None else _np(d_cn)
+        d_h0 = np.empty_like(h0) if needs[2] else None
+        d_c0 = np.empty_like(c0) if needs[3] else None
+        d_weights = [None] * n_weights
+        for layer in reversed(range(num_layers)):
+            d_x = None
+            for direction in range(D):
+                k = layer * D + direction
+                x, out, c_seq, saved, m_seq = (arrays[i] for i in ctx.slots[k])
+                d_out_k = d_h if D == 1 else np.ascontiguousarray(d_h[..., direction * Ho:(direction + 1) * Ho])
+                first = k * _PER_LAYER
+                w_ih, w_hh, _, _, w_hr = weights[first:first + _PER_LAYER]
+                need = [layer > 0 or needs[1], *needs[4 + first:4 + first + _PER_LAYER], needs[2], needs[3]]
+                dx, *d_w, dh0, dc0 = _backward(cell.mode, steps, direction == 1, need, d_out_k, d_hn[k], d_cn[k],
+                                               x, w_ih, w_hh, w_hr, h0[k], c0[k], out, c_seq, saved, m_seq)
+                d_weights[first:first + _PER_LAYER] = d_w
+                if d_h0 is not None:
+                    d_h0[k] = dh0
+                if d_c0 is not None:
+                    d_c0[k] = dc0
+                if dx is not None:
+                    if d_x is None:
+                        d_x = dx
+                    else:
+                        d_x += dx
+            d_h = d_x
+        return (None, *_tensors(d_h if needs[1] else None, d_h0, d_c0, *d_weights))
 
 
 def fused_layer(
