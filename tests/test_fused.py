@@ -311,3 +311,67 @@ def test_use_backend_is_local_to_the_thread():
         done.wait()
     thread.join()
     assert seen == [before]
+
+
+@pytest.mark.parametrize("kind", CELL_KINDS)
+def test_training_runs_the_whole_stack_as_one_node(kind, monkeypatch):
+    """With a gradient and no inter-layer dropout the fused backend runs every layer and
+    direction as one autograd node (_EagerStack), never the layer path; outputs, states and
+    every gradient (input, h_0, all weights) equal torch.nn's on a stacked, bidirectional,
+    ragged batch."""
+    torch.manual_seed(5)
+    dtype = torch.float64
+    ref, m = twins(kind, dtype, input_size=4, hidden_size=6, num_layers=3, bidirectional=True)
+    lengths = torch.tensor([7, 3, 7, 1])
+    x = torch.randn(7, 4, 4, dtype=dtype)
+    sizes = (2, 6) if kind == "lstm-proj" else (6, 6)
+    state = [torch.randn(6, 4, n, dtype=dtype) for n in sizes]
+
+    def no_layer(*args):
+        raise AssertionError("the layer-by-layer path ran")
+
+    fused = _backend._BACKENDS["fused"]
+    monkeypatch.setitem(_backend._BACKENDS, "fused", fused._replace(layer=no_layer))
+    results = []
+    for module in (ref, m):
+        xc = x.clone().requires_grad_()
+        hx = [s.clone().requires_grad_() for s in state]
+        inp = rnnkit.pack_padded_sequence(xc, lengths, enforce_sorted=False)
+        with rnnkit.use_backend("fused"):
+            out, h = module(inp, tuple(hx) if kind.startswith("lstm") else hx[0])
+        states = h if isinstance(h, tuple) else (h,)
+        (out.data.sin().sum() + sum(s.cos().sum() for s in states)).backward()
+        grads = [s.grad for s in hx[:len(states)]]
+        results.append([out.data, *states, xc.grad, *grads, *[p.grad for p in module.parameters()]])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, **TOL[dtype])
+
+
+def test_weights_changed_between_calls_are_read_afresh():
+    """The bridge keeps numpy views of the parameters between calls: updates through .data
+    (no version bump), new storage behind .data, a transposed layout and a replaced
+    Parameter all show in the next call's outputs."""
+    torch.manual_seed(6)
+    ref, m = twins("gru", torch.float32, input_size=3, hidden_size=5)
+    x = torch.randn(4, 2, 3)
+
+    def check():
+        with rnnkit.use_backend("fused"), torch.no_grad():
+            torch.testing.assert_close(m(x)[0], ref(x)[0], **TOL[torch.float32])
+
+    check()
+    for module in (ref, m):
+        module.weight_hh_l0.data.mul_(0.5)
+    check()
+    new = torch.randn(15, 5)
+    for module in (ref, m):
+        module.weight_hh_l0.data = new.clone()
+    check()
+    square = torch.randn(15, 3)
+    for module in (ref, m):
+        module.weight_ih_l0.data = square.t().contiguous().t()  # same shape, strides of a transpose
+    check()
+    for module in (ref, m):
+        module.bias_hh_l0 = torch.nn.Parameter(torch.randn(15))
+        module.bias_hh_l0.data.copy_(ref.bias_hh_l0.data)
+    check()

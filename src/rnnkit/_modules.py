@@ -223,36 +223,42 @@ class RNNBase(nn.Module):
     def _layer_params(self, data: Tensor) -> list[LayerParams]:
         """The parameters of every layer and direction, checked: parameters replaced by the user
         must still fit the layer (a wrong shape, a mix of dtypes or another device than the input
-        would otherwise fail deep in the kernels)."""
+        would otherwise fail deep in the kernels). Runs at every call, so it reads the parameter
+        dict directly (Module.__getattr__ costs more than the checks) and falls back to
+        getattr for names that left it (parametrizations, plain attributes)."""
         expected = self._param_shapes
-        label = self._cell.label
-        dtype = None
+        registered = self._parameters
+        device = data.device
+        dtype = first_name = None
         params = []
         for names in self._all_weights:
-            found = {}
+            found = []
             for name in names:
-                w = getattr(self, name)
-                if not isinstance(w, Tensor):
-                    raise TypeError(f"{label}: parameter {name} must be a Tensor, got {type(w).__name__}")
+                w = registered.get(name)
+                if w is None:
+                    w = getattr(self, name)
+                    if not isinstance(w, Tensor):
+                        raise TypeError(f"{self._cell.label}: parameter {name} must be a Tensor, "
+                                        f"got {type(w).__name__}")
                 if w.shape != expected[name]:
-                    raise RuntimeError(
-                        f"{label}: parameter {name} has shape {tuple(w.shape)}, expected {expected[name]}"
-                    )
+                    raise RuntimeError(f"{self._cell.label}: parameter {name} has shape {tuple(w.shape)}, "
+                                       f"expected {expected[name]}")
                 if dtype is None:
                     dtype, first_name = w.dtype, name
                 elif w.dtype != dtype:
                     raise RuntimeError(
-                        f"{label}: parameter {name} is {w.dtype} but {first_name} is {dtype}; "
+                        f"{self._cell.label}: parameter {name} is {w.dtype} but {first_name} is {dtype}; "
                         f"convert the whole model: model.to({dtype})"
                     )
-                if w.device != data.device:
+                if w.device != device:
                     raise RuntimeError(
                         "Input and parameter tensors are not at the same device, found input tensor at "
-                        f"{data.device} and parameter tensor at {w.device}"
+                        f"{device} and parameter tensor at {w.device}"
                     )
-                found[name.split("_l")[0]] = w
-            params.append(LayerParams(found["weight_ih"], found["weight_hh"], found.get("bias_ih"),
-                                      found.get("bias_hh"), found.get("weight_hr")))
+                found.append(w)
+            # names per layer-direction: weight_ih, weight_hh[, bias_ih, bias_hh][, weight_hr]
+            biases = (found[2], found[3]) if self.bias else (None, None)
+            params.append(LayerParams(found[0], found[1], *biases, found[-1] if self.proj_size > 0 else None))
         return params
 
     # ------------------------------------------------------------------------ forward
