@@ -34,8 +34,8 @@ def _lstm_step(xw, state, p: LayerParams):
 
 # ---- fused-kernel pointwise math (rows of one step; see kernels/driver.py for the contract)
 # saved = [i | f | g | o], 4H per row and step; c' itself is kept by the driver, and backward
-# recomputes tanh(c') = tanh(f c + i g) from them (a fifth saved segment made the forward's
-# vectorised loop start later than the tanh costs: 601 -> 312 ns per row at H = 128).
+# recomputes tanh(c') = tanh(f c + i g) from them (a fifth saved segment cost the forward more
+# than the tanh costs backward, and 20% more memory).
 # With projections (proj_size > 0) the driver hands these kernels a scratch row for ``h``, which
 # receives m = o * tanh(c'), and projects it itself (see kernels/driver.py); they never read h.
 

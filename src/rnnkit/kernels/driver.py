@@ -48,9 +48,8 @@ each cell's pointwise math is inlined into its own loops (the cells compile with
 its own name. A cell plugs in as pointwise row functions registered under an integer id:
     forward(xw (GH,), hw (GH,), h (H,) in: h_prev, out: h_t, c (Hc,) likewise, saved (S,))
     infer   (optional) forward's math without writing ``saved``, for loops that keep nothing
-            for backward (inference): every segment of ``saved`` the loop writes is another
-            runtime alias check before LLVM's vectorised loop, which at H = 128 cost the LSTM's
-            forward 3.5x the time of its math (measured per row: 555 ns with saves, 131 without)
+            for backward (inference): the saves are extra stores per element, and the GRU's
+            and LSTM's cost more than their math at small H
     backward(dh (H,) in: dL/dh_t, out: the part of dL/dh_prev that bypasses W_hh,
              dc (Hc,) in: dL/dc_t, out: dL/dc_prev, saved (S,), h_prev (H,), c_prev (Hc,),
              h (H,), dxw (GH,) out: dL/dxw_t, dhw (GH,) out: dL/d(h_prev W_hh^T + b_hh))
