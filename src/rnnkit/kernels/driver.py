@@ -76,6 +76,7 @@ from typing import NamedTuple
 
 from numba import prange
 
+from .borrow import borrow
 from .config import jit, jit_parallel, specialise
 from .tiles import matmul_packed
 
@@ -107,6 +108,10 @@ def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, 
     T-1-i when reverse, else i), continuing the state kept in h_n / c_n (started from h0 / c0
     when i0 == 0). xw holds the input projection of those steps only: xw[k] is time t_lo + k,
     t_lo the earliest of them. hw (B, GH) is scratch."""
+    # every array borrowed (see kernels/borrow.py): the loops' views then cost no atomics
+    xw, w_hh_t, b_hh, w_hr_t, h0, c0 = borrow(xw), borrow(w_hh_t), borrow(b_hh), borrow(w_hr_t), borrow(h0), borrow(c0)
+    out, c_seq, h_n, c_n, saved = borrow(out), borrow(c_seq), borrow(h_n), borrow(c_n), borrow(saved)
+    m_seq, hw, steps = borrow(m_seq), borrow(hw), borrow(steps)
     T, B = out.shape[0], out.shape[1]
     t_lo = T - i1 if reverse else i0
     # training: keep every step's saved values (else saved is one (1, 1, S) scratch row; the
@@ -162,6 +167,11 @@ def _backward_rows(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, 
     with d_hw at row r's first step, whose h_prev is h0[r] (at every other step h_prev is the
     output of the step before, so dL/dW_hh needs no copy of it). dm (B, H) is scratch
     (projecting only)."""
+    # every array borrowed, as in _forward_rows
+    w_hh, w_hr, d_out, d_hn, d_cn, saved = borrow(w_hh), borrow(w_hr), borrow(d_out), borrow(d_hn), borrow(d_cn), borrow(saved)
+    out, c_seq, m_seq, h0, c0, steps = borrow(out), borrow(c_seq), borrow(m_seq), borrow(h0), borrow(c0), borrow(steps)
+    d_xw, d_hw, d_h_seq, d_first, dm = borrow(d_xw), borrow(d_hw), borrow(d_h_seq), borrow(d_first), borrow(dm)
+    d_h0, d_c0 = borrow(d_h0), borrow(d_c0)
     T = out.shape[0]
     t_lo = i0 if reverse else T - i1
     project = w_hr.shape[0] > 0

@@ -33,6 +33,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .borrow import borrow
 from .config import jit, jit_inline, jit_parallel
 
 VECTOR_BYTES = 64  # one AVX-512 register; LLVM splits the vectors on narrower machines
@@ -56,7 +57,8 @@ def pack(b, trans):
     W = 128 // b.itemsize  # a constant per dtype: the copies below unroll
     S = (N + W - 1) // W
     full = N // W
-    packed = np.empty((S, K, W), b.dtype)
+    result = np.empty((S, K, W), b.dtype)
+    packed, b = borrow(result), borrow(b)  # the row views below cost no atomics
     for s in range(S):
         dst = packed[s]
         j0 = s * W
@@ -77,7 +79,7 @@ def pack(b, trans):
             for k in range(K):
                 for c in range(width):
                     dst[k, c] = b[k, j0 + c]
-    return packed
+    return result
 
 
 def _vector_intrinsic(builder, name, vty, mask_ty, masked):
