@@ -12,8 +12,8 @@ m = expm1(-2|x|), and sigmoid(x) = 1 / (1 + exp(-x)).
 Taylor series to r^13 (truncation below 1e-17), 2^n built in the exponent bits. Within 1.01 ulp
 of numpy's exp over [-708, 709] (measured on 4M points); below that range exp is 0 and above it
 inf (exactly, so sigmoid(-inf) is 0 and NaN/inf propagate as torch's do; the true values there
-are denormals or overflow), and NaN passes through. Everything in it is plain arithmetic, so the cells' loops vectorise it: about
-0.7 ns per element against libm's exp at 7.
+are denormals or overflow), and NaN passes through. Everything in it is plain arithmetic, so
+the cells' loops vectorise it: about 0.7 ns per element against libm's exp at 7.
 """
 
 from __future__ import annotations
