@@ -21,6 +21,7 @@ import types
 from pathlib import Path
 
 import numba
+from numba.core import caching
 
 FASTMATH = True  # allow reassociation/vectorised reductions; no NaN/Inf assumptions (see below)
 # 'fast' would also let LLVM assume no NaN/Inf, which changes how NaN inputs propagate.
@@ -50,6 +51,32 @@ def cache_dir() -> Path:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         root = os.path.join(base, "rnnkit", "numba")
     return Path(root) / _source_hash()
+
+
+class _PackageCacheLocator(caching.UserProvidedCacheLocator):
+    """numba's locator for a cache folder files each kernel under a hash of its source folder's
+    absolute path, so a second checkout of the same sources (a CI clone) compiles everything
+    again. This one files rnnkit's kernels by their place in the package ("kernels", "cells"):
+    the folder above is already keyed by the hash of every kernel source, and numba still checks
+    each file's own content hash before it loads anything."""
+
+    def __init__(self, py_func, py_file):
+        super().__init__(py_func, py_file)
+        folder = os.path.relpath(os.path.dirname(os.path.abspath(py_file)), _PACKAGE)
+        self._cache_path = os.path.join(numba.config.CACHE_DIR, folder)
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if Path(py_file).resolve().parent.parent != _PACKAGE:  # not one of ours
+            return None
+        return super().from_function(py_func, py_file)
+
+
+# numba picks the first locator that accepts a function; ours only accepts rnnkit's kernels. With
+# a numba that keeps its locators elsewhere, its own apply (still correct, cached per path).
+_LOCATORS = getattr(getattr(caching, "CacheImpl", None), "_locator_classes", None)
+if isinstance(_LOCATORS, list) and _PackageCacheLocator not in _LOCATORS:
+    _LOCATORS.insert(0, _PackageCacheLocator)
 
 
 @contextlib.contextmanager
