@@ -232,6 +232,19 @@ print("ok")
 """
 
 
+def test_kernel_cache_does_not_depend_on_the_checkout_path(tmp_path, monkeypatch):
+    # A clean clone (CI) must find the kernels compiled by another checkout of the same sources:
+    # rnnkit's kernels are filed by their folder in the package, anything else by numba's rules.
+    import numba
+    from rnnkit.kernels import config, tiles
+
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path))
+    kernel = tiles.pack.py_func
+    locator = config._PackageCacheLocator.from_function(kernel, kernel.__code__.co_filename)
+    assert locator.get_cache_path() == os.path.join(str(tmp_path), "kernels")
+    assert config._PackageCacheLocator.from_function(test_fused_gradcheck, __file__) is None
+
+
 def test_kernels_stay_in_bounds(tmp_path):
     """Every kernel under numba's bounds checking (a separate compile, in its own cache)."""
     env = dict(os.environ, NUMBA_BOUNDSCHECK="1", RNNKIT_CACHE_DIR=str(tmp_path / "cache"))
