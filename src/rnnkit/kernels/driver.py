@@ -168,7 +168,8 @@ def _backward_rows(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, 
     output of the step before, so dL/dW_hh needs no copy of it). dm (B, H) is scratch
     (projecting only)."""
     # every array borrowed, as in _forward_rows
-    w_hh, w_hr, d_out, d_hn, d_cn, saved = borrow(w_hh), borrow(w_hr), borrow(d_out), borrow(d_hn), borrow(d_cn), borrow(saved)
+    w_hh, w_hr, d_out, d_hn, d_cn = borrow(w_hh), borrow(w_hr), borrow(d_out), borrow(d_hn), borrow(d_cn)
+    saved = borrow(saved)
     out, c_seq, m_seq, h0, c0, steps = borrow(out), borrow(c_seq), borrow(m_seq), borrow(h0), borrow(c0), borrow(steps)
     d_xw, d_hw, d_h_seq, d_first, dm = borrow(d_xw), borrow(d_hw), borrow(d_h_seq), borrow(d_first), borrow(dm)
     d_h0, d_c0 = borrow(d_h0), borrow(d_c0)
