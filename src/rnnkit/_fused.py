@@ -451,34 +451,41 @@ class _EagerStack(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan, x, h0, c0, *weights):
         ctx.set_materialize_grads(False)  # an output without a gradient costs no zeros (backward)
-        x_np = _np(x)
-        out, h_n, c_n, records = _stack_forward(plan, True, x_np, _np(h0), None if c0 is None else _np(c0),
-                                                _weight_arrays(weights))
+        x_np, h0_np, c0_np, weights_np = _np(x), _np(h0), None if c0 is None else _np(c0), _weight_arrays(weights)
+        out, h_n, c_n, records = _stack_forward(plan, True, x_np, h0_np, c0_np, weights_np)
         results = _tensors(out, h_n, c_n)
         # Everything backward reads goes through save_for_backward, so an in-place change of any
         # of it (the returned output included) raises instead of corrupting grads, and autograd
         # frees it once backward has run. Arrays shared by several records are saved once.
         index = {id(x_np): 0, id(out): 1}  # array -> its position in ``saved``
         saved = [x, results[0]]
+        arrays = [x_np, out]
         slots = []
         for record in records:
             for a in record:
                 if id(a) not in index:
                     index[id(a)] = len(saved)
                     saved.append(torch.from_numpy(a))
+                    arrays.append(a)
             slots.append([index[id(a)] for a in record])
         ctx.plan, ctx.slots = plan, slots
         ctx.save_for_backward(h0, c0, *weights, *saved)
+        # Backward reads the arrays themselves rather than converting the saved tensors back
+        # (a microsecond each, which small layers feel): the small ones (states, views of the
+        # parameters) directly, the per-step ones through weak references, alive exactly as long
+        # as the saved tensors that own their memory (x's view is made anew: it owns nothing).
+        ctx.small = (h0_np, c0_np, weights_np)
+        ctx.refs = [None] + [weakref.ref(a) for a in arrays[1:]]
         return results
 
     @staticmethod
     @once_differentiable  # the kernels' backward is not itself differentiable: create_graph raises
     def backward(ctx, d_out, d_hn, d_cn):
         cell, steps, num_layers, D = ctx.plan
-        h0, c0, *rest = ctx.saved_tensors
         n_weights = num_layers * D * _PER_LAYER
-        h0, c0, *arrays = _arrays(h0, c0, *rest[n_weights:])
-        weights = _weight_arrays(rest[:n_weights])
+        saved = ctx.saved_tensors[2 + n_weights:]  # (checks that nothing was changed in place)
+        h0, c0, weights = ctx.small
+        arrays = [_np(t) if ref is None or ref() is None else ref() for t, ref in zip(saved, ctx.refs)]
         needs = ctx.needs_input_grad
         LD, B, Ho = h0.shape
         if c0 is None:
