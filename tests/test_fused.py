@@ -204,6 +204,34 @@ def test_time_chunks_equal_one_pass(kind, packed, time_chunks, monkeypatch):
         torch.testing.assert_close(f, r, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("kind", CELL_KINDS)
+@pytest.mark.parametrize("by_blas", [False, True], ids=["tiles", "blas"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_weight_gradients_either_way(kind, by_blas, dtype, monkeypatch):
+    """The weight gradients by scipy's BLAS and by the transposed register tiles (which one runs
+    by default depends on the BLAS's kernels, see kernels/blas.py) both equal torch.nn's,
+    threaded (many rows: float64, where sums of 480 rows stay within the tolerance), in time
+    chunks, and for batch 1."""
+    if by_blas and not _fused.blas.AVAILABLE:
+        pytest.skip("no scipy BLAS here")
+    monkeypatch.setattr(_fused, "WEIGHT_GRADS_BY_BLAS", by_blas)
+    torch.manual_seed(11)
+    big = (12, 40, 48) if dtype == torch.float64 else (4, 6, 16)
+    for T, B, H, chunked in [(*big, False), (9, 1, 13, False), (23, 5, 6, True)]:
+        monkeypatch.setattr(_fused, "_CHUNK_MIN_ELEMENTS", 0 if chunked else 1 << 20)
+        ref, m = twins(kind, dtype, input_size=21, hidden_size=H, num_layers=2, bidirectional=True)
+        x = torch.randn(T, B, 21, dtype=dtype)
+        grads = []
+        for module in (ref, m):
+            xc = x.clone().requires_grad_(True)
+            with rnnkit.use_backend("fused") if module is m else torch.enable_grad():
+                out, _ = module(xc)
+            out.sin().sum().backward()
+            grads.append([xc.grad, *[p.grad for p in module.parameters()]])
+        for r, f in zip(*grads):
+            torch.testing.assert_close(f, r, **TOL[dtype])
+
+
 BOUNDSCHECK_SCRIPT = r"""
 import torch, rnnkit
 from torch import nn
@@ -211,8 +239,9 @@ from rnnkit import _fused
 rnnkit.set_backend("fused")
 _fused._CHUNK_MIN_ELEMENTS, _fused._CHUNK_ROWS, _fused._TIME_CHUNKS = 0, 1, 2  # time chunks too
 torch.manual_seed(0)
-for cls, kw in [("RNN", {}), ("RNN", {"nonlinearity": "relu"}), ("GRU", {}), ("LSTM", {}),
-                ("LSTM", {"proj_size": 2})]:
+for cls, kw, by_blas in [("RNN", {}, True), ("RNN", {"nonlinearity": "relu"}, False), ("GRU", {}, True),
+                         ("GRU", {}, False), ("LSTM", {}, True), ("LSTM", {"proj_size": 2}, False)]:
+    _fused.WEIGHT_GRADS_BY_BLAS = by_blas  # both ways of the weight gradients
     ref = getattr(nn, cls)(3, 4, 2, bidirectional=True, **kw).double()
     m = getattr(rnnkit, cls)(3, 4, 2, bidirectional=True, **kw).double()
     m.load_state_dict(ref.state_dict())

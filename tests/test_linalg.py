@@ -42,6 +42,15 @@ def test_own_loops_match_numpy(K, N, dtype):
 ROWS = 24
 
 
+def _operands(K, N, r1, dtype, a_shape):
+    """(rng, a, b (K, N), start (ROWS, N), tolerance) for one case of the tiles' tests."""
+    rng = np.random.default_rng(K * 1000 + N * 10 + r1)
+    a = rng.standard_normal(a_shape).astype(dtype)
+    b = rng.standard_normal((K, N)).astype(dtype)
+    start = rng.standard_normal((ROWS, N)).astype(dtype)
+    return rng, a, b, start, 1e-5 if dtype == np.float32 else 1e-12
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("K,N", [(1, 1), (3, 5), (7, 16), (13, 33), (64, 64), (40, 100), (65, 130)])
 @pytest.mark.parametrize("r0,r1", [(0, 1), (2, 4), (1, 4), (0, 5), (1, 7), (0, 7), (0, 8), (0, 9), (1, 11),
@@ -50,11 +59,7 @@ def test_packed_tiles_match_numpy(K, N, r0, r1, dtype):
     """The register tiles of the time loop: 8-row tiles followed by every remainder 0-7, and
     short ranges alone, strips cut by N, on both dtypes; rows outside [r0, r1) and nothing past
     column N are touched."""
-    rng = np.random.default_rng(K * 1000 + N * 10 + r1)
-    a = rng.standard_normal((ROWS, K)).astype(dtype)
-    b = rng.standard_normal((K, N)).astype(dtype)
-    start = rng.standard_normal((ROWS, N)).astype(dtype)
-    tol = 1e-5 if dtype == np.float32 else 1e-12
+    rng, a, b, start, tol = _operands(K, N, r1, dtype, (ROWS, K))
     packed = tiles.pack(b, False)
     np.testing.assert_array_equal(tiles.pack(np.ascontiguousarray(b.T), True), packed)
     W = tiles.strip_width(dtype)
@@ -80,6 +85,39 @@ def test_packed_tiles_match_numpy(K, N, r0, r1, dtype):
     np.testing.assert_allclose(out[r0:r1], bias + a[r0:r1] @ b, rtol=tol, atol=tol * K)
     assert np.isnan(out[:r0]).all() and np.isnan(out[r1:]).all()
     assert (buffer[ROWS * N:] == 5.0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K,N", [(1, 1), (3, 5), (13, 33), (64, 64), (65, 130), (300, 40)])
+@pytest.mark.parametrize("r0,r1", [(0, 1), (2, 4), (1, 7), (0, 8), (0, 9), (3, 15), (2, 16), (3, 24)])
+def test_transposed_tiles_match_numpy(K, N, r0, r1, dtype):
+    """The weight gradients' products, out += a.T @ b with a stored (K, M): the same tiles and
+    remainders, rows outside [r0, r1) and nothing past column N touched; threaded too."""
+    _, a, b, start, tol = _operands(K, N, r1, dtype, (K, ROWS))
+    packed = tiles.pack(b, False)
+    buffer = np.full(ROWS * N + 64, 5.0, dtype)
+    out = buffer[: ROWS * N].reshape(ROWS, N)
+    out[:] = start
+    tiles.gemm_packed_t_rows(a, packed, out, r0, r1)
+    assert (buffer[ROWS * N:] == 5.0).all()
+    np.testing.assert_allclose(out[r0:r1], start[r0:r1] + a.T[r0:r1] @ b, rtol=tol, atol=tol * K)
+    np.testing.assert_array_equal(out[:r0], start[:r0])
+    np.testing.assert_array_equal(out[r1:], start[r1:])
+    if (r0, r1) == (0, 1):
+        out[:] = start
+        tiles.gemm_packed_t(a, packed, out, 3)
+        np.testing.assert_allclose(out, start + a.T @ b, rtol=tol, atol=tol * K)
+
+
+def test_transposed_tiles_refuse_mismatched_operands():
+    packed = tiles.pack(np.ones((8, 40), np.float32), False)
+    a = np.ones((8, 4), np.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        tiles.gemm_packed_t_rows(np.ones((9, 4), np.float32), packed, np.zeros((4, 40), np.float32), 0, 4)
+    with pytest.raises(ValueError, match="do not fit"):
+        tiles.gemm_packed_t_rows(a, packed, np.zeros((4, 40), np.float32), 0, 5)  # past a's columns
+    with pytest.raises(ValueError, match="do not fit"):
+        tiles.gemm_packed_t(a, packed, np.zeros((5, 40), np.float32), 2)  # before the threads start
 
 
 def test_packed_tiles_refuse_mismatched_operands():

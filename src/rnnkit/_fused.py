@@ -26,9 +26,9 @@ from torch.autograd.function import once_differentiable
 
 from ._driver import reference_layer
 from .cells import CELLS, Cell, LayerParams
-from .kernels import driver
+from .kernels import blas, driver
 from .kernels.linalg import column_sums, gemm, gemm_rows_range
-from .kernels.tiles import gemm_packed, gemm_packed_rows, pack, strip_width
+from .kernels.tiles import gemm_packed, gemm_packed_rows, gemm_packed_t, gemm_packed_t_rows, pack, strip_width
 
 # Register every cell that has fused kernels; its id is its position in the registry.
 _KERNELS = {}
@@ -105,6 +105,27 @@ def _matmul_packed(a: np.ndarray, b_packed: np.ndarray, bias: Optional[np.ndarra
         gemm_packed(a, b_packed, out, bias, chunks)
     else:
         gemm_packed_rows(a, b_packed, out, bias, 0, rows)
+
+
+# The weight gradients (out += a.T @ b over all T*B rows): scipy's BLAS when it runs its
+# full-width kernels, else the register tiles (faster than BLAS's narrower kernels on an AVX-512
+# machine; see FAST in kernels/blas.py). A switch, so tests can run both.
+WEIGHT_GRADS_BY_BLAS = blas.FAST
+
+
+def _matmul_t(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """out += a.T @ b: a (K, M), b (K, N), out (M, N); rows of out split across threads when
+    it pays."""
+    if WEIGHT_GRADS_BY_BLAS:
+        _matmul(a, b, trans_a=True, out=out, accumulate=True)
+        return
+    b_packed = pack(b, False)
+    rows = out.shape[0]
+    chunks = _chunks(rows, out.size * a.shape[0], _MIN_GEMM_WORK_PER_THREAD)
+    if chunks > 1:
+        gemm_packed_t(a, b_packed, out, chunks)
+    else:
+        gemm_packed_t_rows(a, b_packed, out, 0, rows)
 
 
 # Sequences whose per-step buffers (input projections forward; pre-activation gradients
@@ -207,24 +228,23 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
         if dx is not None:
             _matmul_packed(d_xw2, w_ih_p, None, dx[t_lo:t_lo + n].reshape(n * B, I))
         if dw_ih is not None:
-            _matmul(d_xw2, x[t_lo:t_lo + n].reshape(n * B, I), trans_a=True, out=dw_ih, accumulate=True)
+            _matmul_t(d_xw2, x[t_lo:t_lo + n].reshape(n * B, I), dw_ih)
         if dw_hh is not None:
             # h_prev of time t is out[t - 1] (out[t + 1] when reverse) but at each row's first
             # step (added from d_first below)
             k0, k1 = (0, min(n, T - 1 - t_lo)) if reverse else (max(0, 1 - t_lo), n)
             if k1 > k0:
                 shift = 1 if reverse else -1
-                _matmul(d_hw[k0:k1].reshape(-1, GH), out[t_lo + k0 + shift:t_lo + k1 + shift].reshape(-1, Ho),
-                        trans_a=True, out=dw_hh, accumulate=True)
+                _matmul_t(d_hw[k0:k1].reshape(-1, GH), out[t_lo + k0 + shift:t_lo + k1 + shift].reshape(-1, Ho),
+                          dw_hh)
         if db_ih is not None:
             _add_column_sums(d_xw2, db_ih)
         if db_hh is not None:
             _add_column_sums(d_hw2, db_hh)
         if dw_hr is not None:  # dL/dW_hr = sum_t dh_t^T m_t
-            _matmul(d_h_seq[:n].reshape(n * B, Ho), m_seq[t_lo:t_lo + n].reshape(n * B, m_seq.shape[-1]),
-                    trans_a=True, out=dw_hr, accumulate=True)
+            _matmul_t(d_h_seq[:n].reshape(n * B, Ho), m_seq[t_lo:t_lo + n].reshape(n * B, m_seq.shape[-1]), dw_hr)
     if dw_hh is not None:
-        _matmul(d_first, h0, trans_a=True, out=dw_hh, accumulate=True)
+        _matmul_t(d_first, h0, dw_hh)
     return (dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, d_h0 if need[6] else None, d_c0 if need[7] else None)
 
 

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 import rnnkit
+from rnnkit import _fused
+from rnnkit.kernels import blas
 
 # (T, B, input, hidden, layers)
 GRID = [(100, 1, 32, 64, 1), (100, 32, 64, 128, 1), (200, 64, 128, 256, 2),
@@ -185,6 +187,8 @@ def machine() -> dict:
         "numba_threads": numba.get_num_threads(),
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(unset)"),
         "rnnkit_backend": rnnkit.get_backend(),
+        # which implementation computes the weight gradients (see kernels/blas.py)
+        "weight_grads": f"scipy OpenBLAS {blas.CORE}" if _fused.WEIGHT_GRADS_BY_BLAS else "rnnkit tiles",
     }
 
 

@@ -24,7 +24,11 @@ from numba import types
 from .config import jit
 
 
+CORE = ""  # the kernels scipy's OpenBLAS picked at load (its DYNAMIC_ARCH core name), once bound
+
+
 def _bind() -> bool:
+    global CORE
     try:
         import llvmlite.binding as llvm
         import scipy
@@ -41,6 +45,10 @@ def _bind() -> bool:
     if set_threads is None:
         return False
     set_threads(1)
+    corename = getattr(ctypes.CDLL(path), "scipy_openblas_get_corename", None)
+    if corename is not None:
+        corename.restype = ctypes.c_char_p
+        CORE = corename().decode(errors="replace")
     llvm.add_symbol("rnnkit_sgemm", get_cython_function_address("scipy.linalg.cython_blas", "sgemm"))
     llvm.add_symbol("rnnkit_dgemm", get_cython_function_address("scipy.linalg.cython_blas", "dgemm"))
     return True
@@ -61,6 +69,23 @@ def _bind_stubs() -> None:
 AVAILABLE = _bind()
 if not AVAILABLE:
     _bind_stubs()
+
+# OpenBLAS cores with AVX-512 kernels. Others on an AVX-512 machine mean OpenBLAS was told to
+# use narrower kernels (OPENBLAS_CORETYPE=Haswell, say, as on the benchmark machine), which run
+# its GEMMs at about half speed: the kernels then do the big products with their own tiles.
+_AVX512_CORES = ("skylakex", "cooperlake", "sapphirerapids", "zen4", "zen5")
+
+
+def _host_has_avx512() -> bool:
+    import llvmlite.binding as llvm
+
+    try:
+        return bool(llvm.get_host_cpu_features().get("avx512f"))
+    except RuntimeError:  # features unknown to LLVM here
+        return False
+
+
+FAST = AVAILABLE and (CORE.lower() in _AVX512_CORES or not _host_has_avx512())
 
 # Fortran interface: every argument by pointer (transa, transb, m, n, k, alpha, a, lda, b, ldb,
 # beta, c, ldc), pointers passed as integers.
