@@ -113,19 +113,26 @@ def _matmul_packed(a: np.ndarray, b_packed: np.ndarray, bias: Optional[np.ndarra
 WEIGHT_GRADS_BY_BLAS = blas.FAST
 
 
+# The tiles' sums run over blocks of at most this many rows of a and b: the rows of a that a
+# tile reads lie one row of a apart, and many of them stop fitting the L2 cache's sets (measured
+# at 12800 x 1024 x 128: 136 GFLOP/s in one block, 275 in blocks of 512).
+_K_BLOCK = 512
+
+
 def _matmul_t(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
     """out += a.T @ b: a (K, M), b (K, N), out (M, N); rows of out split across threads when
     it pays."""
     if WEIGHT_GRADS_BY_BLAS:
         _matmul(a, b, trans_a=True, out=out, accumulate=True)
         return
-    b_packed = pack(b, False)
-    rows = out.shape[0]
-    chunks = _chunks(rows, out.size * a.shape[0], _MIN_GEMM_WORK_PER_THREAD)
-    if chunks > 1:
-        gemm_packed_t(a, b_packed, out, chunks)
-    else:
-        gemm_packed_t_rows(a, b_packed, out, 0, rows)
+    rows, K = out.shape[0], a.shape[0]
+    for k0 in range(0, K, _K_BLOCK):
+        a_k, b_packed = a[k0:k0 + _K_BLOCK], pack(b[k0:k0 + _K_BLOCK], False)
+        chunks = _chunks(rows, out.size * a_k.shape[0], _MIN_GEMM_WORK_PER_THREAD)
+        if chunks > 1:
+            gemm_packed_t(a_k, b_packed, out, chunks)
+        else:
+            gemm_packed_t_rows(a_k, b_packed, out, 0, rows)
 
 
 # Sequences whose per-step buffers (input projections forward; pre-activation gradients
