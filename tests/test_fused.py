@@ -211,13 +211,14 @@ def test_weight_gradients_either_way(kind, by_blas, dtype, monkeypatch):
     """The weight gradients by scipy's BLAS and by the transposed register tiles (which one runs
     by default depends on the BLAS's kernels, see kernels/blas.py) both equal torch.nn's,
     threaded (many rows: float64, where sums of 560 rows stay within the tolerance), in time
-    chunks, and for batch 1."""
+    chunks, for batch 1, and with the gradients' rows copied to padded ones."""
     if by_blas and not _fused.blas.AVAILABLE:
         pytest.skip("no scipy BLAS here")
     monkeypatch.setattr(_fused, "WEIGHT_GRADS_BY_BLAS", by_blas)
     torch.manual_seed(11)
     big = (14, 40, 48) if dtype == torch.float64 else (4, 6, 16)  # 560 rows: two blocks of the sums
-    for T, B, H, chunked in [(*big, False), (9, 1, 13, False), (23, 5, 6, True)]:
+    wide = 512 if dtype == torch.float64 else 1024  # rows of dL/dz 4 KiB-multiples long: copied padded
+    for T, B, H, chunked in [(*big, False), (9, 1, 13, False), (23, 5, 6, True), (3, 2, wide, False)]:
         monkeypatch.setattr(_fused, "_CHUNK_MIN_ELEMENTS", 0 if chunked else 1 << 20)
         ref, m = twins(kind, dtype, input_size=21, hidden_size=H, num_layers=2, bidirectional=True)
         x = torch.randn(T, B, 21, dtype=dtype)
