@@ -98,14 +98,14 @@ def test_transposed_tiles_match_numpy(K, N, r0, r1, dtype):
     buffer = np.full(ROWS * N + 64, 5.0, dtype)
     out = buffer[: ROWS * N].reshape(ROWS, N)
     out[:] = start
-    tiles.gemm_packed_t_rows(a, packed, out, r0, r1)
+    tiles.gemm_packed_t_rows(a, packed, out, None, r0, r1)
     assert (buffer[ROWS * N:] == 5.0).all()
     np.testing.assert_allclose(out[r0:r1], start[r0:r1] + a.T[r0:r1] @ b, rtol=tol, atol=tol * K)
     np.testing.assert_array_equal(out[:r0], start[:r0])
     np.testing.assert_array_equal(out[r1:], start[r1:])
     if (r0, r1) == (0, 1):
         out[:] = start
-        tiles.gemm_packed_t(a, packed, out, 3)
+        tiles.gemm_packed_t(a, packed, out, None, 3)
         np.testing.assert_allclose(out, start + a.T @ b, rtol=tol, atol=tol * K)
 
 
@@ -113,11 +113,11 @@ def test_transposed_tiles_refuse_mismatched_operands():
     packed = tiles.pack(np.ones((8, 40), np.float32), False)
     a = np.ones((8, 4), np.float32)
     with pytest.raises(ValueError, match="do not fit"):
-        tiles.gemm_packed_t_rows(np.ones((9, 4), np.float32), packed, np.zeros((4, 40), np.float32), 0, 4)
+        tiles.gemm_packed_t_rows(np.ones((9, 4), np.float32), packed, np.zeros((4, 40), np.float32), None, 0, 4)
     with pytest.raises(ValueError, match="do not fit"):
-        tiles.gemm_packed_t_rows(a, packed, np.zeros((4, 40), np.float32), 0, 5)  # past a's columns
+        tiles.gemm_packed_t_rows(a, packed, np.zeros((4, 40), np.float32), None, 0, 5)  # past a's columns
     with pytest.raises(ValueError, match="do not fit"):
-        tiles.gemm_packed_t(a, packed, np.zeros((5, 40), np.float32), 2)  # before the threads start
+        tiles.gemm_packed_t(a, packed, np.zeros((5, 40), np.float32), None, 2)  # before the threads start
 
 
 def test_packed_tiles_refuse_mismatched_operands():

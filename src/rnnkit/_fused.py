@@ -79,22 +79,6 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-def _matmul(a: np.ndarray, b: np.ndarray, bias: Optional[np.ndarray] = None, trans_a: bool = False,
-            out: Optional[np.ndarray] = None, accumulate: bool = False) -> np.ndarray:
-    """op(a) @ b (+ bias) by the kernels' threaded GEMM, into ``out`` when given (added to it
-    when ``accumulate``)."""
-    rows = a.shape[1] if trans_a else a.shape[0]
-    if out is None:
-        out = np.empty((rows, b.shape[1]), b.dtype)
-    bias = _EMPTY[b.dtype.type] if bias is None else bias
-    chunks = _chunks(rows, out.size * b.shape[0], _MIN_GEMM_WORK_PER_THREAD)
-    if chunks > 1:
-        gemm(a, b, out, bias, trans_a, accumulate, chunks)
-    else:
-        gemm_rows_range(a, b, out, bias, trans_a, accumulate, 0, rows)
-    return out
-
-
 def _matmul_packed(a: np.ndarray, b_packed: np.ndarray, bias: Optional[np.ndarray], out: np.ndarray) -> None:
     """out = a @ b (+ bias) by the register tiles (b packed by ``pack``), rows split across
     threads when it pays."""
@@ -122,15 +106,19 @@ _K_BLOCK = 512
 def _matmul_t(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
     """out += a.T @ b: a (K, M), b (K, N), out (M, N); rows of out split across threads when
     it pays."""
-    if WEIGHT_GRADS_BY_BLAS:
-        _matmul(a, b, trans_a=True, out=out, accumulate=True)
-        return
     rows, K = out.shape[0], a.shape[0]
+    if WEIGHT_GRADS_BY_BLAS:
+        chunks = _chunks(rows, out.size * K, _MIN_GEMM_WORK_PER_THREAD)
+        if chunks > 1:
+            gemm(a, b, out, _EMPTY[b.dtype.type], True, True, chunks)
+        else:
+            gemm_rows_range(a, b, out, _EMPTY[b.dtype.type], True, True, 0, rows)
+        return
     # Rows of a a multiple of 4 KiB long put a tile's reads in the same few cache sets: copied
     # to rows one cache line longer first (12.9 -> 11.5 ms at 512 x 4096 x 1024, the copy
     # included; 3.0 -> 2.7 at 512 x 2048 x 512).
     padded = None
-    if K > 0 and a.shape[1] * a.itemsize % 4096 == 0:
+    if a.shape[1] * a.itemsize % 4096 == 0:
         padded = np.empty((min(K, _K_BLOCK), a.shape[1] + 64 // a.itemsize), a.dtype)
     for k0 in range(0, K, _K_BLOCK):
         a_k, b_packed = a[k0:k0 + _K_BLOCK], pack(b[k0:k0 + _K_BLOCK], False)
@@ -140,9 +128,9 @@ def _matmul_t(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
             a_k = p
         chunks = _chunks(rows, out.size * a_k.shape[0], _MIN_GEMM_WORK_PER_THREAD)
         if chunks > 1:
-            gemm_packed_t(a_k, b_packed, out, chunks)
+            gemm_packed_t(a_k, b_packed, out, None, chunks)
         else:
-            gemm_packed_t_rows(a_k, b_packed, out, 0, rows)
+            gemm_packed_t_rows(a_k, b_packed, out, None, 0, rows)
 
 
 # Sequences whose per-step buffers (input projections forward; pre-activation gradients

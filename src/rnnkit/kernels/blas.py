@@ -37,15 +37,16 @@ def _bind() -> bool:
     except ImportError:
         return False
     libs = glob.glob(os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs", "libscipy_openblas*.so*"))
-    set_threads = None
+    lib = set_threads = None
     for path in libs:
-        set_threads = getattr(ctypes.CDLL(path), "scipy_openblas_set_num_threads", None)
+        lib = ctypes.CDLL(path)
+        set_threads = getattr(lib, "scipy_openblas_set_num_threads", None)
         if set_threads is not None:
             break
     if set_threads is None:
         return False
     set_threads(1)
-    corename = getattr(ctypes.CDLL(path), "scipy_openblas_get_corename", None)
+    corename = getattr(lib, "scipy_openblas_get_corename", None)
     if corename is not None:
         corename.restype = ctypes.c_char_p
         CORE = corename().decode(errors="replace")

@@ -320,27 +320,9 @@ matmul_packed_t = jit_inline(specialise(matmul_packed.py_func, "matmul_packed_t"
 
 
 @jit
-def gemm_packed_t_rows(a, bp, c, r0, r1):
-    """Rows [r0, r1) of c += a.T @ b, b packed."""
-    matmul_packed_t(a, bp, c, r0, r1)
-
-
-@jit_parallel
-def gemm_packed_t(a, bp, c, chunks):
-    """c += a.T @ b over all rows of c, in ``chunks`` slices of rows, one thread each."""
-    M = c.shape[0]
-    if M > 0 and c.shape[1] > 0:
-        _check_t(a, bp, c, 0, M, None)  # here: an exception raised inside the threads is lost
-    size = (M + chunks - 1) // chunks
-    size = (size + TILE_ROWS - 1) // TILE_ROWS * TILE_ROWS
-    for i in prange(chunks):
-        r0 = min(M, i * size)
-        gemm_packed_t_rows(a, bp, c, r0, min(r0 + size, M))
-
-
-@jit
 def gemm_packed_rows(a, bp, c, bias, r0, r1):
-    """Rows [r0, r1) of c = a @ b + bias, b packed; bias (N,) (zeros for none)."""
+    """Rows [r0, r1) of c = a @ b + bias, b packed; bias (N,) (zeros for none), or None for
+    c += a @ b."""
     matmul_packed(a, bp, c, r0, r1, bias)
 
 
@@ -355,3 +337,9 @@ def gemm_packed(a, bp, c, bias, chunks):
     for i in prange(chunks):
         r0 = min(M, i * size)
         gemm_packed_rows(a, bp, c, bias, r0, min(r0 + size, M))
+
+
+# Their copies for the transposed left operand: c (+)= a.T @ b, the weight gradients (bias None).
+gemm_packed_t_rows = jit(specialise(gemm_packed_rows.py_func, "gemm_packed_t_rows", matmul_packed=matmul_packed_t))
+gemm_packed_t = jit_parallel(specialise(gemm_packed.py_func, "gemm_packed_t", _check=_check_t,
+                                        gemm_packed_rows=gemm_packed_t_rows))
