@@ -237,12 +237,14 @@ BOUNDSCHECK_SCRIPT = r"""
 import torch, rnnkit
 from torch import nn
 from rnnkit import _fused
+from rnnkit.kernels import tiles
 rnnkit.set_backend("fused")
 _fused._CHUNK_MIN_ELEMENTS, _fused._CHUNK_ROWS, _fused._TIME_CHUNKS = 0, 1, 2  # time chunks too
 torch.manual_seed(0)
 for cls, kw, by_blas in [("RNN", {}, True), ("RNN", {"nonlinearity": "relu"}, False), ("GRU", {}, True),
                          ("GRU", {}, False), ("LSTM", {}, True), ("LSTM", {"proj_size": 2}, False)]:
     _fused.WEIGHT_GRADS_BY_BLAS = by_blas  # both ways of the weight gradients
+    tiles.PACK_THREADED_MIN = 1 if by_blas else 1 << 18  # and of packing the weights
     ref = getattr(nn, cls)(3, 4, 2, bidirectional=True, **kw).double()
     m = getattr(rnnkit, cls)(3, 4, 2, bidirectional=True, **kw).double()
     m.load_state_dict(ref.state_dict())
@@ -269,7 +271,7 @@ def test_kernel_cache_does_not_depend_on_the_checkout_path(tmp_path, monkeypatch
     from rnnkit.kernels import config, tiles
 
     monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path))
-    kernel = tiles.pack.py_func
+    kernel = tiles._pack.py_func
     locator = config._PackageCacheLocator.from_function(kernel, kernel.__code__.co_filename)
     assert locator.get_cache_path() == os.path.join(str(tmp_path), "kernels")
     assert config._PackageCacheLocator.from_function(test_fused_gradcheck, __file__) is None

@@ -52,6 +52,21 @@ def _operands(K, N, r1, dtype, a_shape):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("trans", [False, True])
+@pytest.mark.parametrize("K,N", [(512, 512), (700, 389), (257, 1040)])
+def test_threaded_pack_matches_serial(K, N, trans, dtype):
+    """Weights past PACK_THREADED_MIN values are packed by the threads, each taking whole strips
+    (a partial last strip among them): the same strips as the serial pack."""
+    assert K * N >= tiles.PACK_THREADED_MIN
+    b = np.random.default_rng(3).standard_normal((N, K) if trans else (K, N)).astype(dtype)
+    np.testing.assert_array_equal(tiles.pack(b, trans), tiles._pack(b, trans))
+    W = tiles.strip_width(dtype)
+    packed = tiles.pack(b, trans)
+    np.testing.assert_array_equal(packed.transpose(1, 0, 2).reshape(K, -1)[:, :N], b.T if trans else b)
+    assert not packed.transpose(1, 0, 2).reshape(K, -1)[:, N:].any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("K,N", [(1, 1), (3, 5), (7, 16), (13, 33), (64, 64), (40, 100), (65, 130)])
 @pytest.mark.parametrize("r0,r1", [(0, 1), (2, 4), (1, 4), (0, 5), (1, 7), (0, 7), (0, 8), (0, 9), (1, 11),
                                    (0, 11), (3, 15), (0, 13), (2, 16), (0, 15), (3, 24)])
