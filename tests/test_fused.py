@@ -8,9 +8,10 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 import rnnkit
-from oracle import CELL_KINDS, TOL, twins
+from oracle import CELL_KINDS, TOL, as_hx, state_features, twins
 from rnnkit import _backend, _fused
 from rnnkit.cells import CELLS
 import test_parity
@@ -316,14 +317,64 @@ def test_in_place_change_of_what_backward_reads_raises():
             out.sum().backward()
 
 
-def test_create_graph_through_the_kernels_raises():
-    m = rnnkit.GRU(3, 4)
-    x = torch.randn(5, 2, 3, requires_grad=True)
+@pytest.mark.parametrize("kind", CELL_KINDS)
+@pytest.mark.parametrize("layout", ["stack", "dropout", "packed"])
+def test_double_backward_matches_torch(kind, layout):
+    """create_graph=True through the fused nodes (the whole stack's, and the per-layer one that
+    runs with dropout between layers): first and second derivatives equal torch.nn's, for the
+    input, h_0 / c_0 and every parameter."""
+    extra = {"dropout": 0.5} if layout == "dropout" else {}
+    ref, ours = twins(kind, torch.float64, input_size=3, hidden_size=4, num_layers=2, bidirectional=True, **extra)
+    results = []
+    for m in (ref, ours):
+        torch.manual_seed(1)  # the same dropout masks
+        x = torch.randn(5, 3, 3, dtype=torch.float64, requires_grad=True)
+        states = [torch.randn(4, 3, n, dtype=torch.float64, requires_grad=True) for n in state_features(m)]
+        inputs = [x, *states, *m.parameters()]
+        hx = as_hx(states)
+        with rnnkit.use_backend("fused"):
+            if layout == "packed":
+                packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False)
+                out, h = m(packed, hx)
+                out = out.data
+            else:
+                out, h = m(x, hx)
+            h = h if isinstance(h, tuple) else (h,)
+            loss = out.pow(2).sum() + sum(s.sin().sum() for s in h)
+            first = torch.autograd.grad(loss, inputs, create_graph=True)
+            penalty = sum(g.pow(2).sum() for g in first)
+            second = torch.autograd.grad(penalty, inputs, allow_unused=True)
+        results.append([*first, *second])
+    for r, f in zip(*results):
+        assert (r is None) == (f is None)
+        if r is not None:
+            torch.testing.assert_close(f, r, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("T", [1, 2])
+@pytest.mark.parametrize("layers,bidirectional,dropout", [(1, False, 0.0), (2, True, 0.0), (2, False, 0.3)])
+def test_projection_weight_the_loss_never_reaches_has_no_grad(T, layers, bidirectional, dropout):
+    """A loss on c_n alone after one step never reaches the last layer's W_hr: torch.nn leaves its
+    grad None (an optimizer then skips it, while a zero grad would still decay it)."""
+    ref, ours = twins("lstm-proj", input_size=3, hidden_size=4, num_layers=layers, bidirectional=bidirectional,
+                      dropout=dropout)
+    x = torch.randn(T, 2, 3)
+    for m in (ref, ours):
+        torch.manual_seed(0)
+        with rnnkit.use_backend("fused"):
+            _, (_, c) = m(x)
+        c.sum().backward()
+    for (name, r), (_, f) in zip(ref.named_parameters(), ours.named_parameters()):
+        assert (r.grad is None) == (f.grad is None), name
+        if r.grad is not None:
+            torch.testing.assert_close(f.grad, r.grad, **TOL[torch.float32])
+
+
+def test_gradgradcheck_through_the_kernels():
+    m = rnnkit.LSTM(3, 4, proj_size=2).double()
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
     with rnnkit.use_backend("fused"):
-        out, _ = m(x)
-        (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-        with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
-            g.pow(2).sum().backward()
+        assert torch.autograd.gradgradcheck(lambda x, *p: m(x)[0], (x, *m.parameters()))
 
 
 def test_mixed_dtypes_never_reach_the_kernels():

@@ -22,9 +22,8 @@ import numba
 import numpy as np
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from ._driver import reference_layer
+from ._driver import Packing, reference_layer, run_layers
 from .cells import CELLS, Cell, LayerParams
 from .kernels import blas, driver
 from .kernels.linalg import column_sums, gemm, gemm_rows_range
@@ -308,6 +307,36 @@ def _tensors(*arrays):
     return tuple(None if a is None else torch.from_numpy(a) for a in arrays)
 
 
+# ---- double backward (``create_graph=True``: gradient penalties, Hessian-vector products).
+# The kernels' backward is not itself differentiable. When autograd asks for a differentiable
+# backward (grad mode is on inside backward exactly then), the nodes below instead run the
+# torch-ops reference forward from their saved inputs and differentiate that with
+# create_graph: the same gradients (the reference is the kernels' oracle), now with a graph,
+# at the reference path's speed. Ordinary backward never comes here.
+def _differentiable_grads(outputs, grad_outputs, inputs, needs) -> list:
+    """d(outputs)/d(inputs) contracted with grad_outputs, as a graph: None where ``needs``
+    says no, an input is None, or it does not reach the outputs."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and g is not None]
+    wanted = [i for i, (t, n) in enumerate(zip(inputs, needs)) if n and t is not None and t.requires_grad]
+    result = [None] * len(inputs)
+    if pairs and wanted:
+        grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                    create_graph=True, allow_unused=True)
+        for i, g in zip(wanted, grads):
+            result[i] = g
+    return result
+
+
+def _reference_stack(cell: Cell, steps: np.ndarray, num_layers: int, D: int, x, h0, c0, weights) -> tuple:
+    """The stack's (output, h_n, c_n) by the torch-ops reference, as a graph."""
+    params = [LayerParams(*weights[k * _PER_LAYER:(k + 1) * _PER_LAYER]) for k in range(num_layers * D)]
+    state0 = (h0,) if cell.state_size == 1 else (h0, c0)
+    packing = Packing(torch.from_numpy(steps))
+    with torch.enable_grad():
+        out, state_n = run_layers(cell, reference_layer, x, state0, params, num_layers, D, 0.0, False, packing)
+    return out, state_n[0], (state_n[1] if cell.state_size == 2 else None)
+
+
 # ---- the op torch sees: ``rnnkit::layer`` with its autograd formula and shape function, so
 # torch.compile / torch.export treat a whole layer-direction as one opaque op.
 @torch.library.custom_op("rnnkit::layer", mutates_args=())
@@ -385,22 +414,46 @@ class _EagerLayer(torch.autograd.Function):
         # grads, and autograd frees them once this layer's backward has run (the rest of the
         # graph's backward then runs without them).
         ctx.save_for_backward(x, w_ih, w_hh, w_hr, h0, c0, results[0], *_tensors(c_seq, saved, m_seq))
+        ctx.biases = (b_ih, b_hh)  # read only by a differentiable backward (as torch.nn, no version check)
         return results
 
     @staticmethod
-    @once_differentiable  # the kernels' backward is not itself differentiable: create_graph raises
     def backward(ctx, d_out, d_hn, d_cn):
         x, w_ih, w_hh, w_hr, h0, c0, out, *rest = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: see _differentiable_grads
+            cell, (b_ih, b_hh) = CELLS[ctx.mode], ctx.biases
+            state = (h0,) if cell.state_size == 1 else (h0, c0)
+            with torch.enable_grad():
+                ref_out, ref_state = reference_layer(cell, x, state, LayerParams(w_ih, w_hh, b_ih, b_hh, w_hr),
+                                                     _batch_sizes(ctx.steps), ctx.reverse)
+            ref_c = ref_state[1] if cell.state_size == 2 else None
+            grads = _differentiable_grads((ref_out, ref_state[0], ref_c), (d_out, d_hn, d_cn),
+                                          (x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0), ctx.needs_input_grad[4:])
+            return (None,) * 4 + tuple(grads)
         grads = _backward(
             ctx.mode, ctx.steps, ctx.reverse, ctx.needs_input_grad[4:],
             np.zeros((1, 1, out.shape[-1]), _NP_DTYPE[out.dtype]) if d_out is None else _output_grad(d_out.numpy()),
             *_arrays(d_hn if d_hn is not None else torch.zeros_like(h0),
                      d_cn if d_cn is not None else torch.zeros_like(c0), x, w_ih, w_hh, w_hr, h0, c0, out, *rest),
         )
+        if _projection_unreached(d_out, d_hn, len(ctx.steps)):
+            grads = (*grads[:5], None, *grads[6:])
         return (None,) * 4 + _tensors(*grads)
 
 
+def _projection_unreached(d_out, d_hn, T: int) -> bool:
+    """Whether the loss reached a layer's W_hr not at all, so its gradient is None as in
+    torch.nn (not zeros: an optimizer skips None, but decays a zero gradient's weight): only
+    c_n has a gradient and there is one step, whose projected h feeds nothing but out and h_n."""
+    return d_out is None and d_hn is None and T == 1
+
+
 _FULL_STEPS: dict = {}  # (T, B) -> steps of a batch without padding (the kernels never write it)
+
+
+def _batch_sizes(steps: np.ndarray) -> Optional[list]:
+    """The reference layer's batch_sizes for the kernels' ``steps``: None when unpadded."""
+    return None if len(steps) == 0 or steps[-1] == steps[0] else steps.tolist()
 
 
 def _steps(T: int, B: int, batch_sizes: Optional[Sequence[int]]) -> np.ndarray:
@@ -504,12 +557,18 @@ class _EagerStack(torch.autograd.Function):
         return results
 
     @staticmethod
-    @once_differentiable  # the kernels' backward is not itself differentiable: create_graph raises
     def backward(ctx, d_out, d_hn, d_cn):
         cell, steps, num_layers, D = ctx.plan
         n_weights = num_layers * D * _PER_LAYER
+        if torch.is_grad_enabled():  # create_graph=True: see _differentiable_grads
+            h0, c0, *rest = ctx.saved_tensors
+            weights, x = rest[:n_weights], rest[n_weights]
+            outputs = _reference_stack(cell, steps, num_layers, D, x, h0, c0, weights)
+            grads = _differentiable_grads(outputs, (d_out, d_hn, d_cn), (x, h0, c0, *weights), ctx.needs_input_grad[1:])
+            return (None, *grads)
         saved = ctx.saved_tensors[2 + n_weights:]  # (checks that nothing was changed in place)
         h0, c0, weights = ctx.small
+        unreached = _projection_unreached(d_out, d_hn, len(steps))
         arrays = [_np(t) if ref is None or ref() is None else ref() for t, ref in zip(saved, ctx.refs)]
         needs = ctx.needs_input_grad
         LD, B, Ho = h0.shape
@@ -543,6 +602,9 @@ class _EagerStack(torch.autograd.Function):
                     else:
                         d_x += dx
             d_h = d_x
+        if unreached:
+            for k in range((num_layers - 1) * D, num_layers * D):
+                d_weights[k * _PER_LAYER + 4] = None
         return (None, *_tensors(d_h if needs[1] else None, d_h0, d_c0, *d_weights))
 
 
