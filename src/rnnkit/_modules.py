@@ -30,9 +30,11 @@ def _check_int(name: str, value) -> None:
         raise ValueError(f"{name} must be greater than zero")
 
 
-def _check_dtype(input: Tensor, weight: Tensor) -> None:
+def _check_dtype(input: Tensor, weight: Tensor, error: type = ValueError) -> None:
+    """``error``: the type torch.nn raises there (the layers ValueError, the cells, failing in
+    their matrix product, RuntimeError), so callers' except clauses work unchanged."""
     if input.dtype != weight.dtype and not torch.is_autocast_enabled():
-        raise ValueError(
+        raise error(
             f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
             f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})"
         )
@@ -583,7 +585,7 @@ class RNNCellBase(nn.Module):
         elif not batched:
             state = tuple(s.unsqueeze(0) for s in state)
 
-        _check_dtype(x, self.weight_ih)
+        _check_dtype(x, self.weight_ih, RuntimeError)
         if x.shape[1] != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {x.shape[1]} expected {self.input_size}")
         _check_state_like(state, x)
