@@ -194,6 +194,24 @@ def test_torch_compile_matches_eager(backend):
         torch.testing.assert_close(c, e, **TOL[F32])
 
 
+@pytest.mark.parametrize("kind", ["tanh", "gru", "lstm", "lstm-proj"])
+def test_torch_func_transforms_match_torch(kind, backend):
+    """torch.func (grad through functional_call, jacrev) sees through torch ops only: inside a
+    transform the layers run the reference ops, so gradients and Jacobians equal torch.nn's."""
+    from torch.func import functional_call, grad, jacrev
+
+    ref, ours = twins(kind, input_size=3, hidden_size=4, num_layers=2, batch_first=True)
+    x = torch.randn(2, 5, 3)
+    results = []
+    for m in (ref, ours):
+        params = {k: v.detach() * 1.5 for k, v in m.named_parameters()}
+        g = grad(lambda p: functional_call(m, p, (x,))[0].pow(2).sum())(params)
+        j = jacrev(lambda inp: m(inp)[0].sum(-1))(x)
+        results.append([*g.values(), j])
+    for r, f in zip(*results):
+        torch.testing.assert_close(f, r, **TOL[torch.float32])
+
+
 # ------------------------------------------------------------------- to_torch / from_torch
 LAYER_ARGS = dict(input_size=4, hidden_size=5, num_layers=2, bias=False, batch_first=True, bidirectional=True)
 

@@ -37,6 +37,7 @@ for _kind, _cell in enumerate(CELLS.values()):
         _KERNELS[_cell.mode] = driver.kernels_for(_kind, _cell.mode.lower())
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
+_functorch_active = torch._C._are_functorch_transforms_active  # inside torch.func.grad, vmap, ...
 # Split work across threads only when each thread gets enough to pay for waking them (about
 # 10 us): per step of a time loop, which wakes them once for all its steps; per product for the
 # GEMMs before and after it.
@@ -474,7 +475,7 @@ def fused_stack(cell: Cell, x: Tensor, state0: tuple, params: Sequence[LayerPara
     contract, see rnnkit._driver): inference straight through the kernels, training as one
     autograd node (``_EagerStack``). None under torch.compile (the custom op path, layer by
     layer) or for mixed dtypes (fused_layer's fallback)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _functorch_active():
         return None
     weights = [t for p in params for t in p]  # _PER_LAYER per layer-direction, None where absent
     dtype = x.dtype
@@ -622,6 +623,10 @@ def fused_layer(
     h0 = state[0]
     c0 = state[1] if cell.state_size == 2 else _NO_CELL_STATE[x.dtype].expand(B, 0)
     params = (x, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr, h0, c0)
+    if _functorch_active():
+        # torch.func transforms (grad, vmap, jacrev, ...) see through torch ops, not through the
+        # kernels: the reference layer, which they differentiate and batch like torch.nn's
+        return reference_layer(cell, x, state, p, batch_sizes, reverse)
     if any(t is not None and t.dtype != x.dtype for t in params):
         # mixed dtypes (possible under autocast, which skips the module's dtype check): the
         # kernels take one dtype, torch ops promote
