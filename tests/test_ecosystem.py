@@ -212,6 +212,25 @@ def test_torch_func_transforms_match_torch(kind, backend):
         torch.testing.assert_close(f, r, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("kind", ["tanh", "gru", "lstm-proj"])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_matches_torch(kind, use_reentrant, backend):
+    """torch.utils.checkpoint drops what forward saved and recomputes it for backward: the
+    stack's backward must read the recomputed arrays, not the first forward's."""
+    from torch.utils.checkpoint import checkpoint
+
+    ref, ours = twins(kind, input_size=3, hidden_size=4, num_layers=2)
+    x = torch.randn(5, 2, 3)
+    results = []
+    for m in (ref, ours):
+        leaf = x.clone().requires_grad_(True)
+        out = checkpoint(lambda inp: m(inp)[0].tanh(), leaf, use_reentrant=use_reentrant)
+        out.pow(2).sum().backward()
+        results.append([out.detach(), leaf.grad, *(p.grad for p in m.parameters())])
+    for r, f in zip(*results):
+        torch.testing.assert_close(f, r, **TOL[torch.float32])
+
+
 # ------------------------------------------------------------------- to_torch / from_torch
 LAYER_ARGS = dict(input_size=4, hidden_size=5, num_layers=2, bias=False, batch_first=True, bidirectional=True)
 
