@@ -474,7 +474,7 @@ def fused_stack(cell: Cell, x: Tensor, state0: tuple, params: Sequence[LayerPara
     """Every layer and direction in one call, tensors made only at the ends (the driver's stack
     contract, see rnnkit._driver): inference straight through the kernels, training as one
     autograd node (``_EagerStack``). None under torch.compile (the custom op path, layer by
-    layer) or for mixed dtypes (fused_layer's fallback)."""
+    layer), inside torch.func transforms or for mixed dtypes (fused_layer's fallbacks)."""
     if torch.compiler.is_compiling() or _functorch_active():
         return None
     weights = [t for p in params for t in p]  # _PER_LAYER per layer-direction, None where absent
