@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -151,6 +152,7 @@ def test_use_backend_restores_the_choice():
 @pytest.mark.parametrize("kind", ["gru", "lstm-proj"])
 @pytest.mark.parametrize("batch", [1, 3, 64])
 def test_threaded_chunks_match_serial(batch, kind, monkeypatch):
+    torch.set_num_threads(2)  # rnnkit uses no more threads than torch may (conftest pins one)
     torch.manual_seed(0)
     _, m = twins(kind, torch.float64, input_size=8, hidden_size=64)
     x = torch.randn(20, batch, 8, dtype=torch.float64)
@@ -168,6 +170,25 @@ def test_threaded_chunks_match_serial(batch, kind, monkeypatch):
         serial = run()
     for s, r in zip(split, serial):
         torch.testing.assert_close(s, r, **TOL[torch.float64])
+
+
+def test_threads_follow_torch_set_num_threads(monkeypatch):
+    """torch.set_num_threads governs rnnkit's threads too: processes that each pin one thread
+    must not get two busy numba threads each (on two cores they would stall one another)."""
+    import numba
+    from rnnkit.kernels import tiles
+
+    calls = []
+    monkeypatch.setattr(tiles, "_pack_threads", lambda *args: calls.append(args[-1]))
+    big = np.ones((1024, 512), np.float32)
+    torch.set_num_threads(1)
+    assert _fused._chunks(10**6, 10**12) == 1
+    assert _fused._pack(big, True).shape == (32, 512, 32) and not calls  # serial
+    if numba.get_num_threads() >= 2:
+        torch.set_num_threads(2)
+        assert _fused._chunks(10**6, 10**12) == 2
+        _fused._pack(big, True)
+        assert calls == [2]
 
 
 @pytest.mark.parametrize("kind", CELL_KINDS)
@@ -216,6 +237,7 @@ def test_weight_gradients_either_way(kind, by_blas, dtype, monkeypatch):
     if by_blas and not _fused.blas.AVAILABLE:
         pytest.skip("no scipy BLAS here")
     monkeypatch.setattr(_fused, "WEIGHT_GRADS_BY_BLAS", by_blas)
+    torch.set_num_threads(2)  # threaded where it pays (conftest pins one thread, and rnnkit follows)
     torch.manual_seed(11)
     big = (14, 40, 48) if dtype == torch.float64 else (4, 6, 16)  # 560 rows: two blocks of the sums
     wide = 512 if dtype == torch.float64 else 1024  # rows of dL/dz 4 KiB-multiples long: copied padded

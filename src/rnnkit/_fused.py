@@ -52,12 +52,25 @@ def supports(cell: Cell, x: Tensor) -> bool:
     return cell.mode in _KERNELS and x.device.type == "cpu" and x.dtype in SUPPORTED_DTYPES
 
 
+def _threads() -> int:
+    """Threads a call may use: no more than torch may (``torch.set_num_threads`` governs rnnkit
+    as it governs torch.nn, so processes that each pin one thread do not oversubscribe the
+    cores), within numba's pool. (torch answers in 20 ns, numba in about 0.7 us.)"""
+    n = torch.get_num_threads()
+    return 1 if n < 2 else min(n, numba.get_num_threads())
+
+
 def _chunks(rows: int, work: int, min_work: int = _MIN_WORK_PER_THREAD) -> int:
     """Threads for ``rows`` independent rows carrying ``work`` multiply-adds in all."""
     most = min(rows, work // min_work)
-    if most < 2:  # without asking numba, which costs a few us a call
+    if most < 2:  # without asking for the thread count, which costs up to a microsecond
         return 1
-    return min(numba.get_num_threads(), most)
+    return min(_threads(), most)
+
+
+def _pack(b: np.ndarray, trans: bool) -> np.ndarray:
+    """tiles.pack on at most torch's thread count (see _threads)."""
+    return pack(b, trans, torch.get_num_threads())
 
 
 def _launch(rows_kernel, chunks_kernel, args: tuple, batch: int, work_per_step: int) -> None:
@@ -121,7 +134,7 @@ def _matmul_t(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
     if a.shape[1] * a.itemsize % 4096 == 0:
         padded = np.empty((min(K, _K_BLOCK), a.shape[1] + 64 // a.itemsize), a.dtype)
     for k0 in range(0, K, _K_BLOCK):
-        a_k, b_packed = a[k0:k0 + _K_BLOCK], pack(b[k0:k0 + _K_BLOCK], False)
+        a_k, b_packed = a[k0:k0 + _K_BLOCK], _pack(b[k0:k0 + _K_BLOCK], False)
         if padded is not None:
             p = padded[:a_k.shape[0]]
             p[:, :a_k.shape[1]] = a_k
@@ -176,11 +189,11 @@ def _forward(mode: str, steps: np.ndarray, reverse: bool, training: bool, x, w_i
     if w_hr is None:
         w_hr_t, m_seq = _NO_PROJECTION[dtype.type]
     else:
-        w_hr_t, m_seq = pack(w_hr, True), np.empty((T if training else 1, B, H), dtype)
+        w_hr_t, m_seq = _pack(w_hr, True), np.empty((T if training else 1, B, H), dtype)
     L = _chunk_steps(T, B, GH)
     xw = np.empty((L, B, GH), dtype)
-    w_ih_t = pack(w_ih, True)
-    args = (pack(w_hh, True), b_hh if b_hh is not None else np.zeros(GH, dtype),
+    w_ih_t = _pack(w_ih, True)
+    args = (_pack(w_hh, True), b_hh if b_hh is not None else np.zeros(GH, dtype),
             w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved, m_seq, np.empty((B, GH), dtype))
     kernels = _KERNELS[mode]
     for i0, i1, t_lo in _time_chunks(T, L, reverse, backward=False):
@@ -211,8 +224,8 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
         d_h_seq, dm = np.empty((L, B, Ho), dtype), np.empty((B, w_hr.shape[1]), dtype)
     else:
         w_hr, d_h_seq, dm = np.empty((0, 0), dtype), np.empty((0, 0, 0), dtype), np.empty((0, 0), dtype)
-    w_hh_p = pack(w_hh, False)
-    w_hr_p = pack(w_hr, False) if project else _NO_PROJECTION[dtype.type][0]
+    w_hh_p = _pack(w_hh, False)
+    w_hr_p = _pack(w_hr, False) if project else _NO_PROJECTION[dtype.type][0]
     dx = np.empty((T, B, I), dtype) if need[0] else None
     dw_ih = np.zeros(w_ih.shape, dtype) if need[1] else None
     dw_hh = np.zeros(w_hh.shape, dtype) if need[2] else None
@@ -220,7 +233,7 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
     db_hh = np.zeros(GH, dtype) if need[4] else None
     dw_hr = np.zeros(w_hr.shape, dtype) if need[5] else None
     args = (w_hh_p, w_hr_p, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse)
-    w_ih_p = pack(w_ih, False) if dx is not None else None
+    w_ih_p = _pack(w_ih, False) if dx is not None else None
     kernels = _KERNELS[mode]
     for i0, i1, t_lo in _time_chunks(T, L, reverse, backward=True):
         n = i1 - i0

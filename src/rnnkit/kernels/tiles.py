@@ -27,6 +27,8 @@ and store only; the packed zeros make the k loop itself branch-free.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -56,15 +58,16 @@ def strip_width(dtype) -> int:
 PACK_THREADED_MIN = 1 << 18
 
 
-def pack(b: np.ndarray, trans: bool) -> np.ndarray:
+def pack(b: np.ndarray, trans: bool, threads: Optional[int] = None) -> np.ndarray:
     """b (K, N), or b = w.T for w (N, K) when ``trans``, as the (S, K, W) strips the tiles
-    read (see the legend)."""
-    if b.size < PACK_THREADED_MIN:
+    read (see the legend); on at most ``threads`` of numba's threads (default: all of them)."""
+    if b.size < PACK_THREADED_MIN or (threads is not None and threads < 2):
         return _pack(b, trans)
+    threads = numba.get_num_threads() if threads is None else min(threads, numba.get_num_threads())
     K, N = (b.shape[1], b.shape[0]) if trans else b.shape
     W = strip_width(b.dtype)
     result = np.empty(((N + W - 1) // W, K, W), b.dtype)
-    _pack_threads(b, trans, result, numba.get_num_threads())
+    _pack_threads(b, trans, result, threads)
     return result
 
 
