@@ -212,6 +212,23 @@ def test_torch_func_transforms_match_torch(kind, backend):
         torch.testing.assert_close(f, r, **TOL[torch.float32])
 
 
+# (torch.nn.LSTM without projections runs oneDNN, which has no forward AD: it raises there)
+@pytest.mark.parametrize("kind", ["tanh", "gru", "lstm-proj"])
+def test_forward_mode_ad_matches_torch(kind, backend):
+    """Dual tensors (torch.autograd.forward_ad) reach the reference ops, as in torch.nn."""
+    import torch.autograd.forward_ad as fwAD
+
+    ref, ours = twins(kind, input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
+    x, tangent = torch.randn(5, 2, 3), torch.randn(5, 2, 3)
+    results = []
+    for m in (ref, ours):
+        with fwAD.dual_level():
+            out, _ = m(fwAD.make_dual(x, tangent))
+            results.append(fwAD.unpack_dual(out))
+    for r, f in zip(*results):
+        torch.testing.assert_close(f, r, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("kind", ["tanh", "gru", "lstm-proj"])
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_activation_checkpointing_matches_torch(kind, use_reentrant, backend):

@@ -38,6 +38,12 @@ for _kind, _cell in enumerate(CELLS.values()):
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _functorch_active = torch._C._are_functorch_transforms_active  # inside torch.func.grad, vmap, ...
+
+
+def _transformed() -> bool:
+    """Inside a torch.func transform (grad, vmap, jvp, ...) or forward-mode AD's dual level:
+    they see through torch ops, not through the kernels, so the layers run the reference."""
+    return _functorch_active() or torch.autograd.forward_ad._current_level >= 0
 # Split work across threads only when each thread gets enough to pay for waking them (about
 # 10 us): per step of a time loop, which wakes them once for all its steps; per product for the
 # GEMMs before and after it.
@@ -487,8 +493,9 @@ def fused_stack(cell: Cell, x: Tensor, state0: tuple, params: Sequence[LayerPara
     """Every layer and direction in one call, tensors made only at the ends (the driver's stack
     contract, see rnnkit._driver): inference straight through the kernels, training as one
     autograd node (``_EagerStack``). None under torch.compile (the custom op path, layer by
-    layer), inside torch.func transforms or for mixed dtypes (fused_layer's fallbacks)."""
-    if torch.compiler.is_compiling() or _functorch_active():
+    layer), inside torch.func transforms or forward-mode AD, or for mixed dtypes (fused_layer's
+    fallbacks)."""
+    if torch.compiler.is_compiling() or _transformed():
         return None
     weights = [t for p in params for t in p]  # _PER_LAYER per layer-direction, None where absent
     dtype = x.dtype
@@ -636,9 +643,7 @@ def fused_layer(
     h0 = state[0]
     c0 = state[1] if cell.state_size == 2 else _NO_CELL_STATE[x.dtype].expand(B, 0)
     params = (x, p.w_ih, p.w_hh, p.b_ih, p.b_hh, p.w_hr, h0, c0)
-    if _functorch_active():
-        # torch.func transforms (grad, vmap, jacrev, ...) see through torch ops, not through the
-        # kernels: the reference layer, which they differentiate and batch like torch.nn's
+    if _transformed():  # the reference layer, which the transforms differentiate and batch
         return reference_layer(cell, x, state, p, batch_sizes, reverse)
     if any(t is not None and t.dtype != x.dtype for t in params):
         # mixed dtypes (possible under autocast, which skips the module's dtype check): the
