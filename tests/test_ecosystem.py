@@ -212,7 +212,9 @@ def test_torch_func_transforms_match_torch(kind, backend):
         torch.testing.assert_close(f, r, **TOL[torch.float32])
 
 
-# (torch.nn.LSTM without projections runs oneDNN, which has no forward AD: it raises there)
+# (torch.nn.LSTM without projections runs oneDNN, which has no forward AD: it raises there.)
+# torch's make_dual loads its jvp decompositions with torch.jit.script on first use, which warns.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("kind", ["tanh", "gru", "lstm-proj"])
 def test_forward_mode_ad_matches_torch(kind, backend):
     """Dual tensors (torch.autograd.forward_ad) reach the reference ops, as in torch.nn."""
