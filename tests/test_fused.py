@@ -294,7 +294,7 @@ def test_kernel_cache_does_not_depend_on_the_checkout_path(tmp_path, monkeypatch
     from rnnkit.kernels import config, tiles
 
     monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path))
-    kernel = tiles._pack.py_func
+    kernel = tiles._pack_serial.py_func
     locator = config._PackageCacheLocator.from_function(kernel, kernel.__code__.co_filename)
     assert locator.get_cache_path() == os.path.join(str(tmp_path), "kernels")
     assert config._PackageCacheLocator.from_function(test_fused_gradcheck, __file__) is None

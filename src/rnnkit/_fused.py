@@ -37,13 +37,14 @@ for _kind, _cell in enumerate(CELLS.values()):
         _KERNELS[_cell.mode] = driver.kernels_for(_kind, _cell.mode.lower())
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
-_functorch_active = torch._C._are_functorch_transforms_active  # inside torch.func.grad, vmap, ...
 
 
 def _transformed() -> bool:
     """Inside a torch.func transform (grad, vmap, jvp, ...) or forward-mode AD's dual level:
     they see through torch ops, not through the kernels, so the layers run the reference."""
-    return _functorch_active() or torch.autograd.forward_ad._current_level >= 0
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
 # Split work across threads only when each thread gets enough to pay for waking them (about
 # 10 us): per step of a time loop, which wakes them once for all its steps; per product for the
 # GEMMs before and after it.

@@ -62,7 +62,7 @@ def pack(b: np.ndarray, trans: bool, threads: Optional[int] = None) -> np.ndarra
     """b (K, N), or b = w.T for w (N, K) when ``trans``, as the (S, K, W) strips the tiles
     read (see the legend); on at most ``threads`` of numba's threads (default: all of them)."""
     if b.size < PACK_THREADED_MIN or (threads is not None and threads < 2):
-        return _pack(b, trans)
+        return _pack_serial(b, trans)
     threads = numba.get_num_threads() if threads is None else min(threads, numba.get_num_threads())
     K, N = (b.shape[1], b.shape[0]) if trans else b.shape
     W = strip_width(b.dtype)
@@ -72,7 +72,7 @@ def pack(b: np.ndarray, trans: bool, threads: Optional[int] = None) -> np.ndarra
 
 
 @jit
-def _pack(b, trans):
+def _pack_serial(b, trans):  # allocation included: one compiled call for the small weights
     K, N = (b.shape[1], b.shape[0]) if trans else (b.shape[0], b.shape[1])
     W = 128 // b.itemsize
     result = np.empty(((N + W - 1) // W, K, W), b.dtype)
