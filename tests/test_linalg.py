@@ -67,6 +67,22 @@ def test_threaded_pack_matches_serial(K, N, trans, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transposed_pack_blocks(dtype):
+    """A transposed pack moves whole strips' L x L blocks through registers and the rest
+    (K % L columns, a partial last strip) element by element: every K residue, full and
+    partial strips, equal to numpy's transpose with zeros past column N."""
+    W = tiles.strip_width(dtype)
+    rng = np.random.default_rng(5)
+    for K in range(1, 2 * W + 2):
+        for N in (W - 1, W, 2 * W + 3, 3 * W):
+            w = rng.standard_normal((N, K)).astype(dtype)  # b = w.T, (K, N)
+            packed = tiles._pack_serial(w, True)
+            flat = packed.transpose(1, 0, 2).reshape(K, -1)
+            np.testing.assert_array_equal(flat[:, :N], w.T)
+            assert not flat[:, N:].any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("K,N", [(1, 1), (3, 5), (7, 16), (13, 33), (64, 64), (40, 100), (65, 130)])
 @pytest.mark.parametrize("r0,r1", [(0, 1), (2, 4), (1, 4), (0, 5), (1, 7), (0, 7), (0, 8), (0, 9), (1, 11),
                                    (0, 11), (3, 15), (0, 13), (2, 16), (0, 15), (3, 24)])

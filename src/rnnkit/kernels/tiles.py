@@ -104,7 +104,17 @@ def _pack_strips(b, trans, result, s0, s1):
         if s == full:  # the last, partial strip: zeros past column N
             dst[:, :] = 0
         width = min(W, N - j0)
-        if trans:
+        if trans and width == W:  # L x L blocks transposed in registers, then the last K % L
+            L = W // 2
+            kb = K - K % L
+            for k0 in range(0, kb, L):
+                _transpose_block(b, packed, s, j0, k0, 0)
+                _transpose_block(b, packed, s, j0 + L, k0, L)
+            for c in range(W):
+                src = b[j0 + c]
+                for k in range(kb, K):
+                    dst[k, c] = src[k]
+        elif trans:
             for c in range(width):
                 src = b[j0 + c]
                 for k in range(K):
@@ -118,6 +128,55 @@ def _pack_strips(b, trans, result, s0, s1):
             for k in range(K):
                 for c in range(width):
                     dst[k, c] = b[k, j0 + c]
+
+
+@intrinsic
+def _transpose_block(typingctx, b, packed, s, j, k0, c0):
+    """packed[s, k0 + i, c0 + r] = b[j + r, k0 + i] for r, i < L (one vector's lanes): L rows
+    of b loaded as vectors and transposed by log2(L) rounds of two-vector shuffles (round m
+    swaps the lanes whose row and column differ in bit m), where a scalar copy stores one
+    element at a time. The caller guarantees j + L <= rows of b, k0 + L <= columns of b ==
+    packed.shape[1], and c0 + L <= packed.shape[2]."""
+    if not (isinstance(b, types.Array) and isinstance(packed, types.Array) and b.layout == "C"
+            and packed.layout == "C" and (b.ndim, packed.ndim) == (2, 3) and b.dtype == packed.dtype
+            and b.dtype in (types.float32, types.float64) and packed.mutable
+            and all(t == types.int64 for t in (s, j, k0, c0))):
+        return None
+
+    def codegen(context, builder, signature, args):
+        B = context.make_array(signature.args[0])(context, builder, args[0])
+        P = context.make_array(signature.args[1])(context, builder, args[1])
+        s, j, k0, c0 = args[2:]
+        elt = context.get_data_type(signature.args[0].dtype)
+        size = context.get_abi_sizeof(elt)
+        L = VECTOR_BYTES // size
+        vty = ir.VectorType(elt, L)
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        K = builder.extract_value(B.shape, 1)
+        W = builder.extract_value(P.shape, 2)
+
+        def vector_at(base, index):
+            return builder.bitcast(builder.gep(base, [index]), vty.as_pointer())
+
+        rows = []
+        for r in range(L):  # b[j + r, k0:k0 + L]
+            index = builder.add(builder.mul(builder.add(j, ir.Constant(i64, r)), K), k0)
+            rows.append(builder.load(vector_at(B.data, index), align=size))
+        m = 1
+        while m < L:
+            low = ir.Constant(ir.VectorType(i32, L), [c if c & m == 0 else L + c - m for c in range(L)])
+            high = ir.Constant(ir.VectorType(i32, L), [c + m if c & m == 0 else L + c for c in range(L)])
+            for r in range(L):
+                if r & m == 0:
+                    a, c = rows[r], rows[r + m]
+                    rows[r], rows[r + m] = builder.shuffle_vector(a, c, low), builder.shuffle_vector(a, c, high)
+            m *= 2
+        base = builder.add(builder.mul(builder.add(builder.mul(s, K), k0), W), c0)  # packed[s, k0, c0]
+        for i in range(L):
+            builder.store(rows[i], vector_at(P.data, builder.add(base, builder.mul(ir.Constant(i64, i), W))), align=size)
+        return context.get_dummy_value()
+
+    return types.void(b, packed, s, j, k0, c0), codegen
 
 
 def _vector_intrinsic(builder, name, vty, mask_ty, masked):
