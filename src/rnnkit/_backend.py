@@ -85,7 +85,9 @@ def layer_for(cell: Cell, x: Tensor) -> LayerFn:
 def backend_for(cell: Cell, x: Tensor) -> Backend:
     choice = get_backend()
     if choice == _AUTO:
-        return next(b for b in _BACKENDS.values() if b.supports(cell, x))
+        for backend in _BACKENDS.values():
+            if backend.supports(cell, x):
+                return backend
     backend = _BACKENDS.get(choice)
     if backend is None:
         raise RuntimeError(f"rnnkit backend {choice!r} is not available here")

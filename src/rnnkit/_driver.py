@@ -17,7 +17,8 @@ kernels provide another with the same contract.
 
 A backend may also offer a *stack function*, which runs every layer and direction in one call
 with ``run_layers``'s contract (without the layer-by-layer torch glue, which costs more than a
-small layer's whole time loop; with autograd it is one node for the whole stack):
+small layer's whole time loop; with autograd it is one node for the whole stack; ``state0`` None
+meaning zeros, which it may then make in its own form):
 
     stack(cell, x, state0, params, num_layers, num_directions, batch_sizes) -> result or None
 
@@ -77,13 +78,16 @@ def run_layers(
     packing: Optional["Packing"],
     stack: Optional[StackFn] = None,
 ) -> tuple:
-    """Stack layers and directions. ``state0`` holds (L*D, B, .) tensors; returns
-    ``(output (T, B, D*H_out), state_n)`` with state_n laid out like state0."""
+    """Stack layers and directions. ``state0`` holds (L*D, B, .) tensors, or is None for zeros
+    (made here only if the layers need them as tensors); returns ``(output (T, B, D*H_out),
+    state_n)`` with state_n laid out like state0."""
     batch_sizes = packing.batch_sizes if packing is not None else None
     if stack is not None and not (dropout > 0 and training and num_layers > 1):
         result = stack(cell, x, state0, params, num_layers, num_directions, batch_sizes)
         if result is not None:
             return result
+    if state0 is None:
+        state0 = zero_state(cell, x, params[0], num_layers * num_directions)
     finals: list = []
     for layer_idx in range(num_layers):
         if layer_idx > 0 and dropout > 0 and training:
@@ -99,6 +103,13 @@ def run_layers(
         x = outs[0] if num_directions == 1 else torch.cat(outs, -1)
     state_n = tuple(torch.stack([f[i] for f in finals]) for i in range(len(state0)))
     return x, state_n
+
+
+def zero_state(cell: Cell, x: Tensor, p: LayerParams, rows: int) -> tuple:
+    """h_0 (and c_0) of zeros: (rows, B, H_out) and (rows, B, H), H_out being W_hh's width."""
+    hidden, h_out = p.w_hh.shape[0] // cell.gates, p.w_hh.shape[1]
+    sizes = ((rows, x.shape[1], h_out), (rows, x.shape[1], hidden))[:cell.state_size]
+    return tuple(x.new_zeros(size) for size in sizes)
 
 
 def _dropout(x: Tensor, p: float, packing: Optional["Packing"]) -> Tensor:

@@ -56,7 +56,7 @@ _NO_CELL_STATE = {dtype: torch.empty(1, 0, dtype=dtype) for dtype in SUPPORTED_D
 
 
 def supports(cell: Cell, x: Tensor) -> bool:
-    return cell.mode in _KERNELS and x.device.type == "cpu" and x.dtype in SUPPORTED_DTYPES
+    return x.is_cpu and x.dtype in SUPPORTED_DTYPES and cell.mode in _KERNELS
 
 
 def _threads() -> int:
@@ -96,7 +96,9 @@ _NO_PROJECTION = {d: (np.empty((0, 0, strip_width(d)), d), np.empty((0, 0, 0), d
 
 
 def _np(t: Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
+    if t.requires_grad or not t.is_contiguous():
+        t = t.detach().contiguous()
+    return t.numpy()
 
 
 def _matmul_packed(a: np.ndarray, b_packed: np.ndarray, bias: Optional[np.ndarray], out: np.ndarray) -> None:
@@ -203,7 +205,7 @@ def _forward(mode: str, steps: np.ndarray, reverse: bool, training: bool, x, w_i
     args = (_pack(w_hh, True), b_hh if b_hh is not None else np.zeros(GH, dtype),
             w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved, m_seq, np.empty((B, GH), dtype))
     kernels = _KERNELS[mode]
-    for i0, i1, t_lo in _time_chunks(T, L, reverse, backward=False):
+    for i0, i1, t_lo in _time_chunks(T, L, reverse, backward=False) if L < T else ((0, T, 0),):
         n = i1 - i0
         _matmul_packed(x[t_lo:t_lo + n].reshape(n * B, I), w_ih_t, b_ih, xw[:n].reshape(n * B, GH))
         _launch(kernels.forward_rows, kernels.forward_chunks, (xw[:n], *args, i0, i1), B,
@@ -242,7 +244,7 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
     args = (w_hh_p, w_hr_p, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse)
     w_ih_p = _pack(w_ih, False) if dx is not None else None
     kernels = _KERNELS[mode]
-    for i0, i1, t_lo in _time_chunks(T, L, reverse, backward=True):
+    for i0, i1, t_lo in _time_chunks(T, L, reverse, backward=True) if L < T else ((0, T, 0),):
         n = i1 - i0
         _launch(kernels.backward_rows, kernels.backward_chunks,
                 (*args, d_xw[:n], d_hw[:n], d_h_seq[:n], d_first, dm, d_h0, d_c0, i0, i1), B,
@@ -325,7 +327,7 @@ def _weight_arrays(tensors):
 
 
 def _tensors(*arrays):
-    return tuple(None if a is None else torch.from_numpy(a) for a in arrays)
+    return tuple([None if a is None else torch.from_numpy(a) for a in arrays])
 
 
 # ---- double backward (``create_graph=True``: gradient penalties, Hessian-vector products).
@@ -499,47 +501,66 @@ def fused_stack(cell: Cell, x: Tensor, state0: tuple, params: Sequence[LayerPara
     if torch.compiler.is_compiling() or _transformed():
         return None
     weights = [t for p in params for t in p]  # _PER_LAYER per layer-direction, None where absent
+    state0 = (None, None) if state0 is None else (*state0, None)[:2]  # (h0, c0), None for zeros
     dtype = x.dtype
-    grad = torch.is_grad_enabled()
+    for t in (*state0, *weights):
+        if t is not None and t.dtype != dtype:
+            return None
     training = False
-    for t in (x, *state0, *weights):
-        if t is not None:
-            if t.dtype != dtype:
-                return None
-            training = training or (grad and t.requires_grad)
+    if torch.is_grad_enabled():
+        for t in (x, *state0, *weights):
+            if t is not None and t.requires_grad:
+                training = True
+                break
     plan = (cell, _steps(x.shape[0], x.shape[1], batch_sizes), num_layers, num_directions)
-    c0 = state0[1] if cell.state_size == 2 else None
     if training:
-        out, h_n, c_n = _EagerStack.apply(plan, x, state0[0], c0, *weights)
+        out, h_n, c_n = _EagerStack.apply(plan, x, *state0, *weights)
     else:
-        out, h_n, c_n = _tensors(*_stack_forward(plan, False, _np(x), _np(state0[0]), None if c0 is None else _np(c0),
-                                                 _weight_arrays(weights))[:3])
+        weights_np = _weight_arrays(weights)
+        out, h_n, c_n = _tensors(*_stack_forward(plan, False, _np(x), *_states(plan, x, weights_np, *state0),
+                                                 weights_np)[:3])
     return out, ((h_n, c_n) if cell.state_size == 2 else (h_n,))
+
+
+def _states(plan: tuple, x: Tensor, weights_np: list, h0: Optional[Tensor], c0: Optional[Tensor]) -> tuple:
+    """The stack's (h0, c0) arrays (c0 None but for the LSTM): zeros where a state is None."""
+    cell, _, num_layers, D = plan
+    if h0 is not None:
+        return _np(h0), None if c0 is None else _np(c0)
+    w_hh = weights_np[1]  # (gates * H, H_out)
+    dtype = _NP_DTYPE[x.dtype]
+    rows, B = num_layers * D, x.shape[1]
+    h0 = np.zeros((rows, B, w_hh.shape[1]), dtype)
+    return h0, np.zeros((rows, B, w_hh.shape[0] // cell.gates), dtype) if cell.state_size == 2 else None
 
 
 _PER_LAYER = len(LayerParams._fields)  # w_ih, w_hh, b_ih, b_hh, w_hr
 
 
 def _stack_forward(plan: tuple, training: bool, x, h0, c0, weights):
-    """Arrays in, arrays out: (output, h_n, c_n, records) of a whole stack, records[k] holding
-    layer-direction k's (input, output, c_seq, saved, m_seq) for backward."""
+    """Arrays in, arrays out: (output, h_n, c_n, records) of a whole stack (c_n None when c0 is:
+    a cell without one), records[k] holding layer-direction k's (input, output, c_seq, saved,
+    m_seq) for backward."""
     cell, steps, num_layers, D = plan
-    if c0 is None:
-        c0 = np.empty((h0.shape[0], h0.shape[1], 0), h0.dtype)
-    h_n, c_n = np.empty_like(h0), np.empty_like(c0)
-    records = []
+    no_cell_state = np.empty((h0.shape[1], 0), h0.dtype)  # what the kernels take instead
+    finals, records = [], []
     h = x
     for layer in range(num_layers):
         outs = []
         for direction in range(D):
             k = layer * D + direction
             w = weights[k * _PER_LAYER:(k + 1) * _PER_LAYER]
-            out, h_n[k], c_n[k], c_seq, saved, m_seq = _forward(cell.mode, steps, direction == 1, training, h,
-                                                               *w, h0[k], c0[k])
+            out, h_n, c_n, c_seq, saved, m_seq = _forward(cell.mode, steps, direction == 1, training, h, *w, h0[k],
+                                                          no_cell_state if c0 is None else c0[k])
+            finals.append((h_n, c_n))
             records.append((h, out, c_seq, saved, m_seq))
             outs.append(out)
         h = outs[0] if D == 1 else np.concatenate(outs, -1)
-    return h, h_n, c_n, records
+    if len(finals) == 1:  # (a view: no copy)
+        h_n, c_n = finals[0][0][None], finals[0][1][None]
+    else:
+        h_n, c_n = np.stack([f[0] for f in finals]), np.stack([f[1] for f in finals])
+    return h, h_n, None if c0 is None else c_n, records
 
 
 class _EagerStack(torch.autograd.Function):
@@ -551,7 +572,8 @@ class _EagerStack(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan, x, h0, c0, *weights):
         ctx.set_materialize_grads(False)  # an output without a gradient costs no zeros (backward)
-        x_np, h0_np, c0_np, weights_np = _np(x), _np(h0), None if c0 is None else _np(c0), _weight_arrays(weights)
+        x_np, weights_np = _np(x), _weight_arrays(weights)
+        h0_np, c0_np = _states(plan, x, weights_np, h0, c0)
         out, h_n, c_n, records = _stack_forward(plan, True, x_np, h0_np, c0_np, weights_np)
         results = _tensors(out, h_n, c_n)
         # Everything backward reads goes through save_for_backward, so an in-place change of any
@@ -585,6 +607,8 @@ class _EagerStack(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: see _differentiable_grads
             h0, c0, *rest = ctx.saved_tensors
             weights, x = rest[:n_weights], rest[n_weights]
+            if h0 is None:  # zeros (not given): the reference differentiates the same zeros
+                h0, c0 = (None if a is None else torch.from_numpy(a) for a in ctx.small[:2])
             outputs = _reference_stack(cell, steps, num_layers, D, x, h0, c0, weights)
             grads = _differentiable_grads(outputs, (d_out, d_hn, d_cn), (x, h0, c0, *weights), ctx.needs_input_grad[1:])
             return (None, *grads)

@@ -293,7 +293,7 @@ class RNNBase(nn.Module):
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {data.shape[-1]}"
             )
         if hx is None:
-            state = tuple(data.new_zeros(size) for size in self._state_sizes(batch))
+            state = None  # zeros, made by whichever path runs the layers (see run_layers)
         else:
             state = _as_state(hx, cell.state_size, cell.label)
             _check_state_like(state, data)
