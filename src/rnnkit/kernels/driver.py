@@ -129,7 +129,7 @@ def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, 
         t = T - 1 - i if reverse else i
         x_t = xw[t - t_lo]
         n = min(max(steps[t], r0), r1)  # rows [r0, n) are active at step t
-        matmul_packed(h, w_hh_t, hw, r0, n, b_hh)  # hw = h @ W_hh^T + b_hh
+        matmul_packed(h, w_hh_t, hw, r0, n, b_hh, i % 2 == 1)  # hw = h @ W_hh^T + b_hh (strip order alternating)
         if project:
             m = m_seq[t if keep_m else 0]
             for r in range(r0, n):

@@ -173,7 +173,8 @@ def _transpose_block(typingctx, b, packed, s, j, k0, c0):
             m *= 2
         base = builder.add(builder.mul(builder.add(builder.mul(s, K), k0), W), c0)  # packed[s, k0, c0]
         for i in range(L):
-            builder.store(rows[i], vector_at(P.data, builder.add(base, builder.mul(ir.Constant(i64, i), W))), align=size)
+            index = builder.add(base, builder.mul(ir.Constant(i64, i), W))
+            builder.store(rows[i], vector_at(P.data, index), align=size)
         return context.get_dummy_value()
 
     return types.void(b, packed, s, j, k0, c0), codegen
@@ -319,10 +320,11 @@ BLOCK = 4096
 
 
 @jit_inline
-def matmul_packed(a, bp, out, r0, r1, start=None):
+def matmul_packed(a, bp, out, r0, r1, start=None, backwards=False):
     """out[r] += a[r] @ b for r in [r0, r1), b given packed (see ``pack``); or
     out[r] = start + a[r] @ b when ``start`` (N,) is given (out is then only written).
-    a (B, K), bp (S, K, W), out (B, N) with S = ceil(N / W)."""
+    a (B, K), bp (S, K, W), out (B, N) with S = ceil(N / W). ``backwards``: one row reads the
+    strips from last to first (see _row_from)."""
     S, K = bp.shape[0], bp.shape[1]
     N = out.shape[1]
     if r1 <= r0 or N == 0:
@@ -330,7 +332,9 @@ def matmul_packed(a, bp, out, r0, r1, start=None):
     _check(a, bp, out, r0, r1, start)
     # strips outer, 8-row tiles inner: a strip (K * W values) stays in cache for every row
     block = max(1, BLOCK // max(K, 1))  # strips per block: about BLOCK * W values
-    for s0 in range(0, S, block):
+    blocks = (S + block - 1) // block
+    for i in range(blocks):
+        s0 = (blocks - 1 - i if backwards and r1 - r0 == 1 else i) * block
         s1 = min(S, s0 + block)
         r = r0
         while r + TILE_ROWS <= r1:
@@ -338,7 +342,7 @@ def matmul_packed(a, bp, out, r0, r1, start=None):
                 _tile(a, bp, out, r, s, TILE_ROWS, 1, start)
             r += TILE_ROWS
         if r + 1 == r1:  # one row (batch 1): inlined, no call
-            _row_from(a, bp, out, r, s0, s1, start)
+            _row_from(a, bp, out, r, s0, s1, start, backwards)
         elif r < r1:
             _rows_from(a, bp, out, r, s0, s1, r1 - r, start)
 
@@ -359,18 +363,23 @@ def _check(a, bp, out, r0, r1, start):
 
 
 @jit_inline
-def _row_from(a, bp, out, r, s0, s1, start):
+def _row_from(a, bp, out, r, s0, s1, start, backwards=False):
     """Strips [s0, s1) for the single row r, up to four strips at a time so a tile has at least
     four independent sums (an FMA's latency) where the columns allow. Inlined into the loops:
-    at batch 1 a call per step costs about as much as the product itself."""
-    s = s0
-    while s + 4 <= s1:
-        _tile(a, bp, out, r, s, 1, 4, start)
-        s += 4
-    if s + 2 <= s1:
+    at batch 1 a call per step costs about as much as the product itself.
+    ``backwards``: the groups of four from last to first, then the rest (the time loop
+    alternates, so a step starts on the strips the step before read last, which are still in
+    L1 when the weights are a little larger than it: LSTM H = 64, 64 KB)."""
+    fours, rest = (s1 - s0) // 4, (s1 - s0) % 4
+    first = s0 + rest if backwards else s0  # the groups of four cover [first, first + 4 fours)
+    for g in range(fours):
+        _tile(a, bp, out, r, first + 4 * (fours - 1 - g if backwards else g), 1, 4, start)
+    s = s0 if backwards else s0 + 4 * fours  # the rest: [s, s + rest)
+    end = s + rest
+    if s + 2 <= end:
         _tile(a, bp, out, r, s, 1, 2, start)
         s += 2
-    if s < s1:
+    if s < end:
         _tile(a, bp, out, r, s, 1, 1, start)
 
 
