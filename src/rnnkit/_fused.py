@@ -214,9 +214,10 @@ def _forward(mode: str, steps: np.ndarray, reverse: bool, training: bool, x, w_i
 
 
 def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool], d_out, d_hn, d_cn,
-              x, w_ih, w_hh, w_hr, h0, c0, out, c_seq, saved, m_seq):
+              x, w_ih, w_hh, w_hr, h0, c0, out, c_seq, saved, m_seq, h0_zero: bool = False):
     """BPTT by the kernel, then the gradient GEMMs, chunk by chunk of time: grads of (x, w_ih,
-    w_hh, b_ih, b_hh, w_hr, h0, c0), None where ``need`` says no."""
+    w_hh, b_ih, b_hh, w_hr, h0, c0), None where ``need`` says no. ``h0_zero``: h0 is the zeros
+    the caller made for a state not given (its share of dL/dW_hh is then skipped)."""
     cell = CELLS[mode]
     T, B, Ho = out.shape
     I = x.shape[-1]
@@ -270,7 +271,7 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
             _add_column_sums(d_hw2, db_hh)
         if dw_hr is not None:  # dL/dW_hr = sum_t dh_t^T m_t
             _matmul_t(d_h_seq[:n].reshape(n * B, Ho), m_seq[t_lo:t_lo + n].reshape(n * B, m_seq.shape[-1]), dw_hr)
-    if dw_hh is not None:
+    if dw_hh is not None and not (h0_zero and np.isfinite(d_first).all()):  # (inf * 0 is NaN, as in torch)
         _matmul_t(d_first, h0, dw_hh)
     return (dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, d_h0 if need[6] else None, d_c0 if need[7] else None)
 
@@ -579,25 +580,29 @@ class _EagerStack(torch.autograd.Function):
         # Everything backward reads goes through save_for_backward, so an in-place change of any
         # of it (the returned output included) raises instead of corrupting grads, and autograd
         # frees it once backward has run. Arrays shared by several records are saved once.
-        index = {id(x_np): 0, id(out): 1}  # array -> its position in ``saved``
-        saved = [x, results[0]]
-        arrays = [x_np, out]
-        slots = []
-        for record in records:
-            for a in record:
-                if id(a) not in index:
-                    index[id(a)] = len(saved)
-                    saved.append(torch.from_numpy(a))
-                    arrays.append(a)
-            slots.append([index[id(a)] for a in record])
-        ctx.plan, ctx.slots = plan, slots
-        ctx.save_for_backward(h0, c0, *weights, *saved)
         # Backward reads the arrays themselves rather than converting the saved tensors back
         # (a microsecond each, which small layers feel): the small ones (states, views of the
         # parameters) directly, the per-step ones through weak references, alive exactly as long
         # as the saved tensors that own their memory (x's view is made anew: it owns nothing).
+        # Arrays without elements (an Elman or GRU layer's c_seq, m_seq without projections)
+        # have nothing to protect or free: kept as they are, no tensor saved.
+        index = {id(x_np): 0, id(out): 1}  # array -> its position in ``sources``
+        saved = [x, results[0]]
+        sources = [(0, None), (1, weakref.ref(out))]  # (position in saved, weak ref) or the array
+        slots = []
+        for record in records:
+            for a in record:
+                if id(a) not in index:
+                    index[id(a)] = len(sources)
+                    if a.size == 0:
+                        sources.append(a)
+                    else:
+                        sources.append((len(saved), weakref.ref(a)))
+                        saved.append(torch.from_numpy(a))
+            slots.append([index[id(a)] for a in record])
+        ctx.plan, ctx.slots, ctx.sources = plan, slots, sources
+        ctx.save_for_backward(h0, c0, *weights, *saved)
         ctx.small = (h0_np, c0_np, weights_np)
-        ctx.refs = [None] + [weakref.ref(a) for a in arrays[1:]]
         return results
 
     @staticmethod
@@ -612,10 +617,13 @@ class _EagerStack(torch.autograd.Function):
             outputs = _reference_stack(cell, steps, num_layers, D, x, h0, c0, weights)
             grads = _differentiable_grads(outputs, (d_out, d_hn, d_cn), (x, h0, c0, *weights), ctx.needs_input_grad[1:])
             return (None, *grads)
-        saved = ctx.saved_tensors[2 + n_weights:]  # (checks that nothing was changed in place)
+        saved = ctx.saved_tensors  # (checks that nothing was changed in place)
+        h0_given, saved = saved[0], saved[2 + n_weights:]
         h0, c0, weights = ctx.small
         unreached = _projection_unreached(d_out, d_hn, len(steps))
-        arrays = [_np(t) if ref is None or ref() is None else ref() for t, ref in zip(saved, ctx.refs)]
+        arrays = [source if isinstance(source, np.ndarray) else
+                  _np(saved[source[0]]) if source[1] is None or source[1]() is None else source[1]()
+                  for source in ctx.sources]
         needs = ctx.needs_input_grad
         LD, B, Ho = h0.shape
         if c0 is None:
@@ -636,7 +644,8 @@ class _EagerStack(torch.autograd.Function):
                 w_ih, w_hh, _, _, w_hr = weights[first:first + _PER_LAYER]
                 need = [layer > 0 or needs[1], *needs[4 + first:4 + first + _PER_LAYER], needs[2], needs[3]]
                 dx, *d_w, dh0, dc0 = _backward(cell.mode, steps, direction == 1, need, d_out_k, d_hn[k], d_cn[k],
-                                               x, w_ih, w_hh, w_hr, h0[k], c0[k], out, c_seq, saved, m_seq)
+                                               x, w_ih, w_hh, w_hr, h0[k], c0[k], out, c_seq, saved, m_seq,
+                                               h0_zero=h0_given is None)
                 d_weights[first:first + _PER_LAYER] = d_w
                 if d_h0 is not None:
                     d_h0[k] = dh0
