@@ -87,7 +87,7 @@ def run_layers(
         if result is not None:
             return result
     if state0 is None:
-        state0 = zero_state(cell, x, params[0], num_layers * num_directions)
+        state0 = _zero_state(cell, x, params[0], num_layers * num_directions)
     finals: list = []
     for layer_idx in range(num_layers):
         if layer_idx > 0 and dropout > 0 and training:
@@ -105,7 +105,7 @@ def run_layers(
     return x, state_n
 
 
-def zero_state(cell: Cell, x: Tensor, p: LayerParams, rows: int) -> tuple:
+def _zero_state(cell: Cell, x: Tensor, p: LayerParams, rows: int) -> tuple:
     """h_0 (and c_0) of zeros: (rows, B, H_out) and (rows, B, H), H_out being W_hh's width."""
     hidden, h_out = p.w_hh.shape[0] // cell.gates, p.w_hh.shape[1]
     sizes = ((rows, x.shape[1], h_out), (rows, x.shape[1], hidden))[:cell.state_size]
