@@ -15,6 +15,7 @@ float64 CPU arrays only; this module guarantees that.
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Optional, Sequence
 
@@ -225,7 +226,8 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
     dtype = out.dtype
     L = _chunk_steps(T, B, GH * (2 if cell.separate_input_grad else 1))
     d_xw = np.empty((L, B, GH), dtype)
-    d_hw = np.empty((L, B, GH), dtype) if cell.separate_input_grad else d_xw
+    shared = not cell.separate_input_grad  # dL/d(x W_ih^T) and dL/d(h W_hh^T) are one array (Elman)
+    d_hw = d_xw if shared else np.empty((L, B, GH), dtype)
     d_first = np.zeros((B, GH), dtype)
     d_h0 = np.empty((B, Ho), dtype)
     d_c0 = np.empty(c0.shape, dtype)
@@ -267,11 +269,14 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
                           dw_hh)
         if db_ih is not None:
             _add_column_sums(d_xw2, db_ih)
-        if db_hh is not None:
+        if db_hh is not None and not (shared and db_ih is not None):
             _add_column_sums(d_hw2, db_hh)
         if dw_hr is not None:  # dL/dW_hr = sum_t dh_t^T m_t
             _matmul_t(d_h_seq[:n].reshape(n * B, Ho), m_seq[t_lo:t_lo + n].reshape(n * B, m_seq.shape[-1]), dw_hr)
-    if dw_hh is not None and not (h0_zero and np.isfinite(d_first).all()):  # (inf * 0 is NaN, as in torch)
+    if shared and db_ih is not None and db_hh is not None:  # the same sums
+        db_hh[:] = db_ih
+    # a sum is finite only if every term is (inf * 0 must still make NaN, as in torch)
+    if dw_hh is not None and not (h0_zero and math.isfinite(d_first.sum())):
         _matmul_t(d_first, h0, dw_hh)
     return (dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, d_h0 if need[6] else None, d_c0 if need[7] else None)
 
