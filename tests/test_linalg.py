@@ -119,6 +119,30 @@ def test_packed_tiles_match_numpy(K, N, r0, r1, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K", [1, 9, 600, 2100])  # blocks of BLOCK // K strips: 6 at K = 600, 1 at 2100
+def test_one_row_backwards_matches_forwards(K, dtype):
+    """The batch-1 loops alternate the order of the strips (``backwards``): for 1-12 strips
+    (groups of four, then two, then one, in either order) and several blocks, the same row as
+    numpy's, from out's contents and from a start row, nothing past column N or in other rows."""
+    W = tiles.strip_width(dtype)
+    for S in range(1, 13):
+        N = S * W - (S % 3)  # partial last strips too
+        _, a, b, start, tol = _operands(K, N, 3, dtype, (ROWS, K))
+        packed = tiles.pack(b, False)
+        for backwards in (False, True):
+            buffer = np.full(ROWS * N + 64, 5.0, dtype)
+            out = buffer[: ROWS * N].reshape(ROWS, N)
+            out[:] = start
+            tiles.matmul_packed(a, packed, out, 2, 3, None, backwards)
+            np.testing.assert_allclose(out[2], start[2] + a[2] @ b, rtol=tol, atol=tol * K)
+            np.testing.assert_array_equal(np.delete(out, 2, 0), np.delete(start, 2, 0))
+            out[2] = np.nan
+            tiles.matmul_packed(a, packed, out, 2, 3, start[0], backwards)
+            np.testing.assert_allclose(out[2], start[0] + a[2] @ b, rtol=tol, atol=tol * K)
+            assert (buffer[ROWS * N:] == 5.0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("K,N", [(1, 1), (3, 5), (13, 33), (64, 64), (65, 130), (300, 40)])
 @pytest.mark.parametrize("r0,r1", [(0, 1), (2, 4), (1, 7), (0, 8), (0, 9), (3, 15), (2, 16), (3, 24)])
 def test_transposed_tiles_match_numpy(K, N, r0, r1, dtype):
