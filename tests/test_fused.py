@@ -493,3 +493,26 @@ def test_weights_changed_between_calls_are_read_afresh():
         module.bias_hh_l0 = torch.nn.Parameter(torch.randn(15))
         module.bias_hh_l0.data.copy_(ref.bias_hh_l0.data)
     check()
+
+
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
+@pytest.mark.parametrize("grad", [False, True])
+def test_final_states_are_laid_out_like_torch(kind, grad):
+    """h_n (and c_n) of one layer-direction are views of the kernels' final-state arrays, with
+    torch.nn's strides and shapes, and independent of the output and of later calls."""
+    ref, ours = twins(kind, input_size=3, hidden_size=5)
+    x = torch.randn(4, 2, 3)
+    with torch.set_grad_enabled(grad):
+        (_, ref_state), (out, state) = ref(x), ours(x)
+    def states(s):
+        return s if isinstance(s, tuple) else (s,)
+
+    ref_state, state = states(ref_state), states(state)
+    for r, s in zip(ref_state, state):
+        assert s.shape == r.shape and s.stride() == r.stride()
+    before = out.detach().clone()
+    with torch.no_grad():
+        state[0].fill_(7.0)
+        again = states(ours(x)[1])
+    assert torch.equal(out.detach(), before)
+    torch.testing.assert_close(again[0], ref_state[0].detach())

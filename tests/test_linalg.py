@@ -80,6 +80,9 @@ def test_transposed_pack_blocks(dtype):
             flat = packed.transpose(1, 0, 2).reshape(K, -1)
             np.testing.assert_array_equal(flat[:, :N], w.T)
             assert not flat[:, N:].any()
+    w = np.asfortranarray(rng.standard_normal((3 * W, 2 * W + 1)).astype(dtype))  # copied first
+    np.testing.assert_array_equal(tiles.pack(w, True), tiles.pack(np.ascontiguousarray(w), True))
+    np.testing.assert_array_equal(tiles.pack(w[::2], False), tiles.pack(np.ascontiguousarray(w[::2]), False))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

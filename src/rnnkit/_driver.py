@@ -69,7 +69,7 @@ def run_layers(
     cell: Cell,
     layer: LayerFn,
     x: Tensor,
-    state0: tuple,
+    state0: Optional[tuple],
     params: Sequence[LayerParams],
     num_layers: int,
     num_directions: int,

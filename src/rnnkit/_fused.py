@@ -497,7 +497,7 @@ def _steps(T: int, B: int, batch_sizes: Optional[Sequence[int]]) -> np.ndarray:
     return steps
 
 
-def fused_stack(cell: Cell, x: Tensor, state0: tuple, params: Sequence[LayerParams], num_layers: int,
+def fused_stack(cell: Cell, x: Tensor, state0: Optional[tuple], params: Sequence[LayerParams], num_layers: int,
                 num_directions: int, batch_sizes: Optional[Sequence[int]]) -> Optional[tuple]:
     """Every layer and direction in one call, tensors made only at the ends (the driver's stack
     contract, see rnnkit._driver): inference straight through the kernels, training as one
@@ -563,7 +563,7 @@ def _stack_forward(plan: tuple, training: bool, x, h0, c0, weights):
             outs.append(out)
         h = outs[0] if D == 1 else np.concatenate(outs, -1)
     if len(finals) == 1:  # (a view: no copy)
-        h_n, c_n = finals[0][0][None], finals[0][1][None]
+        h_n, c_n = (a.reshape(1, *a.shape) for a in finals[0])
     else:
         h_n, c_n = np.stack([f[0] for f in finals]), np.stack([f[1] for f in finals])
     return h, h_n, None if c0 is None else c_n, records

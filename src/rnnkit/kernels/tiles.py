@@ -60,7 +60,9 @@ PACK_THREADED_MIN = 1 << 18
 
 def pack(b: np.ndarray, trans: bool, threads: Optional[int] = None) -> np.ndarray:
     """b (K, N), or b = w.T for w (N, K) when ``trans``, as the (S, K, W) strips the tiles
-    read (see the legend); on at most ``threads`` of numba's threads (default: all of them)."""
+    read (see the legend); on at most ``threads`` of numba's threads (default: all of them).
+    b of any layout (the packing kernels read C-contiguous rows: other layouts are copied)."""
+    b = np.ascontiguousarray(b)
     if b.size < PACK_THREADED_MIN or (threads is not None and threads < 2):
         return _pack_serial(b, trans)
     threads = numba.get_num_threads() if threads is None else min(threads, numba.get_num_threads())
