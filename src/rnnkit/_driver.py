@@ -105,11 +105,15 @@ def run_layers(
     return x, state_n
 
 
+def state_shapes(cell: Cell, w_hh_shape: Sequence[int], rows: int, batch: int) -> tuple:
+    """Shapes of h_0 (and c_0): (rows, B, H_out) and (rows, B, H), from W_hh's (gates * H, H_out)."""
+    hidden, h_out = w_hh_shape[0] // cell.gates, w_hh_shape[1]
+    return ((rows, batch, h_out), (rows, batch, hidden))[:cell.state_size]
+
+
 def _zero_state(cell: Cell, x: Tensor, p: LayerParams, rows: int) -> tuple:
-    """h_0 (and c_0) of zeros: (rows, B, H_out) and (rows, B, H), H_out being W_hh's width."""
-    hidden, h_out = p.w_hh.shape[0] // cell.gates, p.w_hh.shape[1]
-    sizes = ((rows, x.shape[1], h_out), (rows, x.shape[1], hidden))[:cell.state_size]
-    return tuple(x.new_zeros(size) for size in sizes)
+    """h_0 (and c_0) of zeros, as tensors."""
+    return tuple(x.new_zeros(shape) for shape in state_shapes(cell, p.w_hh.shape, rows, x.shape[1]))
 
 
 def _dropout(x: Tensor, p: float, packing: Optional["Packing"]) -> Tensor:

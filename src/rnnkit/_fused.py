@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._driver import Packing, reference_layer, run_layers
+from ._driver import Packing, reference_layer, run_layers, state_shapes
 from .cells import CELLS, Cell, LayerParams
 from .kernels import blas, driver
 from .kernels.linalg import column_sums, gemm, gemm_rows_range
@@ -215,10 +215,9 @@ def _forward(mode: str, steps: np.ndarray, reverse: bool, training: bool, x, w_i
 
 
 def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool], d_out, d_hn, d_cn,
-              x, w_ih, w_hh, w_hr, h0, c0, out, c_seq, saved, m_seq, h0_zero: bool = False):
+              x, w_ih, w_hh, w_hr, h0, c0, out, c_seq, saved, m_seq):
     """BPTT by the kernel, then the gradient GEMMs, chunk by chunk of time: grads of (x, w_ih,
-    w_hh, b_ih, b_hh, w_hr, h0, c0), None where ``need`` says no. ``h0_zero``: h0 is the zeros
-    the caller made for a state not given (its share of dL/dW_hh is then skipped)."""
+    w_hh, b_ih, b_hh, w_hr, h0, c0), None where ``need`` says no."""
     cell = CELLS[mode]
     T, B, Ho = out.shape
     I = x.shape[-1]
@@ -275,8 +274,9 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
             _matmul_t(d_h_seq[:n].reshape(n * B, Ho), m_seq[t_lo:t_lo + n].reshape(n * B, m_seq.shape[-1]), dw_hr)
     if shared and db_ih is not None and db_hh is not None:  # the same sums
         db_hh[:] = db_ih
-    # a sum is finite only if every term is (inf * 0 must still make NaN, as in torch)
-    if dw_hh is not None and not (h0_zero and math.isfinite(d_first.sum())):
+    # h0's share, skipped for zeros (hx not given) unless d_first holds an inf or NaN (inf * 0
+    # must still make NaN, as in torch; a sum is finite only if every term is)
+    if dw_hh is not None and (h0.any() or not math.isfinite(d_first.sum())):
         _matmul_t(d_first, h0, dw_hh)
     return (dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, d_h0 if need[6] else None, d_c0 if need[7] else None)
 
@@ -357,9 +357,9 @@ def _differentiable_grads(outputs, grad_outputs, inputs, needs) -> list:
 
 
 def _reference_stack(cell: Cell, steps: np.ndarray, num_layers: int, D: int, x, h0, c0, weights) -> tuple:
-    """The stack's (output, h_n, c_n) by the torch-ops reference, as a graph."""
+    """The stack's (output, h_n, c_n) by the torch-ops reference, as a graph (h0 None: zeros)."""
     params = [LayerParams(*weights[k * _PER_LAYER:(k + 1) * _PER_LAYER]) for k in range(num_layers * D)]
-    state0 = (h0,) if cell.state_size == 1 else (h0, c0)
+    state0 = None if h0 is None else (h0,) if cell.state_size == 1 else (h0, c0)
     packing = Packing(torch.from_numpy(steps))
     with torch.enable_grad():
         out, state_n = run_layers(cell, reference_layer, x, state0, params, num_layers, D, 0.0, False, packing)
@@ -533,11 +533,9 @@ def _states(plan: tuple, x: Tensor, weights_np: list, h0: Optional[Tensor], c0: 
     cell, _, num_layers, D = plan
     if h0 is not None:
         return _np(h0), None if c0 is None else _np(c0)
-    w_hh = weights_np[1]  # (gates * H, H_out)
-    dtype = _NP_DTYPE[x.dtype]
-    rows, B = num_layers * D, x.shape[1]
-    h0 = np.zeros((rows, B, w_hh.shape[1]), dtype)
-    return h0, np.zeros((rows, B, w_hh.shape[0] // cell.gates), dtype) if cell.state_size == 2 else None
+    zeros = [np.zeros(shape, _NP_DTYPE[x.dtype]) for shape in state_shapes(cell, weights_np[1].shape,
+                                                                           num_layers * D, x.shape[1])]
+    return zeros[0], zeros[1] if cell.state_size == 2 else None
 
 
 _PER_LAYER = len(LayerParams._fields)  # w_ih, w_hh, b_ih, b_hh, w_hr
@@ -617,13 +615,10 @@ class _EagerStack(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: see _differentiable_grads
             h0, c0, *rest = ctx.saved_tensors
             weights, x = rest[:n_weights], rest[n_weights]
-            if h0 is None:  # zeros (not given): the reference differentiates the same zeros
-                h0, c0 = (None if a is None else torch.from_numpy(a) for a in ctx.small[:2])
             outputs = _reference_stack(cell, steps, num_layers, D, x, h0, c0, weights)
             grads = _differentiable_grads(outputs, (d_out, d_hn, d_cn), (x, h0, c0, *weights), ctx.needs_input_grad[1:])
             return (None, *grads)
-        saved = ctx.saved_tensors  # (checks that nothing was changed in place)
-        h0_given, saved = saved[0], saved[2 + n_weights:]
+        saved = ctx.saved_tensors[2 + n_weights:]  # (checks that nothing was changed in place)
         h0, c0, weights = ctx.small
         unreached = _projection_unreached(d_out, d_hn, len(steps))
         arrays = [source if isinstance(source, np.ndarray) else
@@ -649,8 +644,7 @@ class _EagerStack(torch.autograd.Function):
                 w_ih, w_hh, _, _, w_hr = weights[first:first + _PER_LAYER]
                 need = [layer > 0 or needs[1], *needs[4 + first:4 + first + _PER_LAYER], needs[2], needs[3]]
                 dx, *d_w, dh0, dc0 = _backward(cell.mode, steps, direction == 1, need, d_out_k, d_hn[k], d_cn[k],
-                                               x, w_ih, w_hh, w_hr, h0[k], c0[k], out, c_seq, saved, m_seq,
-                                               h0_zero=h0_given is None)
+                                               x, w_ih, w_hh, w_hr, h0[k], c0[k], out, c_seq, saved, m_seq)
                 d_weights[first:first + _PER_LAYER] = d_w
                 if d_h0 is not None:
                     d_h0[k] = dh0
