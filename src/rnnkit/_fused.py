@@ -192,7 +192,7 @@ def _forward(mode: str, steps: np.ndarray, reverse: bool, training: bool, x, w_i
     dtype = x.dtype
     Hc = c0.shape[-1]
     out = np.empty((T, B, Ho), dtype)
-    c_seq = np.empty((T, B, Hc), dtype)
+    c_seq = np.empty((T if training else 0, B, Hc), dtype)  # only backward reads it
     h_n = np.empty((B, Ho), dtype)
     c_n = np.empty((B, Hc), dtype)
     saved = np.empty((T, B, cell.saved * H) if training else (1, 1, cell.saved * H), dtype)
@@ -383,7 +383,7 @@ def _layer_fake(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, steps, mode, reverse, t
     S = CELLS[mode].saved * H
     saved = x.new_empty((T, B, S) if training else (1, 1, S))
     m_seq = x.new_empty((0, 0, 0) if w_hr is None else (T if training else 1, B, H))
-    return x.new_empty(T, B, Ho), x.new_empty(B, Ho), x.new_empty(B, Hc), x.new_empty(T, B, Hc), saved, m_seq
+    return x.new_empty(T, B, Ho), x.new_empty(B, Ho), x.new_empty(B, Hc), x.new_empty(T if training else 0, B, Hc), saved, m_seq
 
 
 @torch.library.custom_op("rnnkit::layer_backward", mutates_args=())

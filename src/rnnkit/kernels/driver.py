@@ -22,7 +22,8 @@ Legend (all arrays C-contiguous, float32 or float64 unless said):
     out      (T, B, Ho)  h_t for every step (zero at inactive rows)
     d_out    (T, B, Ho)  dL/dout; (1, B, Ho), (T, 1, Ho) or (1, 1, Ho) when it is the same for
                          every step or row (a gradient broadcast by autograd, e.g. of a sum)
-    c_seq    (T, B, Hc)  c_t for every step
+    c_seq    (T, B, Hc)  c_t for every step, kept for backward; (0, B, Hc) when not training
+                         (inference writes none of it)
     saved    (T, B, S)   what the cell's backward needs; (1, 1, S) scratch when not training
     m_seq    (T, B, H)   projecting only: the cell's output m_t before projection (zero at
                          inactive rows); (1, B, H) scratch when not training; (0, 0, 0) otherwise
@@ -119,6 +120,7 @@ def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, 
     keep = saved.shape[0] == T and saved.shape[1] == B
     project = w_hr_t.shape[0] > 0
     keep_m = m_seq.shape[0] == T
+    keep_c = c_seq.shape[0] == T
     h = h_n  # the running state lives in h_n / c_n
     c = c_n
     if i0 == 0:
@@ -137,7 +139,8 @@ def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, 
                     cell_forward(x_t[r], hw[r], m[r], c[r], saved[t, r])
                 else:
                     cell_infer(x_t[r], hw[r], m[r], c[r], saved[0, 0])
-                c_seq[t, r, :] = c[r]
+                if keep_c:
+                    c_seq[t, r, :] = c[r]
                 h[r, :] = 0.0
             matmul_packed(m, w_hr_t, h, r0, n)  # h_t = m_t @ W_hr^T
             for r in range(r0, n):
@@ -152,10 +155,12 @@ def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, 
                 else:
                     cell_infer(x_t[r], hw[r], h[r], c[r], saved[0, 0])
                 out[t, r, :] = h[r]
-                c_seq[t, r, :] = c[r]
+                if keep_c:
+                    c_seq[t, r, :] = c[r]
         for r in range(n, r1):
             out[t, r, :] = 0.0
-            c_seq[t, r, :] = 0.0
+            if keep_c:
+                c_seq[t, r, :] = 0.0
 
 
 def _backward_rows(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
