@@ -14,6 +14,7 @@ from torch import nn
 import rnnkit
 from oracle import CELL_KINDS, TOL, as_hx, state_features, twins
 from rnnkit import _backend, _fused
+from rnnkit._driver import reference_layer
 from rnnkit.cells import CELLS
 import test_parity
 from test_parity import CASES, CONFIGS
@@ -127,11 +128,30 @@ def test_fused_gradcheck(kind):
 
 
 def test_auto_uses_fused_for_cpu_float32_and_float64_only():
-    x32 = torch.zeros(1, 1, 1)
+    x32 = torch.zeros(2, 1, 1)
     for cell in CELLS.values():
         assert _backend.layer_for(cell, x32) is _fused.fused_layer
         assert _backend.layer_for(cell, x32.double()) is _fused.fused_layer
         assert _backend.layer_for(cell, x32.bfloat16()) is not _fused.fused_layer
+
+
+@pytest.mark.parametrize("mode", ["RNN_TANH", "RNN_RELU", "GRU", "LSTM"])
+def test_auto_runs_small_single_steps_of_elman_and_gru_on_the_reference(mode):
+    cell = CELLS[mode]
+    fused = cell.state_size == 2  # an LSTM step is faster fused at every size measured
+
+    def layer(T, B):
+        return _backend.layer_for(cell, torch.zeros(T, B, 3))
+
+    assert layer(1, 1) is (_fused.fused_layer if fused else reference_layer)  # training or not
+    with torch.no_grad():
+        assert layer(1, 1) is (_fused.fused_layer if fused else reference_layer)
+        assert layer(1, 2) is _fused.fused_layer  # several rows of inference
+    assert layer(1, 15) is (_fused.fused_layer if fused else reference_layer)
+    assert layer(1, 16) is _fused.fused_layer
+    assert layer(2, 1) is _fused.fused_layer
+    with rnnkit.use_backend("fused"):  # forcing still forces
+        assert layer(1, 1) is _fused.fused_layer
 
 
 def test_other_dtypes_run_on_the_reference():

@@ -1,8 +1,9 @@
 """Which implementation runs a layer: the switch between the fused kernels and the reference.
 
-``"auto"`` (the default) uses the first registered backend that supports the tensors (the
-fused CPU kernels for float32/float64 CPU tensors, once registered) and the torch-ops reference
-otherwise. ``"reference"`` or ``"fused"`` force one path; forcing a backend on tensors it does
+``"auto"`` (the default) uses the first registered backend that supports the tensors and
+prefers the call (the fused CPU kernels for float32/float64 CPU tensors, once registered, but for
+the single steps they would run slower than torch ops; see ``_fused.prefers``) and the torch-ops
+reference otherwise. ``"reference"`` or ``"fused"`` force one path; forcing a backend on tensors it does
 not support raises. The environment variable ``RNNKIT_BACKEND`` sets the default at import.
 """
 
@@ -25,6 +26,8 @@ class Backend(NamedTuple):
     supports: Callable[[Cell, Tensor], bool]
     # optional: every layer and direction at once, without inter-layer dropout (see run_layers)
     stack: Optional[StackFn] = None
+    # optional, "auto" only: whether to run a call it supports (else the next backend runs it)
+    prefers: Optional[Callable[[Cell, Tensor], bool]] = None
 
 
 # Priority order for "auto": first match wins; the reference supports everything.
@@ -37,10 +40,11 @@ _override: contextvars.ContextVar = contextvars.ContextVar("rnnkit_backend", def
 
 
 def register_backend(name: str, layer: LayerFn, supports: Callable[[Cell, Tensor], bool],
-                     stack: Optional[StackFn] = None) -> None:
+                     stack: Optional[StackFn] = None,
+                     prefers: Optional[Callable[[Cell, Tensor], bool]] = None) -> None:
     """Register a layer implementation ahead of the reference in the "auto" order."""
     global _BACKENDS
-    _BACKENDS = {name: Backend(layer, supports, stack), **_BACKENDS}
+    _BACKENDS = {name: Backend(layer, supports, stack, prefers), **_BACKENDS}
 
 
 def available_backends() -> list[str]:
@@ -75,7 +79,7 @@ def use_backend(name: str) -> Iterator[None]:
 def _register_fused() -> None:
     from . import _fused  # compiles nothing at import: kernels compile on first use
 
-    register_backend("fused", _fused.fused_layer, _fused.supports, _fused.fused_stack)
+    register_backend("fused", _fused.fused_layer, _fused.supports, _fused.fused_stack, _fused.prefers)
 
 
 def layer_for(cell: Cell, x: Tensor) -> LayerFn:
@@ -86,7 +90,7 @@ def backend_for(cell: Cell, x: Tensor) -> Backend:
     choice = get_backend()
     if choice == _AUTO:
         for backend in _BACKENDS.values():
-            if backend.supports(cell, x):
+            if backend.supports(cell, x) and (backend.prefers is None or backend.prefers(cell, x)):
                 return backend
     backend = _BACKENDS.get(choice)
     if backend is None:

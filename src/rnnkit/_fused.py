@@ -60,6 +60,23 @@ def supports(cell: Cell, x: Tensor) -> bool:
     return x.is_cpu and x.dtype in SUPPORTED_DTYPES and cell.mode in _KERNELS
 
 
+# A single step (T = 1) has no time loop to fuse, and an Elman or GRU step is a few torch ops
+# (two linear, the pointwise math): there the kernels' fixed costs (an autograd node in Python,
+# packing every weight for one use, conversions) outweigh what they save when the batch is
+# small, and "auto" runs the reference. Measured against torch.nn at T = 1 (hx given, I = H/2,
+# H 64-1024, interleaved medians, BENCHMARKS.md): training B = 1-8 0.35-0.87x fused, 0.88-1.09x
+# reference; forward B = 1 0.42-0.96x fused, 0.76-1.05x reference. From 16 rows on, or with more
+# steps, the kernels are faster; an LSTM step always is (torch.nn's oneDNN LSTM costs more there).
+_ONE_STEP_MIN_ROWS = 16
+
+
+def prefers(cell: Cell, x: Tensor) -> bool:
+    """Whether "auto" should run this call on the kernels (see _ONE_STEP_MIN_ROWS)."""
+    if x.shape[0] != 1 or cell.state_size != 1 or x.shape[1] >= _ONE_STEP_MIN_ROWS:
+        return True
+    return x.shape[1] > 1 and not torch.is_grad_enabled()  # inference of several rows
+
+
 def _threads() -> int:
     """Threads a call may use: no more than torch may (``torch.set_num_threads`` governs rnnkit
     as it governs torch.nn, so processes that each pin one thread do not oversubscribe the
