@@ -55,11 +55,16 @@ def _operands(K, N, r1, dtype, a_shape):
 @pytest.mark.parametrize("trans", [False, True])
 @pytest.mark.parametrize("K,N", [(512, 512), (700, 389), (257, 1040)])
 def test_threaded_pack_matches_serial(K, N, trans, dtype):
-    """Weights past PACK_THREADED_MIN values are packed by the threads, each taking whole strips
-    (a partial last strip among them): the same strips as the serial pack."""
+    """Transposed weights past PACK_THREADED_MIN values are packed by the threads, each taking
+    whole strips (a partial last strip among them): the same strips as the serial pack. (pack
+    runs plain packs serially, see PACK_THREADED_MIN; the threaded kernel still takes them.)"""
     assert K * N >= tiles.PACK_THREADED_MIN
     b = np.random.default_rng(3).standard_normal((N, K) if trans else (K, N)).astype(dtype)
-    np.testing.assert_array_equal(tiles.pack(b, trans), tiles._pack_serial(b, trans))
+    serial = tiles._pack_serial(b, trans)
+    np.testing.assert_array_equal(tiles.pack(b, trans), serial)
+    threaded = np.full_like(serial, np.nan)
+    tiles._pack_threads(b, trans, threaded, 2)
+    np.testing.assert_array_equal(threaded, serial)
     W = tiles.strip_width(dtype)
     packed = tiles.pack(b, trans)
     np.testing.assert_array_equal(packed.transpose(1, 0, 2).reshape(K, -1)[:, :N], b.T if trans else b)

@@ -52,9 +52,13 @@ def strip_width(dtype) -> int:
     return 2 * VECTOR_BYTES // np.dtype(dtype).itemsize
 
 
-# Weights of at least this many values are packed by all threads, each taking a share of the
+# Transposed packs of at least this many values run on all threads, each taking a share of the
 # strips: a transposed pack reads its source 32 rows at a time, a pattern the prefetchers follow
-# badly, so one core waits on memory (4 MB, cold: 1.1 ms on one thread, 0.65 on two).
+# badly, so one core waits on memory (4 MB, cold: 1.1 ms on one thread, 0.65 on two). Plain
+# (untransposed) packs always run serially: by threads, into a result allocated outside the
+# compiled code, they measured 3-10x slower than _pack_serial (b (3072, 1024): 7.2 ms against
+# 2.6; (3072, 512): 3.1 against 0.29; cause not pinned down), which made training 6-20% slower
+# at (100, 64, 512, 512) LSTM, (50, 128, 1024, 1024) GRU and single GRU steps of H = 1024.
 PACK_THREADED_MIN = 1 << 18
 
 
@@ -63,7 +67,7 @@ def pack(b: np.ndarray, trans: bool, threads: Optional[int] = None) -> np.ndarra
     read (see the legend); on at most ``threads`` of numba's threads (default: all of them).
     b of any layout (the packing kernels read C-contiguous rows: other layouts are copied)."""
     b = np.ascontiguousarray(b)
-    if b.size < PACK_THREADED_MIN or (threads is not None and threads < 2):
+    if b.size < PACK_THREADED_MIN or not trans or (threads is not None and threads < 2):
         return _pack_serial(b, trans)
     threads = numba.get_num_threads() if threads is None else min(threads, numba.get_num_threads())
     K, N = (b.shape[1], b.shape[0]) if trans else b.shape
