@@ -55,9 +55,8 @@ def _operands(K, N, r1, dtype, a_shape):
 @pytest.mark.parametrize("trans", [False, True])
 @pytest.mark.parametrize("K,N", [(512, 512), (700, 389), (257, 1040)])
 def test_threaded_pack_matches_serial(K, N, trans, dtype):
-    """Transposed weights past PACK_THREADED_MIN values are packed by the threads, each taking
-    whole strips (a partial last strip among them): the same strips as the serial pack. (pack
-    runs plain packs serially, see PACK_THREADED_MIN; the threaded kernel still takes them.)"""
+    """Weights past PACK_THREADED_MIN values are packed by the threads, each taking whole strips
+    (a partial last strip among them): the same strips as the serial pack."""
     assert K * N >= tiles.PACK_THREADED_MIN
     b = np.random.default_rng(3).standard_normal((N, K) if trans else (K, N)).astype(dtype)
     serial = tiles._pack_serial(b, trans)

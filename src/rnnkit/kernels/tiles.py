@@ -52,13 +52,10 @@ def strip_width(dtype) -> int:
     return 2 * VECTOR_BYTES // np.dtype(dtype).itemsize
 
 
-# Transposed packs of at least this many values run on all threads, each taking a share of the
+# Weights of at least this many values are packed by all threads, each taking a share of the
 # strips: a transposed pack reads its source 32 rows at a time, a pattern the prefetchers follow
-# badly, so one core waits on memory (4 MB, cold: 1.1 ms on one thread, 0.65 on two). Plain
-# (untransposed) packs always run serially: by threads, into a result allocated outside the
-# compiled code, they measured 3-10x slower than _pack_serial (b (3072, 1024): 7.2 ms against
-# 2.6; (3072, 512): 3.1 against 0.29; cause not pinned down), which made training 6-20% slower
-# at (100, 64, 512, 512) LSTM, (50, 128, 1024, 1024) GRU and single GRU steps of H = 1024.
+# badly, so one core waits on memory (4 MB, cold: 1.1 ms on one thread, 0.65 on two); a plain
+# pack reads 128 bytes of every row per strip (b (3072, 1024): 1.9 ms on one thread, 0.9 on two).
 PACK_THREADED_MIN = 1 << 18
 
 
@@ -67,7 +64,7 @@ def pack(b: np.ndarray, trans: bool, threads: Optional[int] = None) -> np.ndarra
     read (see the legend); on at most ``threads`` of numba's threads (default: all of them).
     b of any layout (the packing kernels read C-contiguous rows: other layouts are copied)."""
     b = np.ascontiguousarray(b)
-    if b.size < PACK_THREADED_MIN or not trans or (threads is not None and threads < 2):
+    if b.size < PACK_THREADED_MIN or (threads is not None and threads < 2):
         return _pack_serial(b, trans)
     threads = numba.get_num_threads() if threads is None else min(threads, numba.get_num_threads())
     K, N = (b.shape[1], b.shape[0]) if trans else b.shape
@@ -126,14 +123,29 @@ def _pack_strips(b, trans, result, s0, s1):
                 for k in range(K):
                     dst[k, c] = src[k]
         elif width == W:
-            for k in range(K):
-                row, src = dst[k], b[k]
-                for c in range(W):
-                    row[c] = src[j0 + c]
+            _copy_columns(b, packed, s, j0)
         else:
             for k in range(K):
                 for c in range(width):
                     dst[k, c] = b[k, j0 + c]
+
+
+@jit_inline
+def _copy_columns(b, packed, s, j0):
+    """Strip s of an untransposed pack: packed[s, k] = b[k, j0:j0 + W] for every k, with W a
+    constant of the loop. With W read at run time the same loop compiles to a vector loop with
+    run-time checks and measured 7-25x slower (b (3072, 512): 6.9 ms against 0.3-0.9); why was
+    not pinned down (no library call in its assembly)."""
+    if packed.itemsize == 4:
+        for k in range(b.shape[0]):
+            row, src = packed[s, k], b[k]
+            for c in range(32):
+                row[c] = src[j0 + c]
+    else:
+        for k in range(b.shape[0]):
+            row, src = packed[s, k], b[k]
+            for c in range(16):
+                row[c] = src[j0 + c]
 
 
 @intrinsic
