@@ -135,6 +135,24 @@ def test_auto_uses_fused_for_cpu_float32_and_float64_only():
         assert _backend.layer_for(cell, x32.bfloat16()) is not _fused.fused_layer
 
 
+def test_inference_keeps_no_cell_states():
+    """Without autograd the LSTM loop writes no per-step cell states (only backward reads them):
+    c_seq has no rows, from the kernels and from the custom op's shape function alike."""
+    rng = np.random.default_rng(0)
+    T, B, I, H = 5, 3, 4, 6
+    x, w_ih, w_hh = (rng.standard_normal(s).astype(np.float32) for s in ((T, B, I), (4 * H, I), (4 * H, H)))
+    h0, c0 = np.zeros((B, H), np.float32), np.zeros((B, H), np.float32)
+    steps = np.full(T, B, np.int64)
+    for training in (False, True):
+        out, h_n, c_n, c_seq, saved, m_seq = _fused._forward("LSTM", steps, False, training, x, w_ih, w_hh,
+                                                             None, None, None, h0, c0)
+        assert c_seq.shape == (T if training else 0, B, H)
+        fake = _fused._layer_fake(*(torch.from_numpy(a) for a in (x, w_ih, w_hh)), None, None, None,
+                                  *(torch.from_numpy(a) for a in (h0, c0, steps)), "LSTM", False, training)
+        assert tuple(fake[3].shape) == c_seq.shape
+    torch.testing.assert_close(torch.from_numpy(out[-1]), torch.from_numpy(h_n))
+
+
 @pytest.mark.parametrize("mode", ["RNN_TANH", "RNN_RELU", "GRU", "LSTM"])
 def test_auto_runs_small_single_steps_of_elman_and_gru_on_the_reference(mode):
     cell = CELLS[mode]

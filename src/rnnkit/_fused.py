@@ -66,7 +66,9 @@ def supports(cell: Cell, x: Tensor) -> bool:
 # small, and "auto" runs the reference. Measured against torch.nn at T = 1 (hx given, I = H/2,
 # H 64-1024, interleaved medians, BENCHMARKS.md): training B = 1-8 0.35-0.87x fused, 0.88-1.09x
 # reference; forward B = 1 0.42-0.96x fused, 0.76-1.05x reference. From 16 rows on, or with more
-# steps, the kernels are faster; an LSTM step always is (torch.nn's oneDNN LSTM costs more there).
+# steps, the kernels are faster (training B = 9-15 was not measured: the cut is where they won);
+# an LSTM step always is (torch.nn's oneDNN LSTM costs more there). "Training" here is grad
+# mode: a frozen model called with grad mode on takes the reference too (same numbers).
 _ONE_STEP_MIN_ROWS = 16
 
 

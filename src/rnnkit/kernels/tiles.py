@@ -95,7 +95,7 @@ def _pack_threads(b, trans, result, chunks):
 def _pack_strips(b, trans, result, s0, s1):
     """Strips [s0, s1) of ``pack(b, trans)`` into result (S, K, W)."""
     K, N = (b.shape[1], b.shape[0]) if trans else (b.shape[0], b.shape[1])
-    W = 128 // b.itemsize  # a constant per dtype: the copies below unroll
+    W = 128 // b.itemsize  # the strip width (see _copy_columns for the full strips' copy)
     full = N // W
     if result.shape[1] != K or result.shape[2] != W or (result.shape[0] - 1) * W >= N \
             or result.shape[0] * W < N:
@@ -130,6 +130,9 @@ def _pack_strips(b, trans, result, s0, s1):
                     dst[k, c] = b[k, j0 + c]
 
 
+_W32, _W64 = strip_width(np.float32), strip_width(np.float64)  # compile-time constants in the kernels
+
+
 @jit_inline
 def _copy_columns(b, packed, s, j0):
     """Strip s of an untransposed pack: packed[s, k] = b[k, j0:j0 + W] for every k, with W a
@@ -139,12 +142,12 @@ def _copy_columns(b, packed, s, j0):
     if packed.itemsize == 4:
         for k in range(b.shape[0]):
             row, src = packed[s, k], b[k]
-            for c in range(32):
+            for c in range(_W32):
                 row[c] = src[j0 + c]
     else:
         for k in range(b.shape[0]):
             row, src = packed[s, k], b[k]
-            for c in range(16):
+            for c in range(_W64):
                 row[c] = src[j0 + c]
 
 
