@@ -402,7 +402,8 @@ def _layer_fake(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, steps, mode, reverse, t
     S = CELLS[mode].saved * H
     saved = x.new_empty((T, B, S) if training else (1, 1, S))
     m_seq = x.new_empty((0, 0, 0) if w_hr is None else (T if training else 1, B, H))
-    return x.new_empty(T, B, Ho), x.new_empty(B, Ho), x.new_empty(B, Hc), x.new_empty(T if training else 0, B, Hc), saved, m_seq
+    c_seq = x.new_empty(T if training else 0, B, Hc)
+    return x.new_empty(T, B, Ho), x.new_empty(B, Ho), x.new_empty(B, Hc), c_seq, saved, m_seq
 
 
 @torch.library.custom_op("rnnkit::layer_backward", mutates_args=())
