@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import rnnkit
-from oracle import CELL_KINDS, TOL, as_hx, state_features, twins
+from oracle import CELL_KINDS, TOL, as_hx, assert_same, state_features, twins
 from rnnkit import _backend, _fused
 from rnnkit._driver import reference_layer
 from rnnkit.cells import CELLS
@@ -81,6 +81,35 @@ def test_inference_runs_the_whole_stack_in_one_call(kind, packed, dtype, monkeyp
     torch.testing.assert_close(out, expected_out, **TOL[dtype])
     for a, b in zip(h if isinstance(h, tuple) else (h,), expected_h if isinstance(h, tuple) else (expected_h,)):
         torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("kind", CELL_KINDS)
+@pytest.mark.parametrize("T,B", [(1, 1), (1, 4), (4, 1), (2, 2), (1, 5), (5, 1), (3, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_few_row_steps_use_the_weights_unpacked(kind, T, B, dtype, monkeypatch):
+    """Calls of at most _PLAIN_MAX_ROW_STEPS row-steps (streaming steps) run their products on
+    the weights as stored, the rest on packed ones: both equal torch.nn, outputs, states and
+    every gradient, stacked and bidirectional, h_0 given, with weights large enough that the
+    input projection splits its columns across threads."""
+    torch.set_num_threads(2)
+    monkeypatch.setattr(_fused, "_MIN_GEMM_WORK_PER_THREAD", 1024)  # thread even these sizes
+    plain = T * B <= _fused._PLAIN_MAX_ROW_STEPS
+    packs = []
+    pack = _fused._pack
+    monkeypatch.setattr(_fused, "_pack", lambda b, trans: packs.append(b.shape) or pack(b, trans))
+    torch.manual_seed(T * 10 + B)
+    ref, m = twins(kind, dtype, input_size=37, hidden_size=21, num_layers=2, bidirectional=True)
+    leaves = [torch.randn(T, B, 37, dtype=dtype)] + [torch.randn(4, B, n, dtype=dtype) for n in state_features(m)]
+
+    def make_input(x, *states):
+        return x, as_hx(states)
+
+    with rnnkit.use_backend("fused"):
+        assert_same(ref, m, make_input, leaves, dtype)
+    # W_ih and W_hh have gates * 21 rows; what else is packed (W_hr (2, 21), the few rows of
+    # the weight gradients' right-hand sides) has fewer
+    weights_packed = any(shape[0] >= 21 for shape in packs)
+    assert weights_packed != plain
 
 
 @pytest.mark.parametrize("batch_first", [False, True])

@@ -39,6 +39,44 @@ def test_own_loops_match_numpy(K, N, dtype):
     np.testing.assert_array_equal(out[7:], start[7:])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N,K", [(1, 1), (3, 5), (4, 7), (13, 33), (192, 64), (97, 130)])
+def test_linear_matches_numpy(N, K, dtype):
+    """out = a @ w.T (+ bias) on w as stored: row and column ranges (groups of four columns and
+    the rest), with and without a bias, and split across threads by columns."""
+    rng = np.random.default_rng(N * 100 + K)
+    a = rng.standard_normal((5, K)).astype(dtype)
+    w = rng.standard_normal((N, K)).astype(dtype)
+    bias = rng.standard_normal(N).astype(dtype)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for b, expected in ((bias, a @ w.T + bias), (np.empty(0, dtype), a @ w.T)):
+        out = np.full((5, N), np.nan, dtype)
+        linalg.linear_rows(a, w, b, out, 1, 4, 0, N)  # rows outside [1, 4) untouched
+        np.testing.assert_allclose(out[1:4], expected[1:4], rtol=tol, atol=tol * K)
+        assert np.isnan(out[[0, 4]]).all()
+        if N > 2:
+            out = np.full((5, N), np.nan, dtype)
+            linalg.linear_rows(a, w, b, out, 0, 5, 1, N - 1)  # columns outside [1, N - 1) untouched
+            np.testing.assert_allclose(out[:, 1:N - 1], expected[:, 1:N - 1], rtol=tol, atol=tol * K)
+            assert np.isnan(out[:, [0, N - 1]]).all()
+        for chunks in (1, 2, 3):
+            out = np.full((5, N), np.nan, dtype)
+            linalg.linear(a, w, b, out, chunks)
+            np.testing.assert_allclose(out, expected, rtol=tol, atol=tol * K)
+
+
+def test_linear_and_matmul_acc_refuse_operands_that_do_not_fit():
+    a, w, out = np.ones((2, 3)), np.ones((4, 3)), np.ones((2, 4))
+    for args in ((a, w, np.ones(3), out, 0, 2, 0, 4), (a, w.T.copy(), np.ones(0), out, 0, 2, 0, 4),
+                 (a, w, np.ones(0), out, 0, 3, 0, 4), (a, w, np.ones(0), out, 0, 2, 0, 5)):
+        with pytest.raises(ValueError, match="do not fit"):
+            linalg.linear_rows(*args)
+    with pytest.raises(ValueError, match="do not fit"):
+        linalg.matmul_acc(a, np.ones((4, 4)), out, 0, 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        linalg.matmul_acc(a, np.ones((3, 4)), out, 0, 3)
+
+
 ROWS = 24
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from ._driver import Packing, reference_layer, run_layers, state_shapes
 from .cells import CELLS, Cell, LayerParams
 from .kernels import blas, driver
-from .kernels.linalg import column_sums, gemm, gemm_rows_range
+from .kernels.linalg import column_sums, gemm, gemm_rows_range, linear, linear_rows
 from .kernels.tiles import gemm_packed, gemm_packed_rows, gemm_packed_t, gemm_packed_t_rows, pack, strip_width
 
 # Register every cell that has fused kernels; its id is its position in the registry.
@@ -111,8 +111,20 @@ def _launch(rows_kernel, chunks_kernel, args: tuple, batch: int, work_per_step: 
 
 _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 _EMPTY = {np.float32: np.empty(0, np.float32), np.float64: np.empty(0, np.float64)}  # never written
-# (w_hr_t, m_seq) of a layer without projections (see kernels/driver.py): empty, never written
-_NO_PROJECTION = {d: (np.empty((0, 0, strip_width(d)), d), np.empty((0, 0, 0), d)) for d in (np.float32, np.float64)}
+# packed weights without strips: the loops' sign to use the weights as stored (w_hh_t, w_hh; see
+# kernels/driver.py), or a layer without projections (w_hr_t, w_hr). Never written.
+_NO_STRIPS = {d: np.empty((0, 0, strip_width(d)), d) for d in (np.float32, np.float64)}
+# (w_hr_t, m_seq) of a layer without projections: empty, never written
+_NO_PROJECTION = {d: (_NO_STRIPS[d], np.empty((0, 0, 0), d)) for d in (np.float32, np.float64)}
+
+# Calls of at most this many row-steps (T * B: a single step of up to 4 rows, a few steps of one
+# row) leave W_ih and W_hh unpacked: the products use them as stored (linalg.linear_rows,
+# matmul_acc). Packing a matrix costs several passes of one row over it (512 x 512 float32: 56
+# us against 13 for one row's product; (3072, 1024): 1.4 ms against 0.2), a cost a long
+# sequence or a wide batch spreads thin, but a streaming step pays in full. Measured, a
+# single step's product on 1 / 2 / 4 rows: 13 / 25 / 54 us unpacked against 56 / 56 / 54 packed
+# (512 x 512); 209 / 474 / 795 against 1360 / 1470 / 1700 (3072 x 1024).
+_PLAIN_MAX_ROW_STEPS = 4
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -143,6 +155,27 @@ WEIGHT_GRADS_BY_BLAS = blas.FAST
 # tile reads lie one row of a apart, and many of them stop fitting the L2 cache's sets (measured
 # at 12800 x 1024 x 128: 136 GFLOP/s in one block, 275 in blocks of 512).
 _K_BLOCK = 512
+
+
+def _linear(a: np.ndarray, w: np.ndarray, bias: Optional[np.ndarray], out: np.ndarray) -> None:
+    """out = a @ w.T (+ bias) on w as stored, for few rows a: the columns split across threads
+    when it pays."""
+    bias = _EMPTY[w.dtype.type] if bias is None else bias
+    chunks = _chunks(w.shape[0] // 4, a.shape[0] * w.size, _MIN_GEMM_WORK_PER_THREAD)
+    if chunks > 1:
+        linear(a, w, bias, out, chunks)
+    else:
+        linear_rows(a, w, bias, out, 0, a.shape[0], 0, w.shape[0])
+
+
+def _matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """out = a @ b on b as stored, rows split across threads when it pays."""
+    rows = a.shape[0]
+    chunks = _chunks(rows, out.size * a.shape[1], _MIN_GEMM_WORK_PER_THREAD)
+    if chunks > 1:
+        gemm(a, b, out, _EMPTY[b.dtype.type], False, False, chunks)
+    else:
+        gemm_rows_range(a, b, out, _EMPTY[b.dtype.type], False, False, 0, rows)
 
 
 def _matmul_t(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
@@ -221,13 +254,18 @@ def _forward(mode: str, steps: np.ndarray, reverse: bool, training: bool, x, w_i
         w_hr_t, m_seq = _pack(w_hr, True), np.empty((T if training else 1, B, H), dtype)
     L = _chunk_steps(T, B, GH)
     xw = np.empty((L, B, GH), dtype)
-    w_ih_t = _pack(w_ih, True)
-    args = (_pack(w_hh, True), b_hh if b_hh is not None else np.zeros(GH, dtype),
+    plain = T * B <= _PLAIN_MAX_ROW_STEPS  # (see _PLAIN_MAX_ROW_STEPS)
+    w_ih_t = None if plain else _pack(w_ih, True)
+    args = (_NO_STRIPS[dtype.type] if plain else _pack(w_hh, True), w_hh,
+            b_hh if b_hh is not None else np.zeros(GH, dtype),
             w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved, m_seq, np.empty((B, GH), dtype))
     kernels = _KERNELS[mode]
     for i0, i1, t_lo in _time_chunks(T, L, reverse, backward=False) if L < T else ((0, T, 0),):
         n = i1 - i0
-        _matmul_packed(x[t_lo:t_lo + n].reshape(n * B, I), w_ih_t, b_ih, xw[:n].reshape(n * B, GH))
+        if plain:
+            _linear(x[t_lo:t_lo + n].reshape(n * B, I), w_ih, b_ih, xw[:n].reshape(n * B, GH))
+        else:
+            _matmul_packed(x[t_lo:t_lo + n].reshape(n * B, I), w_ih_t, b_ih, xw[:n].reshape(n * B, GH))
         _launch(kernels.forward_rows, kernels.forward_chunks, (xw[:n], *args, i0, i1), B,
                 B * (Ho * GH + (0 if w_hr is None else w_hr.size)))
     return out, h_n, c_n, c_seq, saved, m_seq
@@ -254,7 +292,8 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
         d_h_seq, dm = np.empty((L, B, Ho), dtype), np.empty((B, w_hr.shape[1]), dtype)
     else:
         w_hr, d_h_seq, dm = np.empty((0, 0), dtype), np.empty((0, 0, 0), dtype), np.empty((0, 0), dtype)
-    w_hh_p = _pack(w_hh, False)
+    plain = T * B <= _PLAIN_MAX_ROW_STEPS  # (see _PLAIN_MAX_ROW_STEPS)
+    w_hh_p = _NO_STRIPS[dtype.type] if plain else _pack(w_hh, False)
     w_hr_p = _pack(w_hr, False) if project else _NO_PROJECTION[dtype.type][0]
     dx = np.empty((T, B, I), dtype) if need[0] else None
     dw_ih = np.zeros(w_ih.shape, dtype) if need[1] else None
@@ -262,8 +301,8 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
     db_ih = np.zeros(GH, dtype) if need[3] else None
     db_hh = np.zeros(GH, dtype) if need[4] else None
     dw_hr = np.zeros(w_hr.shape, dtype) if need[5] else None
-    args = (w_hh_p, w_hr_p, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse)
-    w_ih_p = _pack(w_ih, False) if dx is not None else None
+    args = (w_hh_p, w_hh, w_hr_p, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse)
+    w_ih_p = _pack(w_ih, False) if dx is not None and not plain else None
     kernels = _KERNELS[mode]
     for i0, i1, t_lo in _time_chunks(T, L, reverse, backward=True) if L < T else ((0, T, 0),):
         n = i1 - i0
@@ -273,7 +312,9 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
         if n == 0:
             continue
         d_xw2, d_hw2 = d_xw[:n].reshape(n * B, GH), d_hw[:n].reshape(n * B, GH)
-        if dx is not None:
+        if dx is not None and plain:
+            _matmul(d_xw2, w_ih, dx[t_lo:t_lo + n].reshape(n * B, I))
+        elif dx is not None:
             _matmul_packed(d_xw2, w_ih_p, None, dx[t_lo:t_lo + n].reshape(n * B, I))
         if dw_ih is not None:
             _matmul_t(d_xw2, x[t_lo:t_lo + n].reshape(n * B, I), dw_ih)

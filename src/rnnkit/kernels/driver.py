@@ -15,6 +15,9 @@ Legend (all arrays C-contiguous, float32 or float64 unless said):
     (``tiles.pack``: b (K, N) as (ceil(N / W), K, W), W columns per strip); written b* below:
     w_hh_t*  W_hh^T (Ho, GH) packed: hw = h @ W_hh^T + b_hh
     w_hh*    W_hh (GH, Ho) packed: dh_prev += dhw @ W_hh
+    weight_hh W_hh (GH, Ho) as the layer stores it: the loops use it instead of w_hh_t* / w_hh*
+             when those have no strips ((0, 0, W)), as for calls of a few row-steps, where
+             packing would cost more than the products it speeds up (see linalg.linear_rows)
     b_hh     (GH,)       zeros when the layer has no bias
     w_hr_t*  W_hr^T (H, P) packed: h_t = m_t @ W_hr^T; (0, 0, W) when not projecting
     w_hr*    W_hr (P, H) packed: dm_t = dh_t @ W_hr; (0, 0, W) when not projecting
@@ -79,6 +82,7 @@ from numba import prange
 
 from .borrow import borrow
 from .config import jit, jit_inline, jit_parallel, specialise
+from .linalg import linear_rows, matmul_acc
 from .tiles import matmul_packed
 
 _CELLS: dict[int, tuple] = {}
@@ -122,7 +126,7 @@ def _add(dst, src):
         dst[j] += src[j]
 
 
-def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
+def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
                   m_seq, hw, i0, i1, r0, r1):
     """Run rows [r0, r1) through the steps i0 <= i < i1 in processing order (step i is time
     T-1-i when reverse, else i), continuing the state kept in h_n / c_n (started from h0 / c0
@@ -130,6 +134,7 @@ def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, 
     t_lo the earliest of them. hw (B, GH) is scratch."""
     # every array borrowed (see kernels/borrow.py): the loops' views then cost no atomics
     xw, w_hh_t, b_hh, w_hr_t, h0, c0 = borrow(xw), borrow(w_hh_t), borrow(b_hh), borrow(w_hr_t), borrow(h0), borrow(c0)
+    weight_hh = borrow(weight_hh)
     out, c_seq, h_n, c_n, saved = borrow(out), borrow(c_seq), borrow(h_n), borrow(c_n), borrow(saved)
     m_seq, hw, steps = borrow(m_seq), borrow(hw), borrow(steps)
     T, B = out.shape[0], out.shape[1]
@@ -140,6 +145,7 @@ def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, 
     project = w_hr_t.shape[0] > 0
     keep_m = m_seq.shape[0] == T
     keep_c = c_seq.shape[0] == T
+    packed = w_hh_t.shape[0] > 0
     h = h_n  # the running state lives in h_n / c_n
     c = c_n
     if i0 == 0:
@@ -150,7 +156,10 @@ def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, 
         t = T - 1 - i if reverse else i
         x_t = xw[t - t_lo]
         n = min(max(steps[t], r0), r1)  # rows [r0, n) are active at step t
-        matmul_packed(h, w_hh_t, hw, r0, n, b_hh, i % 2 == 1)  # hw = h @ W_hh^T + b_hh (strip order alternating)
+        if packed:  # hw = h @ W_hh^T + b_hh (strip order alternating)
+            matmul_packed(h, w_hh_t, hw, r0, n, b_hh, i % 2 == 1)
+        else:
+            linear_rows(h, weight_hh, b_hh, hw, r0, n, 0, weight_hh.shape[0])
         if project:
             m = m_seq[t if keep_m else 0]
             for r in range(r0, n):
@@ -182,7 +191,7 @@ def _forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, 
                 c_seq[t, r, :] = 0.0
 
 
-def _backward_rows(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
+def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
                    d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, i0, i1, r0, r1):
     """BPTT for rows [r0, r1) over the steps i0 <= i < i1 of the reverse-time loop (step i is
     time i when reverse, else T-1-i), continuing the running gradient kept in d_h0 / d_c0
@@ -193,6 +202,7 @@ def _backward_rows(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, 
     (projecting only)."""
     # every array borrowed, as in _forward_rows
     w_hh, w_hr, d_out, d_hn, d_cn = borrow(w_hh), borrow(w_hr), borrow(d_out), borrow(d_hn), borrow(d_cn)
+    weight_hh = borrow(weight_hh)
     saved = borrow(saved)
     out, c_seq, m_seq, h0, c0, steps = borrow(out), borrow(c_seq), borrow(m_seq), borrow(h0), borrow(c0), borrow(steps)
     d_xw, d_hw, d_h_seq, d_first, dm = borrow(d_xw), borrow(d_hw), borrow(d_h_seq), borrow(d_first), borrow(dm)
@@ -202,6 +212,7 @@ def _backward_rows(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, 
     project = w_hr.shape[0] > 0
     per_step = d_out.shape[0] == T  # else one (1, ., Ho) gradient for every step
     per_row = d_out.shape[1] == out.shape[1]  # else one (., 1, Ho) gradient for every row
+    packed = w_hh.shape[0] > 0
     dh = d_h0  # the running gradient lives in d_h0 / d_c0
     dc = d_c0
     if i0 == 0:
@@ -238,27 +249,30 @@ def _backward_rows(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, 
         for r in range(n, r1):
             d_xw[k, r, :] = 0.0
             d_hw[k, r, :] = 0.0
-        matmul_packed(d_hw[k], w_hh, dh, r0, n)
+        if packed:
+            matmul_packed(d_hw[k], w_hh, dh, r0, n)
+        else:
+            matmul_acc(d_hw[k], weight_hh, dh, r0, n)
 
 
-def _forward_chunks(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
+def _forward_chunks(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
                     m_seq, hw, i0, i1, chunks):
     """_forward_rows over ``chunks`` slices of the batch, one thread each."""
     B = out.shape[1]
     size = (B + chunks - 1) // chunks
     for j in prange(chunks):
         r0 = j * size
-        forward_rows(xw, w_hh_t, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
+        forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
                      m_seq, hw, i0, i1, r0, min(r0 + size, B))
 
 
-def _backward_chunks(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
+def _backward_chunks(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
                      d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, i0, i1, chunks):
     B = out.shape[1]
     size = (B + chunks - 1) // chunks
     for j in prange(chunks):
         r0 = j * size
-        backward_rows(w_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
+        backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
                       d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, i0, i1, r0, min(r0 + size, B))
 
 

@@ -2,6 +2,9 @@
 before and after the time loop (``gemm``: scipy's BLAS, or our loops for small ones or without
 BLAS). The recurrent products inside the loop are ``tiles.matmul_packed``.
 
+``linear``: products of few rows with a weight matrix as torch stores it, without packing it
+(a single step or two of a layer, where packing the weights would cost more than using them).
+
 Legend: n rows, K inner size, N output size.
 Our own loops use the "axpy" order (rows of the right-hand matrix are contiguous in the inner
 loop), which LLVM vectorises, several k per pass over a row of the output so each load and
@@ -23,6 +26,8 @@ BLAS_MIN_WORK = 16 * 64 * 64
 @jit
 def matmul_acc(a, b, out, r0, r1):
     """out[r] += a[r] @ b for r in [r0, r1).  a (B, K), b (K, N), out (B, N)."""
+    if a.shape[1] != b.shape[0] or out.shape[1] != b.shape[1] or r0 < 0 or r1 > min(a.shape[0], out.shape[0]):
+        raise ValueError("matmul_acc: operands do not fit")
     if r1 - r0 == 1:  # one row: our loop beats a BLAS call at every size measured
         _acc_row(a, b, out, r0)
         return
@@ -93,6 +98,63 @@ def _acc_row(a, b, out, r):
         for j in range(N):
             o[j] += xk * w[j]
         k += 1
+
+
+@jit
+def linear_rows(a, w, bias, out, r0, r1, n0, n1):
+    """out[r, n] = a[r] @ w[n] (+ bias[n] when bias is non-empty) for rows [r0, r1) and columns
+    [n0, n1): torch's F.linear on w (N, K) as stored. Each output is a dot product along a row
+    of w, four rows of w at a time (one load of a[r] feeds four sums); for few rows a this is
+    about as fast per row as the register tiles on packed weights (both stream w), without the
+    pack, which costs several such passes (512 x 512 float32, one row: 13 us, pack and tile 56).
+    """
+    N, K = w.shape
+    if (a.shape[1] != K or out.shape[1] != N or bias.shape[0] not in (0, N) or r0 < 0 or n0 < 0 or n1 > N
+            or r1 > min(a.shape[0], out.shape[0])):
+        raise ValueError("linear_rows: operands do not fit")
+    zero = out.dtype.type(0)  # (a float literal would make the sums float64)
+    has_bias = bias.shape[0] > 0
+    for r in range(r0, r1):
+        x = a[r]
+        o = out[r]
+        n = n0
+        while n + 4 <= n1:
+            w0, w1, w2, w3 = w[n], w[n + 1], w[n + 2], w[n + 3]
+            s0 = s1 = s2 = s3 = zero
+            for k in range(K):
+                xk = x[k]
+                s0 += xk * w0[k]
+                s1 += xk * w1[k]
+                s2 += xk * w2[k]
+                s3 += xk * w3[k]
+            if has_bias:
+                s0 += bias[n]
+                s1 += bias[n + 1]
+                s2 += bias[n + 2]
+                s3 += bias[n + 3]
+            o[n] = s0
+            o[n + 1] = s1
+            o[n + 2] = s2
+            o[n + 3] = s3
+            n += 4
+        while n < n1:
+            wn = w[n]
+            s = zero
+            for k in range(K):
+                s += x[k] * wn[k]
+            o[n] = s + bias[n] if has_bias else s
+            n += 1
+
+
+@jit_parallel
+def linear(a, w, bias, out, chunks):
+    """linear_rows over every row, the columns split across ``chunks`` threads (few rows: each
+    thread streams its share of w once)."""
+    N = w.shape[0]
+    size = (N + 4 * chunks - 1) // (4 * chunks) * 4  # whole groups of four columns per thread
+    for i in prange(chunks):
+        n0 = min(i * size, N)
+        linear_rows(a, w, bias, out, 0, a.shape[0], n0, min(n0 + size, N))
 
 
 @jit
