@@ -51,6 +51,13 @@ def _transformed() -> bool:
 # GEMMs before and after it.
 _MIN_WORK_PER_THREAD = 64 * 1024  # multiply-adds per step
 _MIN_GEMM_WORK_PER_THREAD = 512 * 1024  # multiply-adds
+# ... and a time loop only when its whole run is long enough to also pay for threads that have
+# gone to sleep, or that share the cores with torch's: the first parallel region of a call
+# after other work (a torch op, the caller's own code) can cost 20 to several hundred us on
+# this 2-core VM (an empty region: 2 us right after another, 220 us median after 10 ms),
+# and torch's OpenMP threads, spinning after a torch op, take the cores from ours (a single GRU
+# step, B = 8, H = 256: 120 us alone, 300 when each call follows a torch Linear).
+_MIN_LOOP_WORK = 8 << 20  # multiply-adds
 
 
 _NO_CELL_STATE = {dtype: torch.empty(1, 0, dtype=dtype) for dtype in SUPPORTED_DTYPES}  # (B, 0) views
@@ -100,9 +107,10 @@ def _pack(b: np.ndarray, trans: bool) -> np.ndarray:
     return pack(b, trans, torch.get_num_threads())
 
 
-def _launch(rows_kernel, chunks_kernel, args: tuple, batch: int, work_per_step: int) -> None:
-    """Run a time loop over the whole batch: threaded over batch chunks when it pays."""
-    chunks = _chunks(batch, work_per_step)
+def _launch(rows_kernel, chunks_kernel, args: tuple, batch: int, steps: int, work_per_step: int) -> None:
+    """Run ``steps`` steps of a time loop over the whole batch: threaded over batch chunks when
+    it pays."""
+    chunks = 1 if steps * work_per_step < _MIN_LOOP_WORK else _chunks(batch, work_per_step)
     if chunks > 1:
         chunks_kernel(*args, chunks)
     else:
@@ -266,7 +274,7 @@ def _forward(mode: str, steps: np.ndarray, reverse: bool, training: bool, x, w_i
             _linear(x[t_lo:t_lo + n].reshape(n * B, I), w_ih, b_ih, xw[:n].reshape(n * B, GH))
         else:
             _matmul_packed(x[t_lo:t_lo + n].reshape(n * B, I), w_ih_t, b_ih, xw[:n].reshape(n * B, GH))
-        _launch(kernels.forward_rows, kernels.forward_chunks, (xw[:n], *args, i0, i1), B,
+        _launch(kernels.forward_rows, kernels.forward_chunks, (xw[:n], *args, i0, i1), B, n,
                 B * (Ho * GH + (0 if w_hr is None else w_hr.size)))
     return out, h_n, c_n, c_seq, saved, m_seq
 
@@ -307,7 +315,7 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
     for i0, i1, t_lo in _time_chunks(T, L, reverse, backward=True) if L < T else ((0, T, 0),):
         n = i1 - i0
         _launch(kernels.backward_rows, kernels.backward_chunks,
-                (*args, d_xw[:n], d_hw[:n], d_h_seq[:n], d_first, dm, d_h0, d_c0, i0, i1), B,
+                (*args, d_xw[:n], d_hw[:n], d_h_seq[:n], d_first, dm, d_h0, d_c0, i0, i1), B, n,
                 B * (Ho * GH + w_hr.size))
         if n == 0:
             continue
