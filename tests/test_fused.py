@@ -15,7 +15,7 @@ import rnnkit
 from oracle import CELL_KINDS, TOL, as_hx, assert_same, state_features, twins
 from rnnkit import _backend, _fused
 from rnnkit._driver import reference_layer
-from rnnkit.cells import CELLS
+from rnnkit.cells import CELLS, LayerParams
 import test_parity
 from test_parity import CASES, CONFIGS
 
@@ -156,12 +156,19 @@ def test_fused_gradcheck(kind):
     assert torch.autograd.gradcheck(f, (x, *m.parameters()))
 
 
+def _params(cell, hidden: int, input_size: int = 1) -> list:
+    """One layer-direction's parameters (zeros) for the routing tests."""
+    G = cell.gates
+    return [LayerParams(torch.zeros(G * hidden, input_size), torch.zeros(G * hidden, hidden), None, None)]
+
+
 def test_auto_uses_fused_for_cpu_float32_and_float64_only():
     x32 = torch.zeros(2, 1, 1)
     for cell in CELLS.values():
-        assert _backend.layer_for(cell, x32) is _fused.fused_layer
-        assert _backend.layer_for(cell, x32.double()) is _fused.fused_layer
-        assert _backend.layer_for(cell, x32.bfloat16()) is not _fused.fused_layer
+        params = _params(cell, 4)
+        assert _backend.layer_for(cell, x32, params) is _fused.fused_layer
+        assert _backend.layer_for(cell, x32.double(), params) is _fused.fused_layer
+        assert _backend.layer_for(cell, x32.bfloat16(), params) is not _fused.fused_layer
 
 
 def test_inference_keeps_no_cell_states():
@@ -183,20 +190,26 @@ def test_inference_keeps_no_cell_states():
 
 
 @pytest.mark.parametrize("mode", ["RNN_TANH", "RNN_RELU", "GRU", "LSTM"])
-def test_auto_runs_small_single_steps_of_elman_and_gru_on_the_reference(mode):
+def test_auto_runs_single_steps_where_they_run_faster(mode):
+    """"auto" runs a single step (T = 1) of an Elman or GRU layer on the reference in grad mode;
+    in inference GRU steps on the kernels, Elman steps too unless their weights are small and
+    their rows few; LSTM steps and sequences always on the kernels (see _fused.prefers)."""
     cell = CELLS[mode]
-    fused = cell.state_size == 2  # an LSTM step is faster fused at every size measured
+    lstm, gru = cell.state_size == 2, mode == "GRU"
+    small, large = _params(cell, 8), _params(cell, 512)
 
-    def layer(T, B):
-        return _backend.layer_for(cell, torch.zeros(T, B, 3))
+    def layer(T, B, params=small):
+        return _backend.layer_for(cell, torch.zeros(T, B, 1), params)
 
-    assert layer(1, 1) is (_fused.fused_layer if fused else reference_layer)  # training or not
+    for B in (1, 16, 64):
+        assert layer(1, B) is (_fused.fused_layer if lstm else reference_layer)  # grad mode
+        assert layer(2, B) is _fused.fused_layer
     with torch.no_grad():
-        assert layer(1, 1) is (_fused.fused_layer if fused else reference_layer)
-        assert layer(1, 2) is _fused.fused_layer  # several rows of inference
-    assert layer(1, 15) is (_fused.fused_layer if fused else reference_layer)
-    assert layer(1, 16) is _fused.fused_layer
-    assert layer(2, 1) is _fused.fused_layer
+        assert layer(1, 1) is (_fused.fused_layer if lstm or gru else reference_layer)
+        assert layer(1, 8) is (_fused.fused_layer if lstm or gru else reference_layer)
+        assert layer(1, 9) is _fused.fused_layer
+        assert layer(1, 1, large) is _fused.fused_layer
+        assert layer(2, 1) is _fused.fused_layer
     with rnnkit.use_backend("fused"):  # forcing still forces
         assert layer(1, 1) is _fused.fused_layer
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ._driver import LayerFn, StackFn, reference_layer
-from .cells import Cell
+from .cells import Cell, LayerParams
+
+Prefers = Callable[[Cell, Tensor, Sequence[LayerParams]], bool]
 
 
 class Backend(NamedTuple):
@@ -26,8 +28,9 @@ class Backend(NamedTuple):
     supports: Callable[[Cell, Tensor], bool]
     # optional: every layer and direction at once, without inter-layer dropout (see run_layers)
     stack: Optional[StackFn] = None
-    # optional, "auto" only: whether to run a call it supports (else the next backend runs it)
-    prefers: Optional[Callable[[Cell, Tensor], bool]] = None
+    # optional, "auto" only: whether to run a call it supports (else the next backend runs it),
+    # given the cell, the time-major input and every layer-direction's parameters
+    prefers: Optional[Prefers] = None
 
 
 # Priority order for "auto": first match wins; the reference supports everything.
@@ -41,7 +44,7 @@ _override: contextvars.ContextVar = contextvars.ContextVar("rnnkit_backend", def
 
 def register_backend(name: str, layer: LayerFn, supports: Callable[[Cell, Tensor], bool],
                      stack: Optional[StackFn] = None,
-                     prefers: Optional[Callable[[Cell, Tensor], bool]] = None) -> None:
+                     prefers: Optional[Prefers] = None) -> None:
     """Register a layer implementation ahead of the reference in the "auto" order."""
     global _BACKENDS
     _BACKENDS = {name: Backend(layer, supports, stack, prefers), **_BACKENDS}
@@ -82,15 +85,15 @@ def _register_fused() -> None:
     register_backend("fused", _fused.fused_layer, _fused.supports, _fused.fused_stack, _fused.prefers)
 
 
-def layer_for(cell: Cell, x: Tensor) -> LayerFn:
-    return backend_for(cell, x).layer
+def layer_for(cell: Cell, x: Tensor, params: Sequence[LayerParams]) -> LayerFn:
+    return backend_for(cell, x, params).layer
 
 
-def backend_for(cell: Cell, x: Tensor) -> Backend:
+def backend_for(cell: Cell, x: Tensor, params: Sequence[LayerParams]) -> Backend:
     choice = get_backend()
     if choice == _AUTO:
         for backend in _BACKENDS.values():
-            if backend.supports(cell, x) and (backend.prefers is None or backend.prefers(cell, x)):
+            if backend.supports(cell, x) and (backend.prefers is None or backend.prefers(cell, x, params)):
                 return backend
     backend = _BACKENDS.get(choice)
     if backend is None:

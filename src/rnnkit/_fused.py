@@ -67,23 +67,32 @@ def supports(cell: Cell, x: Tensor) -> bool:
     return x.is_cpu and x.dtype in SUPPORTED_DTYPES and cell.mode in _KERNELS
 
 
-# A single step (T = 1) has no time loop to fuse, and an Elman or GRU step is a few torch ops
-# (two linear, the pointwise math): there the kernels' fixed costs (an autograd node in Python,
-# packing every weight for one use, conversions) outweigh what they save when the batch is
-# small, and "auto" runs the reference. Measured against torch.nn at T = 1 (hx given, I = H/2,
-# H 64-1024, interleaved medians, BENCHMARKS.md): training B = 1-8 0.35-0.87x fused, 0.88-1.09x
-# reference; forward B = 1 0.42-0.96x fused, 0.76-1.05x reference. From 16 rows on, or with more
-# steps, the kernels are faster (training B = 9-15 was not measured: the cut is where they won);
-# an LSTM step always is (torch.nn's oneDNN LSTM costs more there). "Training" here is grad
-# mode: a frozen model called with grad mode on takes the reference too (same numbers).
-_ONE_STEP_MIN_ROWS = 16
+# A single step (T = 1) has no time loop to fuse: what the kernels can still save there is the
+# pointwise math (one pass instead of several torch ops) and, for few rows, torch's matrix-vector
+# products (see _PLAIN_MAX_ROW_STEPS); what they add is a fixed cost in Python (conversions, and
+# in training an autograd node and the gradient products). Measured against torch.nn, one step,
+# I = H / 2, B 1-16, H 64-1024 (interleaved medians, BENCHMARKS.md):
+# - training: the reference 0.81-1.3x, ahead of the kernels at most shapes (they ran 0.4-0.9x
+#   from H = 256; ahead only for GRU at H = 64, 1.1-1.5x against 0.9-1.0x): "auto" runs the
+#   reference in grad mode (a frozen model called with grad mode on too: the same numbers).
+# - GRU inference: the kernels 1.0-3.7x, the reference 0.73-1.1x.
+# - Elman inference: the reference ahead only with small weights and few rows (H = 64, B 1-8:
+#   0.92-0.97x against 0.79-0.94x; H = 256 about even); the kernels from W_hh of 512 x 512
+#   values (H = 1024, B 1-8: 1.2-2.0x against 1.0-1.1x; B = 64 1.7x) or with more rows.
+# An LSTM step always runs faster on the kernels (torch.nn's oneDNN LSTM costs more there).
+_ELMAN_STEP_MIN_WEIGHTS = 512 * 512
+_ELMAN_STEP_MAX_ROWS = 8
 
 
-def prefers(cell: Cell, x: Tensor) -> bool:
-    """Whether "auto" should run this call on the kernels (see _ONE_STEP_MIN_ROWS)."""
-    if x.shape[0] != 1 or cell.state_size != 1 or x.shape[1] >= _ONE_STEP_MIN_ROWS:
+def prefers(cell: Cell, x: Tensor, params: Sequence[LayerParams]) -> bool:
+    """Whether "auto" should run this call on the kernels (see _ELMAN_STEP_MIN_WEIGHTS)."""
+    if x.shape[0] != 1 or cell.state_size != 1:
         return True
-    return x.shape[1] > 1 and not torch.is_grad_enabled()  # inference of several rows
+    if torch.is_grad_enabled():
+        return False
+    if cell.mode == "GRU" or x.shape[1] > _ELMAN_STEP_MAX_ROWS:
+        return True
+    return params[0].w_hh.numel() >= _ELMAN_STEP_MIN_WEIGHTS
 
 
 def _threads() -> int:

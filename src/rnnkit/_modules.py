@@ -315,7 +315,7 @@ class RNNBase(nn.Module):
             if x.shape[0] == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
-        backend = _backend.backend_for(cell, x)
+        backend = _backend.backend_for(cell, x, params)
         out, state_n = run_layers(
             cell,
             backend.layer,
