@@ -61,11 +61,33 @@ def test_linear_matches_numpy(N, K, dtype):
             assert np.isnan(out[:, [0, N - 1]]).all()
         for chunks in (1, 2, 3):
             out = np.full((5, N), np.nan, dtype)
-            linalg.linear(a, w, b, out, chunks)
-            np.testing.assert_allclose(out, expected, rtol=tol, atol=tol * K)
+            linalg.linear(a, w, b, out, 1, 5, chunks)
+            np.testing.assert_allclose(out[1:], expected[1:], rtol=tol, atol=tol * K)
+            assert np.isnan(out[0]).all()
 
 
-def test_linear_and_matmul_acc_refuse_operands_that_do_not_fit():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K,N", [(1, 1), (3, 5), (4, 7), (13, 33), (64, 192), (130, 97)])
+def test_column_bands_match_numpy(K, N, dtype):
+    """out += a @ b on bands of b's columns (acc_columns) and split across threads by them."""
+    rng = np.random.default_rng(K * 100 + N)
+    a = rng.standard_normal((5, K)).astype(dtype)
+    b = rng.standard_normal((K, N)).astype(dtype)
+    start = rng.standard_normal((5, N)).astype(dtype)
+    expected = start + a @ b
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    out = start.copy()
+    linalg.acc_columns(a, b, out, 1, 4, 0, N // 2)
+    linalg.acc_columns(a, b, out, 1, 4, N // 2, N)
+    np.testing.assert_allclose(out[1:4], expected[1:4], rtol=tol, atol=tol * K)
+    np.testing.assert_array_equal(out[[0, 4]], start[[0, 4]])
+    for chunks in (1, 2, 3):
+        out = start.copy()
+        linalg.matmul_acc_columns(a, b, out, 0, 5, chunks)
+        np.testing.assert_allclose(out, expected, rtol=tol, atol=tol * K)
+
+
+def test_row_products_refuse_operands_that_do_not_fit():
     a, w, out = np.ones((2, 3)), np.ones((4, 3)), np.ones((2, 4))
     for args in ((a, w, np.ones(3), out, 0, 2, 0, 4), (a, w.T.copy(), np.ones(0), out, 0, 2, 0, 4),
                  (a, w, np.ones(0), out, 0, 3, 0, 4), (a, w, np.ones(0), out, 0, 2, 0, 5)):
@@ -75,6 +97,10 @@ def test_linear_and_matmul_acc_refuse_operands_that_do_not_fit():
         linalg.matmul_acc(a, np.ones((4, 4)), out, 0, 2)
     with pytest.raises(ValueError, match="do not fit"):
         linalg.matmul_acc(a, np.ones((3, 4)), out, 0, 3)
+    for args in ((a, np.ones((4, 4)), out, 0, 2, 0, 4), (a, np.ones((3, 4)), out, 0, 2, 0, 5),
+                 (a, np.ones((3, 4)), out, 0, 3, 0, 4)):
+        with pytest.raises(ValueError, match="do not fit"):
+            linalg.acc_columns(*args)
 
 
 ROWS = 24

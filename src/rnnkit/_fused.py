@@ -116,9 +116,28 @@ def _pack(b: np.ndarray, trans: bool) -> np.ndarray:
     return pack(b, trans, torch.get_num_threads())
 
 
-def _launch(rows_kernel, chunks_kernel, args: tuple, batch: int, steps: int, work_per_step: int) -> None:
+# One batch row (B = 1) runs each step's recurrent product on all threads, each taking a band
+# of W_hh's columns (a parallel region per step, about 3 us), when W_hh has this many values:
+# a step of one row streams all of W_hh, which one core does at about half the rate two do.
+# Measured per step (float32, one row, 1 / 2 threads): 512 x 512 14.7 / 8.6 us, 2048 x 512 53 /
+# 34, 1024 x 1024 55 / 30, 4096 x 1024 405 / 135; 256 x 256 3.6 / 6.0.
+_MIN_COLUMN_WORK = 1 << 18
+
+
+def _column_threads(T: int, B: int, w_hh: np.ndarray) -> int:
+    """Threads splitting the columns of each step's recurrent product (see _MIN_COLUMN_WORK)."""
+    if B != 1 or w_hh.size < _MIN_COLUMN_WORK or T * w_hh.size < _MIN_LOOP_WORK:
+        return 1
+    return _threads()
+
+
+def _launch(rows_kernel, chunks_kernel, args: tuple, batch: int, steps: int, work_per_step: int,
+            col_threads: int) -> None:
     """Run ``steps`` steps of a time loop over the whole batch: threaded over batch chunks when
-    it pays."""
+    it pays, or over the columns of each step's product (``col_threads``, one row)."""
+    if col_threads > 1:
+        rows_kernel(*args, 0, batch, col_threads)
+        return
     chunks = 1 if steps * work_per_step < _MIN_LOOP_WORK else _chunks(batch, work_per_step)
     if chunks > 1:
         chunks_kernel(*args, chunks)
@@ -180,7 +199,7 @@ def _linear(a: np.ndarray, w: np.ndarray, bias: Optional[np.ndarray], out: np.nd
     bias = _EMPTY[w.dtype.type] if bias is None else bias
     chunks = _chunks(w.shape[0] // 4, a.shape[0] * w.size, _MIN_GEMM_WORK_PER_THREAD)
     if chunks > 1:
-        linear(a, w, bias, out, chunks)
+        linear(a, w, bias, out, 0, a.shape[0], chunks)
     else:
         linear_rows(a, w, bias, out, 0, a.shape[0], 0, w.shape[0])
 
@@ -272,8 +291,9 @@ def _forward(mode: str, steps: np.ndarray, reverse: bool, training: bool, x, w_i
     L = _chunk_steps(T, B, GH)
     xw = np.empty((L, B, GH), dtype)
     plain = T * B <= _PLAIN_MAX_ROW_STEPS  # (see _PLAIN_MAX_ROW_STEPS)
+    col_threads = _column_threads(T, B, w_hh)  # (W_hh then used as stored too)
     w_ih_t = None if plain else _pack(w_ih, True)
-    args = (_NO_STRIPS[dtype.type] if plain else _pack(w_hh, True), w_hh,
+    args = (_NO_STRIPS[dtype.type] if plain or col_threads > 1 else _pack(w_hh, True), w_hh,
             b_hh if b_hh is not None else np.zeros(GH, dtype),
             w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved, m_seq, np.empty((B, GH), dtype))
     kernels = _KERNELS[mode]
@@ -284,7 +304,7 @@ def _forward(mode: str, steps: np.ndarray, reverse: bool, training: bool, x, w_i
         else:
             _matmul_packed(x[t_lo:t_lo + n].reshape(n * B, I), w_ih_t, b_ih, xw[:n].reshape(n * B, GH))
         _launch(kernels.forward_rows, kernels.forward_chunks, (xw[:n], *args, i0, i1), B, n,
-                B * (Ho * GH + (0 if w_hr is None else w_hr.size)))
+                B * (Ho * GH + (0 if w_hr is None else w_hr.size)), col_threads)
     return out, h_n, c_n, c_seq, saved, m_seq
 
 
@@ -310,7 +330,8 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
     else:
         w_hr, d_h_seq, dm = np.empty((0, 0), dtype), np.empty((0, 0, 0), dtype), np.empty((0, 0), dtype)
     plain = T * B <= _PLAIN_MAX_ROW_STEPS  # (see _PLAIN_MAX_ROW_STEPS)
-    w_hh_p = _NO_STRIPS[dtype.type] if plain else _pack(w_hh, False)
+    col_threads = _column_threads(T, B, w_hh)  # (W_hh then used as stored too)
+    w_hh_p = _NO_STRIPS[dtype.type] if plain or col_threads > 1 else _pack(w_hh, False)
     w_hr_p = _pack(w_hr, False) if project else _NO_PROJECTION[dtype.type][0]
     dx = np.empty((T, B, I), dtype) if need[0] else None
     dw_ih = np.zeros(w_ih.shape, dtype) if need[1] else None
@@ -325,7 +346,7 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
         n = i1 - i0
         _launch(kernels.backward_rows, kernels.backward_chunks,
                 (*args, d_xw[:n], d_hw[:n], d_h_seq[:n], d_first, dm, d_h0, d_c0, i0, i1), B, n,
-                B * (Ho * GH + w_hr.size))
+                B * (Ho * GH + w_hr.size), col_threads)
         if n == 0:
             continue
         d_xw2, d_hw2 = d_xw[:n].reshape(n * B, GH), d_hw[:n].reshape(n * B, GH)

@@ -18,6 +18,9 @@ Legend (all arrays C-contiguous, float32 or float64 unless said):
     weight_hh W_hh (GH, Ho) as the layer stores it: the loops use it instead of w_hh_t* / w_hh*
              when those have no strips ((0, 0, W)), as for calls of a few row-steps, where
              packing would cost more than the products it speeds up (see linalg.linear_rows)
+    col_threads  threads for each step's recurrent product, splitting its columns (weight_hh
+             then, never the packed weights): one batch row cannot be split across threads
+             by rows, but a large W_hh can by columns, a parallel region per step; 1: none
     b_hh     (GH,)       zeros when the layer has no bias
     w_hr_t*  W_hr^T (H, P) packed: h_t = m_t @ W_hr^T; (0, 0, W) when not projecting
     w_hr*    W_hr (P, H) packed: dm_t = dh_t @ W_hr; (0, 0, W) when not projecting
@@ -82,7 +85,7 @@ from numba import prange
 
 from .borrow import borrow
 from .config import jit, jit_inline, jit_parallel, specialise
-from .linalg import linear_rows, matmul_acc
+from .linalg import linear, linear_rows, matmul_acc, matmul_acc_columns
 from .tiles import matmul_packed
 
 _CELLS: dict[int, tuple] = {}
@@ -127,7 +130,7 @@ def _add(dst, src):
 
 
 def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
-                  m_seq, hw, i0, i1, r0, r1):
+                  m_seq, hw, i0, i1, r0, r1, col_threads=1):
     """Run rows [r0, r1) through the steps i0 <= i < i1 in processing order (step i is time
     T-1-i when reverse, else i), continuing the state kept in h_n / c_n (started from h0 / c0
     when i0 == 0). xw holds the input projection of those steps only: xw[k] is time t_lo + k,
@@ -156,7 +159,9 @@ def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, o
         t = T - 1 - i if reverse else i
         x_t = xw[t - t_lo]
         n = min(max(steps[t], r0), r1)  # rows [r0, n) are active at step t
-        if packed:  # hw = h @ W_hh^T + b_hh (strip order alternating)
+        if col_threads > 1:  # hw = h @ W_hh^T + b_hh
+            linear(h, weight_hh, b_hh, hw, r0, n, col_threads)
+        elif packed:  # (strip order alternating)
             matmul_packed(h, w_hh_t, hw, r0, n, b_hh, i % 2 == 1)
         else:
             linear_rows(h, weight_hh, b_hh, hw, r0, n, 0, weight_hh.shape[0])
@@ -192,7 +197,7 @@ def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, o
 
 
 def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
-                   d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, i0, i1, r0, r1):
+                   d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, i0, i1, r0, r1, col_threads=1):
     """BPTT for rows [r0, r1) over the steps i0 <= i < i1 of the reverse-time loop (step i is
     time i when reverse, else T-1-i), continuing the running gradient kept in d_h0 / d_c0
     (started from d_hn / d_cn when i0 == 0). Fills, for those steps only (index k is time
@@ -249,7 +254,9 @@ def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, 
         for r in range(n, r1):
             d_xw[k, r, :] = 0.0
             d_hw[k, r, :] = 0.0
-        if packed:
+        if col_threads > 1:
+            matmul_acc_columns(d_hw[k], weight_hh, dh, r0, n, col_threads)
+        elif packed:
             matmul_packed(d_hw[k], w_hh, dh, r0, n)
         else:
             matmul_acc(d_hw[k], weight_hh, dh, r0, n)

@@ -147,14 +147,51 @@ def linear_rows(a, w, bias, out, r0, r1, n0, n1):
 
 
 @jit_parallel
-def linear(a, w, bias, out, chunks):
-    """linear_rows over every row, the columns split across ``chunks`` threads (few rows: each
-    thread streams its share of w once)."""
+def linear(a, w, bias, out, r0, r1, chunks):
+    """linear_rows over rows [r0, r1), the columns split across ``chunks`` threads (few rows:
+    each thread streams its share of w once)."""
     N = w.shape[0]
     size = (N + 4 * chunks - 1) // (4 * chunks) * 4  # whole groups of four columns per thread
     for i in prange(chunks):
         n0 = min(i * size, N)
-        linear_rows(a, w, bias, out, 0, a.shape[0], n0, min(n0 + size, N))
+        linear_rows(a, w, bias, out, r0, r1, n0, min(n0 + size, N))
+
+
+@jit
+def acc_columns(a, b, out, r0, r1, n0, n1):
+    """out[r, n0:n1] += a[r] @ b[:, n0:n1] for r in [r0, r1): the "axpy" order of _acc_row on a
+    band of b's columns (a (B, K), b (K, N), out (B, N))."""
+    K, N = b.shape
+    if a.shape[1] != K or out.shape[1] != N or r0 < 0 or n0 < 0 or n1 > N or r1 > min(a.shape[0], out.shape[0]):
+        raise ValueError("acc_columns: operands do not fit")
+    for r in range(r0, r1):
+        o = out[r, n0:n1]
+        x = a[r]
+        k = 0
+        while k + 4 <= K:
+            w0, w1, w2, w3 = b[k, n0:n1], b[k + 1, n0:n1], b[k + 2, n0:n1], b[k + 3, n0:n1]
+            x0, x1, x2, x3 = x[k], x[k + 1], x[k + 2], x[k + 3]
+            for j in range(n1 - n0):
+                o[j] += (x0 * w0[j] + x1 * w1[j]) + (x2 * w2[j] + x3 * w3[j])
+            k += 4
+        while k < K:
+            w = b[k, n0:n1]
+            xk = x[k]
+            for j in range(n1 - n0):
+                o[j] += xk * w[j]
+            k += 1
+
+
+@jit_parallel
+def matmul_acc_columns(a, b, out, r0, r1, chunks):
+    """out[r] += a[r] @ b for r in [r0, r1), the columns split across ``chunks`` threads in bands
+    of whole cache lines (few rows: each thread streams its band of b once)."""
+    N = b.shape[1]
+    line = 64 // b.itemsize
+    size = (N + line * chunks - 1) // (line * chunks) * line
+    for i in prange(chunks):
+        n0 = min(i * size, N)
+        acc_columns(a, b, out, r0, r1, n0, min(n0 + size, N))
 
 
 @jit
