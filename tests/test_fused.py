@@ -113,12 +113,14 @@ def test_few_row_steps_use_the_weights_unpacked(kind, T, B, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", CELL_KINDS)
+@pytest.mark.parametrize("T,B", [(9, 1), (70, 1), (9, 3)])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_one_row_splits_each_step_by_columns(kind, packed, dtype, monkeypatch):
-    """One batch row with a large W_hh runs each step's recurrent product on all threads, by
-    bands of its columns (forward and backward): equal to torch.nn, stacked, bidirectional,
-    h_0 given, packed (one sequence) or not, every gradient."""
+def test_few_rows_split_each_step_by_columns(kind, T, B, packed, dtype, monkeypatch):
+    """A few batch rows with a large W_hh run each step's recurrent product on all threads, by
+    bands of its columns (forward and backward), on W_hh as stored (one row, short) or packed:
+    equal to torch.nn, stacked, bidirectional, h_0 given, packed (uneven lengths) or not, every
+    gradient."""
     torch.set_num_threads(2)
     monkeypatch.setattr(_fused, "_MIN_COLUMN_WORK", 1)  # (so small weights take that path)
     monkeypatch.setattr(_fused, "_MIN_LOOP_WORK", 1)
@@ -127,10 +129,11 @@ def test_one_row_splits_each_step_by_columns(kind, packed, dtype, monkeypatch):
     monkeypatch.setattr(_fused, "_column_threads", lambda *a: used.append(column_threads(*a)) or used[-1])
     torch.manual_seed(4)
     ref, m = twins(kind, dtype, input_size=6, hidden_size=45, num_layers=2, bidirectional=True)
-    leaves = [torch.randn(9, 1, 6, dtype=dtype)] + [torch.randn(4, 1, n, dtype=dtype) for n in state_features(m)]
+    leaves = [torch.randn(T, B, 6, dtype=dtype)] + [torch.randn(4, B, n, dtype=dtype) for n in state_features(m)]
+    lengths = torch.tensor([T, T - 4, T - 1][:B])
 
     def make_input(x, *states):
-        return (rnnkit.pack_padded_sequence(x, torch.tensor([9])) if packed else x), as_hx(states)
+        return (rnnkit.pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x), as_hx(states)
 
     with rnnkit.use_backend("fused"):
         assert_same(ref, m, make_input, leaves, dtype)

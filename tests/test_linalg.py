@@ -267,3 +267,25 @@ def test_threaded_packed_gemm_refuses_mismatched_operands():
     out = np.empty((64, 40), np.float32)
     tiles.gemm_packed(np.ones((64, 8), np.float32), packed, out, bias, 2)
     np.testing.assert_array_equal(out, np.full((64, 40), 8.0, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K,N,rows", [(7, 5, 1), (64, 100, 3), (33, 257, 9), (130, 64, 15)])
+def test_packed_columns_split_across_threads(K, N, rows, dtype):
+    """matmul_packed_columns: bands of strips (a partial last strip among them) on 1-3 threads,
+    accumulating or started from a bias row, equal to numpy; rows outside [1, rows) untouched."""
+    rng = np.random.default_rng(K + N + rows)
+    a = rng.standard_normal((rows + 1, K)).astype(dtype)
+    b = rng.standard_normal((K, N)).astype(dtype)
+    start = rng.standard_normal((rows + 1, N)).astype(dtype)
+    bias = rng.standard_normal(N).astype(dtype)
+    bp = tiles.pack(b, False)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for chunks in (1, 2, 3):
+        out = start.copy()
+        tiles.matmul_packed_columns(a, bp, out, 1, rows + 1, None, chunks)
+        np.testing.assert_allclose(out[1:], start[1:] + a[1:] @ b, rtol=tol, atol=tol * K)
+        np.testing.assert_array_equal(out[0], start[0])
+        out = start.copy()
+        tiles.matmul_packed_columns(a, bp, out, 1, rows + 1, bias, chunks)
+        np.testing.assert_allclose(out[1:], bias + a[1:] @ b, rtol=tol, atol=tol * K)

@@ -116,19 +116,29 @@ def _pack(b: np.ndarray, trans: bool) -> np.ndarray:
     return pack(b, trans, torch.get_num_threads())
 
 
-# One batch row (B = 1) runs each step's recurrent product on all threads, each taking a band
-# of W_hh's columns (a parallel region per step, about 3 us), when W_hh has this many values:
-# a step of one row streams all of W_hh, which one core does at about half the rate two do.
-# Measured per step (float32, one row, 1 / 2 threads): 512 x 512 14.7 / 8.6 us, 2048 x 512 53 /
-# 34, 1024 x 1024 55 / 30, 4096 x 1024 405 / 135; 256 x 256 3.6 / 6.0.
+# A batch of fewer than 16 rows runs each step's recurrent product on all threads, each taking
+# a band of W_hh's columns (a parallel region per step, about 3 us), when W_hh has this many
+# values. Split by rows instead, each thread would stream all of W_hh every step, for fewer
+# rows than a whole tile (8): a step of few rows is bound by reading W_hh, which one core does
+# at about half the rate two do. Measured per step (float32, one row, 1 / 2 threads): 512 x
+# 512 14.7 / 8.6 us, 2048 x 512 53 / 34, 1024 x 1024 55 / 30, 4096 x 1024 405 / 135; 256 x 256
+# 3.6 / 6.0.
 _MIN_COLUMN_WORK = 1 << 18
+_COLUMN_MAX_ROWS = 15
 
 
 def _column_threads(T: int, B: int, w_hh: np.ndarray) -> int:
     """Threads splitting the columns of each step's recurrent product (see _MIN_COLUMN_WORK)."""
-    if B != 1 or w_hh.size < _MIN_COLUMN_WORK or T * w_hh.size < _MIN_LOOP_WORK:
+    if B > _COLUMN_MAX_ROWS or w_hh.size < _MIN_COLUMN_WORK or T * B * w_hh.size < _MIN_LOOP_WORK:
         return 1
     return _threads()
+
+
+def _unpacked(T: int, B: int, col_threads: int) -> bool:
+    """Whether a loop uses W_hh as stored: for few row-steps (_PLAIN_MAX_ROW_STEPS), and for one
+    row split by columns over fewer steps than pay for the pack (at one row the unpacked product
+    costs 2-20% more per step than the packed one, and the pack 4-14 steps' worth)."""
+    return T * B <= _PLAIN_MAX_ROW_STEPS or (B == 1 and col_threads > 1 and T < 64)
 
 
 def _launch(rows_kernel, chunks_kernel, args: tuple, batch: int, steps: int, work_per_step: int,
@@ -291,9 +301,9 @@ def _forward(mode: str, steps: np.ndarray, reverse: bool, training: bool, x, w_i
     L = _chunk_steps(T, B, GH)
     xw = np.empty((L, B, GH), dtype)
     plain = T * B <= _PLAIN_MAX_ROW_STEPS  # (see _PLAIN_MAX_ROW_STEPS)
-    col_threads = _column_threads(T, B, w_hh)  # (W_hh then used as stored too)
+    col_threads = _column_threads(T, B, w_hh)
     w_ih_t = None if plain else _pack(w_ih, True)
-    args = (_NO_STRIPS[dtype.type] if plain or col_threads > 1 else _pack(w_hh, True), w_hh,
+    args = (_NO_STRIPS[dtype.type] if _unpacked(T, B, col_threads) else _pack(w_hh, True), w_hh,
             b_hh if b_hh is not None else np.zeros(GH, dtype),
             w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved, m_seq, np.empty((B, GH), dtype))
     kernels = _KERNELS[mode]
@@ -330,8 +340,8 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
     else:
         w_hr, d_h_seq, dm = np.empty((0, 0), dtype), np.empty((0, 0, 0), dtype), np.empty((0, 0), dtype)
     plain = T * B <= _PLAIN_MAX_ROW_STEPS  # (see _PLAIN_MAX_ROW_STEPS)
-    col_threads = _column_threads(T, B, w_hh)  # (W_hh then used as stored too)
-    w_hh_p = _NO_STRIPS[dtype.type] if plain or col_threads > 1 else _pack(w_hh, False)
+    col_threads = _column_threads(T, B, w_hh)
+    w_hh_p = _NO_STRIPS[dtype.type] if _unpacked(T, B, col_threads) else _pack(w_hh, False)
     w_hr_p = _pack(w_hr, False) if project else _NO_PROJECTION[dtype.type][0]
     dx = np.empty((T, B, I), dtype) if need[0] else None
     dw_ih = np.zeros(w_ih.shape, dtype) if need[1] else None

@@ -18,9 +18,10 @@ Legend (all arrays C-contiguous, float32 or float64 unless said):
     weight_hh W_hh (GH, Ho) as the layer stores it: the loops use it instead of w_hh_t* / w_hh*
              when those have no strips ((0, 0, W)), as for calls of a few row-steps, where
              packing would cost more than the products it speeds up (see linalg.linear_rows)
-    col_threads  threads for each step's recurrent product, splitting its columns (weight_hh
-             then, never the packed weights): one batch row cannot be split across threads
-             by rows, but a large W_hh can by columns, a parallel region per step; 1: none
+    col_threads  threads for each step's recurrent product, splitting its columns (the strips
+             of w_hh_t* / w_hh*, or weight_hh's columns when they have none): a few batch rows
+             split across threads by rows would have every thread stream all of W_hh; split
+             by columns each streams its share, a parallel region per step; 1: none
     b_hh     (GH,)       zeros when the layer has no bias
     w_hr_t*  W_hr^T (H, P) packed: h_t = m_t @ W_hr^T; (0, 0, W) when not projecting
     w_hr*    W_hr (P, H) packed: dm_t = dh_t @ W_hr; (0, 0, W) when not projecting
@@ -86,7 +87,7 @@ from numba import prange
 from .borrow import borrow
 from .config import jit, jit_inline, jit_parallel, specialise
 from .linalg import linear, linear_rows, matmul_acc, matmul_acc_columns
-from .tiles import matmul_packed
+from .tiles import matmul_packed, matmul_packed_columns
 
 _CELLS: dict[int, tuple] = {}
 
@@ -159,7 +160,9 @@ def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, o
         t = T - 1 - i if reverse else i
         x_t = xw[t - t_lo]
         n = min(max(steps[t], r0), r1)  # rows [r0, n) are active at step t
-        if col_threads > 1:  # hw = h @ W_hh^T + b_hh
+        if col_threads > 1 and packed:  # hw = h @ W_hh^T + b_hh
+            matmul_packed_columns(h, w_hh_t, hw, r0, n, b_hh, col_threads)
+        elif col_threads > 1:
             linear(h, weight_hh, b_hh, hw, r0, n, col_threads)
         elif packed:  # (strip order alternating)
             matmul_packed(h, w_hh_t, hw, r0, n, b_hh, i % 2 == 1)
@@ -254,7 +257,9 @@ def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, 
         for r in range(n, r1):
             d_xw[k, r, :] = 0.0
             d_hw[k, r, :] = 0.0
-        if col_threads > 1:
+        if col_threads > 1 and packed:
+            matmul_packed_columns(d_hw[k], w_hh, dh, r0, n, None, col_threads)
+        elif col_threads > 1:
             matmul_acc_columns(d_hw[k], weight_hh, dh, r0, n, col_threads)
         elif packed:
             matmul_packed(d_hw[k], w_hh, dh, r0, n)

@@ -101,6 +101,14 @@ def _acc_row(a, b, out, r):
 
 
 @jit
+def _check_linear(a, w, bias, out, r0, r1, n0, n1):
+    N, K = w.shape
+    if (a.shape[1] != K or out.shape[1] != N or bias.shape[0] not in (0, N) or r0 < 0 or n0 < 0 or n1 > N
+            or r1 > min(a.shape[0], out.shape[0])):
+        raise ValueError("linear_rows: operands do not fit")
+
+
+@jit
 def linear_rows(a, w, bias, out, r0, r1, n0, n1):
     """out[r, n] = a[r] @ w[n] (+ bias[n] when bias is non-empty) for rows [r0, r1) and columns
     [n0, n1): torch's F.linear on w (N, K) as stored. Each output is a dot product along a row
@@ -109,9 +117,7 @@ def linear_rows(a, w, bias, out, r0, r1, n0, n1):
     pack, which costs several such passes (512 x 512 float32, one row: 13 us, pack and tile 56).
     """
     N, K = w.shape
-    if (a.shape[1] != K or out.shape[1] != N or bias.shape[0] not in (0, N) or r0 < 0 or n0 < 0 or n1 > N
-            or r1 > min(a.shape[0], out.shape[0])):
-        raise ValueError("linear_rows: operands do not fit")
+    _check_linear(a, w, bias, out, r0, r1, n0, n1)
     zero = out.dtype.type(0)  # (a float literal would make the sums float64)
     has_bias = bias.shape[0] > 0
     for r in range(r0, r1):
@@ -151,6 +157,7 @@ def linear(a, w, bias, out, r0, r1, chunks):
     """linear_rows over rows [r0, r1), the columns split across ``chunks`` threads (few rows:
     each thread streams its share of w once)."""
     N = w.shape[0]
+    _check_linear(a, w, bias, out, r0, r1, 0, N)  # here: an exception raised inside the threads is lost
     size = (N + 4 * chunks - 1) // (4 * chunks) * 4  # whole groups of four columns per thread
     for i in prange(chunks):
         n0 = min(i * size, N)
@@ -158,12 +165,18 @@ def linear(a, w, bias, out, r0, r1, chunks):
 
 
 @jit
+def _check_acc(a, b, out, r0, r1, n0, n1):
+    K, N = b.shape
+    if a.shape[1] != K or out.shape[1] != N or r0 < 0 or n0 < 0 or n1 > N or r1 > min(a.shape[0], out.shape[0]):
+        raise ValueError("acc_columns: operands do not fit")
+
+
+@jit
 def acc_columns(a, b, out, r0, r1, n0, n1):
     """out[r, n0:n1] += a[r] @ b[:, n0:n1] for r in [r0, r1): the "axpy" order of _acc_row on a
     band of b's columns (a (B, K), b (K, N), out (B, N))."""
     K, N = b.shape
-    if a.shape[1] != K or out.shape[1] != N or r0 < 0 or n0 < 0 or n1 > N or r1 > min(a.shape[0], out.shape[0]):
-        raise ValueError("acc_columns: operands do not fit")
+    _check_acc(a, b, out, r0, r1, n0, n1)
     for r in range(r0, r1):
         o = out[r, n0:n1]
         x = a[r]
@@ -187,6 +200,7 @@ def matmul_acc_columns(a, b, out, r0, r1, chunks):
     """out[r] += a[r] @ b for r in [r0, r1), the columns split across ``chunks`` threads in bands
     of whole cache lines (few rows: each thread streams its band of b once)."""
     N = b.shape[1]
+    _check_acc(a, b, out, r0, r1, 0, N)  # here: an exception raised inside the threads is lost
     line = 64 // b.itemsize
     size = (N + line * chunks - 1) // (line * chunks) * line
     for i in prange(chunks):

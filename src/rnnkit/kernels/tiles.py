@@ -341,22 +341,26 @@ BLOCK = 4096
 
 
 @jit_inline
-def matmul_packed(a, bp, out, r0, r1, start=None, backwards=False):
+def matmul_packed(a, bp, out, r0, r1, start=None, backwards=False, s_lo=0, s_hi=-1):
     """out[r] += a[r] @ b for r in [r0, r1), b given packed (see ``pack``); or
     out[r] = start + a[r] @ b when ``start`` (N,) is given (out is then only written).
     a (B, K), bp (S, K, W), out (B, N) with S = ceil(N / W). ``backwards``: one row reads the
-    strips from last to first (see _row_from)."""
+    strips from last to first (see _row_from). Only the columns of strips [s_lo, s_hi) when
+    given (s_hi -1: to the last)."""
     S, K = bp.shape[0], bp.shape[1]
     N = out.shape[1]
-    if r1 <= r0 or N == 0:
+    s_hi = S if s_hi < 0 else s_hi
+    if r1 <= r0 or N == 0 or s_hi <= s_lo:
         return
     _check(a, bp, out, r0, r1, start)
+    if s_lo < 0 or s_hi > S:
+        raise ValueError("matmul_packed: strips out of range")
     # strips outer, 8-row tiles inner: a strip (K * W values) stays in cache for every row
     block = max(1, BLOCK // max(K, 1))  # strips per block: about BLOCK * W values
-    blocks = (S + block - 1) // block
+    blocks = (s_hi - s_lo + block - 1) // block
     for i in range(blocks):
-        s0 = (blocks - 1 - i if backwards and r1 - r0 == 1 else i) * block
-        s1 = min(S, s0 + block)
+        s0 = s_lo + (blocks - 1 - i if backwards and r1 - r0 == 1 else i) * block
+        s1 = min(s_hi, s0 + block)
         r = r0
         while r + TILE_ROWS <= r1:
             for s in range(s0, s1):
@@ -468,6 +472,24 @@ def gemm_packed(a, bp, c, bias, chunks):
     for i in prange(chunks):
         r0 = min(M, i * size)
         gemm_packed_rows(a, bp, c, bias, r0, min(r0 + size, M))
+
+
+@jit
+def _strips_band(a, bp, out, r0, r1, start, s0, s1):
+    matmul_packed(a, bp, out, r0, r1, start, False, s0, s1)
+
+
+@jit_parallel
+def matmul_packed_columns(a, bp, out, r0, r1, start, chunks):
+    """matmul_packed on rows [r0, r1) with its strips split across ``chunks`` threads in bands:
+    for few rows, where splitting the rows would have every thread stream all of b."""
+    S = bp.shape[0]
+    if r1 > r0 and out.shape[1] > 0:
+        _check(a, bp, out, r0, r1, start)  # here: an exception raised inside the threads is lost
+    size = (S + chunks - 1) // chunks
+    for i in prange(chunks):
+        s0 = min(S, i * size)
+        _strips_band(a, bp, out, r0, r1, start, s0, min(S, s0 + size))
 
 
 # Their copies for the transposed left operand: c (+)= a.T @ b, the weight gradients (bias None).
