@@ -273,8 +273,11 @@ def test_threaded_chunks_match_serial(batch, kind, monkeypatch):
 
     with rnnkit.use_backend("fused"):
         monkeypatch.setattr(_fused, "_MIN_WORK_PER_THREAD", 1)  # split whenever possible
+        monkeypatch.setattr(_fused, "_MIN_LOOP_WORK", 1)
+        monkeypatch.setattr(_fused, "_MIN_COLUMN_WORK", 10**12)  # by rows, not by columns
         split = run()
         monkeypatch.setattr(_fused, "_MIN_WORK_PER_THREAD", 10**12)  # never split
+        monkeypatch.setattr(_fused, "_MIN_LOOP_WORK", 10**12)
         serial = run()
     for s, r in zip(split, serial):
         torch.testing.assert_close(s, r, **TOL[torch.float64])
@@ -371,11 +374,14 @@ from rnnkit import _fused
 from rnnkit.kernels import tiles
 rnnkit.set_backend("fused")
 _fused._CHUNK_MIN_ELEMENTS, _fused._CHUNK_ROWS, _fused._TIME_CHUNKS = 0, 1, 2  # time chunks too
+_fused._MIN_WORK_PER_THREAD = _fused._MIN_LOOP_WORK = 1  # and the threaded loops:
+torch.set_num_threads(2)
 torch.manual_seed(0)
 for cls, kw, by_blas in [("RNN", {}, True), ("RNN", {"nonlinearity": "relu"}, False), ("GRU", {}, True),
                          ("GRU", {}, False), ("LSTM", {}, True), ("LSTM", {"proj_size": 2}, False)]:
     _fused.WEIGHT_GRADS_BY_BLAS = by_blas  # both ways of the weight gradients
     tiles.PACK_THREADED_MIN = 1 if by_blas else 1 << 18  # and of packing the weights
+    _fused._MIN_COLUMN_WORK = 1 if by_blas else 1 << 60  # steps split by columns, or by rows
     ref = getattr(nn, cls)(3, 4, 2, bidirectional=True, **kw).double()
     m = getattr(rnnkit, cls)(3, 4, 2, bidirectional=True, **kw).double()
     m.load_state_dict(ref.state_dict())

@@ -101,6 +101,18 @@ def test_row_products_refuse_operands_that_do_not_fit():
                  (a, np.ones((3, 4)), out, 0, 3, 0, 4)):
         with pytest.raises(ValueError, match="do not fit"):
             linalg.acc_columns(*args)
+    # the threaded forms check before their threads start (an exception inside them is lost)
+    with pytest.raises(ValueError, match="do not fit"):
+        linalg.linear(a, w, np.ones(0), out, 0, 3, 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        linalg.matmul_acc_columns(a, np.ones((4, 4)), out, 0, 2, 2)
+    bp = tiles.pack(np.ones((3, 5)), False)
+    with pytest.raises(ValueError, match="do not fit"):
+        tiles.matmul_packed_columns(a, bp, np.ones((2, 5)), 0, 3, None, 2)
+    out = np.ones((2, 4))
+    linalg.linear(a, w, np.ones(0), out, 1, 1, 2)  # no rows: nothing written
+    tiles.matmul_packed_columns(a, tiles.pack(np.ones((3, 4)), False), out, 2, 2, None, 2)
+    assert (out == 1).all()
 
 
 ROWS = 24

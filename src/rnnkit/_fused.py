@@ -118,7 +118,7 @@ def _pack(b: np.ndarray, trans: bool) -> np.ndarray:
 
 # A batch of fewer than 16 rows runs each step's recurrent product on all threads, each taking
 # a band of W_hh's columns (a parallel region per step, about 3 us), when W_hh has this many
-# values. Split by rows instead, each thread would stream all of W_hh every step, for fewer
+# values (and the loop _MIN_LOOP_WORK multiply-adds in all). Split by rows instead, each thread would stream all of W_hh every step, for fewer
 # rows than a whole tile (8): a step of few rows is bound by reading W_hh, which one core does
 # at about half the rate two do. Measured per step (float32, one row, 1 / 2 threads): 512 x
 # 512 14.7 / 8.6 us, 2048 x 512 53 / 34, 1024 x 1024 55 / 30, 4096 x 1024 405 / 135; 256 x 256
@@ -131,7 +131,7 @@ def _column_threads(T: int, B: int, w_hh: np.ndarray) -> int:
     """Threads splitting the columns of each step's recurrent product (see _MIN_COLUMN_WORK)."""
     if B > _COLUMN_MAX_ROWS or w_hh.size < _MIN_COLUMN_WORK or T * B * w_hh.size < _MIN_LOOP_WORK:
         return 1
-    return _threads()
+    return min(_threads(), max(1, 2 * w_hh.size // _MIN_COLUMN_WORK))  # (half the minimum each)
 
 
 def _unpacked(T: int, B: int, col_threads: int) -> bool:
@@ -143,8 +143,9 @@ def _unpacked(T: int, B: int, col_threads: int) -> bool:
 
 def _launch(rows_kernel, chunks_kernel, args: tuple, batch: int, steps: int, work_per_step: int,
             col_threads: int) -> None:
-    """Run ``steps`` steps of a time loop over the whole batch: threaded over batch chunks when
-    it pays, or over the columns of each step's product (``col_threads``, one row)."""
+    """Run a time loop of ``steps`` steps in all (time chunks included) over the whole batch:
+    threaded over batch chunks when it pays, or over the columns of each step's product
+    (``col_threads``, few rows)."""
     if col_threads > 1:
         rows_kernel(*args, 0, batch, col_threads)
         return
@@ -152,7 +153,7 @@ def _launch(rows_kernel, chunks_kernel, args: tuple, batch: int, steps: int, wor
     if chunks > 1:
         chunks_kernel(*args, chunks)
     else:
-        rows_kernel(*args, 0, batch)
+        rows_kernel(*args, 0, batch, 1)
 
 
 _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
@@ -313,7 +314,7 @@ def _forward(mode: str, steps: np.ndarray, reverse: bool, training: bool, x, w_i
             _linear(x[t_lo:t_lo + n].reshape(n * B, I), w_ih, b_ih, xw[:n].reshape(n * B, GH))
         else:
             _matmul_packed(x[t_lo:t_lo + n].reshape(n * B, I), w_ih_t, b_ih, xw[:n].reshape(n * B, GH))
-        _launch(kernels.forward_rows, kernels.forward_chunks, (xw[:n], *args, i0, i1), B, n,
+        _launch(kernels.forward_rows, kernels.forward_chunks, (xw[:n], *args, i0, i1), B, T,
                 B * (Ho * GH + (0 if w_hr is None else w_hr.size)), col_threads)
     return out, h_n, c_n, c_seq, saved, m_seq
 
@@ -355,7 +356,7 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
     for i0, i1, t_lo in _time_chunks(T, L, reverse, backward=True) if L < T else ((0, T, 0),):
         n = i1 - i0
         _launch(kernels.backward_rows, kernels.backward_chunks,
-                (*args, d_xw[:n], d_hw[:n], d_h_seq[:n], d_first, dm, d_h0, d_c0, i0, i1), B, n,
+                (*args, d_xw[:n], d_hw[:n], d_h_seq[:n], d_first, dm, d_h0, d_c0, i0, i1), B, T,
                 B * (Ho * GH + w_hr.size), col_threads)
         if n == 0:
             continue

@@ -131,7 +131,7 @@ def _add(dst, src):
 
 
 def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
-                  m_seq, hw, i0, i1, r0, r1, col_threads=1):
+                  m_seq, hw, i0, i1, r0, r1, col_threads):
     """Run rows [r0, r1) through the steps i0 <= i < i1 in processing order (step i is time
     T-1-i when reverse, else i), continuing the state kept in h_n / c_n (started from h0 / c0
     when i0 == 0). xw holds the input projection of those steps only: xw[k] is time t_lo + k,
@@ -200,7 +200,7 @@ def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, o
 
 
 def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
-                   d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, i0, i1, r0, r1, col_threads=1):
+                   d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, i0, i1, r0, r1, col_threads):
     """BPTT for rows [r0, r1) over the steps i0 <= i < i1 of the reverse-time loop (step i is
     time i when reverse, else T-1-i), continuing the running gradient kept in d_h0 / d_c0
     (started from d_hn / d_cn when i0 == 0). Fills, for those steps only (index k is time
@@ -275,7 +275,7 @@ def _forward_chunks(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse,
     for j in prange(chunks):
         r0 = j * size
         forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
-                     m_seq, hw, i0, i1, r0, min(r0 + size, B))
+                     m_seq, hw, i0, i1, r0, min(r0 + size, B), 1)  # (1: no parallel region inside this one)
 
 
 def _backward_chunks(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
@@ -285,7 +285,7 @@ def _backward_chunks(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq
     for j in prange(chunks):
         r0 = j * size
         backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
-                      d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, i0, i1, r0, min(r0 + size, B))
+                      d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, i0, i1, r0, min(r0 + size, B), 1)
 
 
 class CellKernels(NamedTuple):

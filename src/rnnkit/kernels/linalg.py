@@ -1,6 +1,8 @@
 """Matrix products of the kernels on row ranges of plain contiguous arrays: the big products
 before and after the time loop (``gemm``: scipy's BLAS, or our loops for small ones or without
-BLAS). The recurrent products inside the loop are ``tiles.matmul_packed``.
+BLAS). The recurrent products inside the loop are ``tiles.matmul_packed``, but for loops of a
+few row-steps, which use the weights as stored (``linear_rows``, ``matmul_acc``, and their
+column-split ``linear`` / ``matmul_acc_columns``).
 
 ``linear``: products of few rows with a weight matrix as torch stores it, without packing it
 (a single step or two of a layer, where packing the weights would cost more than using them).
@@ -105,7 +107,7 @@ def _check_linear(a, w, bias, out, r0, r1, n0, n1):
     N, K = w.shape
     if (a.shape[1] != K or out.shape[1] != N or bias.shape[0] not in (0, N) or r0 < 0 or n0 < 0 or n1 > N
             or r1 > min(a.shape[0], out.shape[0])):
-        raise ValueError("linear_rows: operands do not fit")
+        raise ValueError("linear: operands do not fit")
 
 
 @jit
@@ -198,7 +200,7 @@ def acc_columns(a, b, out, r0, r1, n0, n1):
 @jit_parallel
 def matmul_acc_columns(a, b, out, r0, r1, chunks):
     """out[r] += a[r] @ b for r in [r0, r1), the columns split across ``chunks`` threads in bands
-    of whole cache lines (few rows: each thread streams its band of b once)."""
+    a whole number of cache lines wide (few rows: each thread streams its band of b once)."""
     N = b.shape[1]
     _check_acc(a, b, out, r0, r1, 0, N)  # here: an exception raised inside the threads is lost
     line = 64 // b.itemsize
