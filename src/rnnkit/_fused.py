@@ -118,11 +118,11 @@ def _pack(b: np.ndarray, trans: bool) -> np.ndarray:
 
 # A batch of fewer than 16 rows runs each step's recurrent product on all threads, each taking
 # a band of W_hh's columns (a parallel region per step, about 3 us), when W_hh has this many
-# values (and the loop _MIN_LOOP_WORK multiply-adds in all). Split by rows instead, each thread would stream all of W_hh every step, for fewer
-# rows than a whole tile (8): a step of few rows is bound by reading W_hh, which one core does
-# at about half the rate two do. Measured per step (float32, one row, 1 / 2 threads): 512 x
-# 512 14.7 / 8.6 us, 2048 x 512 53 / 34, 1024 x 1024 55 / 30, 4096 x 1024 405 / 135; 256 x 256
-# 3.6 / 6.0.
+# values (and the loop _MIN_LOOP_WORK multiply-adds in all). Split by rows instead, each thread
+# would stream all of W_hh every step, for fewer rows than a whole tile (8): a step of few rows
+# is bound by reading W_hh, which one core does at about half the rate two do. Measured per
+# step (float32, one row, 1 / 2 threads): 512 x 512 14.7 / 8.6 us, 2048 x 512 53 / 34, 1024 x
+# 1024 55 / 30, 4096 x 1024 405 / 135; 256 x 256 3.6 / 6.0.
 _MIN_COLUMN_WORK = 1 << 18
 _COLUMN_MAX_ROWS = 15
 
