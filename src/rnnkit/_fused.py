@@ -51,12 +51,12 @@ def _transformed() -> bool:
 # GEMMs before and after it.
 _MIN_WORK_PER_THREAD = 64 * 1024  # multiply-adds per step
 _MIN_GEMM_WORK_PER_THREAD = 512 * 1024  # multiply-adds
-# ... and a time loop only when its whole run is long enough to also pay for threads that have
-# gone to sleep, or that share the cores with torch's: the first parallel region of a call
-# after other work (a torch op, the caller's own code) can cost 20 to several hundred us on
-# this 2-core VM (an empty region: 2 us right after another, 220 us median after 10 ms),
-# and torch's OpenMP threads, spinning after a torch op, take the cores from ours (a single GRU
-# step, B = 8, H = 256: 120 us alone, 300 when each call follows a torch Linear).
+# ... and a time loop only when its whole run is long enough to also pay for waking the
+# threads after other work: the first parallel region of a call after a torch op or the
+# caller's own code can cost 20 to several hundred us on this 2-core VM (an empty region: 2 us
+# right after another, 220 us median after 10 ms of other work; a single GRU step, B = 8,
+# H = 256: 120 us back to back, 300 when each call follows a torch Linear, whose own time rose
+# from 27 to about 90 us; 166 with the loop on one thread).
 _MIN_LOOP_WORK = 8 << 20  # multiply-adds
 
 
