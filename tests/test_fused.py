@@ -423,6 +423,26 @@ def test_kernels_stay_in_bounds(tmp_path):
     assert proc.stdout.strip().endswith("ok")
 
 
+def test_rnnkit_keeps_the_thread_count_torch_was_given():
+    """numba's OpenMP layer shares torch's libgomp, and starting numba's threads sets its thread
+    count: a torch.set_num_threads(1) made before importing rnnkit, or before its first call of
+    a kernel that contains a parallel region, must still hold after it."""
+    script = (
+        "import torch; torch.set_num_threads(1)\n"
+        "import rnnkit\n"
+        "assert torch.get_num_threads() == 1\n"
+        "m = rnnkit.LSTM(5, 300)\n"
+        "with torch.no_grad(), rnnkit.use_backend('fused'):\n"
+        "    m(torch.randn(70, 3, 5))\n"  # B < 16, W_hh of 2^18 values or more: column threads
+        "    m(torch.randn(1, 1, 5))\n"
+        "assert torch.get_num_threads() == 1, torch.get_num_threads()\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")
+
+
 @pytest.mark.parametrize("kind", CELL_KINDS)
 def test_torch_export_sees_one_op_per_layer_direction(kind):
     torch.manual_seed(0)

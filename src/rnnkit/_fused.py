@@ -40,6 +40,20 @@ for _kind, _cell in enumerate(CELLS.values()):
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
+def _start_threads() -> None:
+    """Start numba's threads now, keeping torch's thread count. numba's OpenMP layer binds to
+    the libgomp torch loaded (one runtime), and starting its pool sets that runtime's thread
+    count to numba's: started lazily, by the first kernel that contains a parallel region, it
+    undid a ``torch.set_num_threads(1)`` made before it."""
+    threads = torch.get_num_threads()
+    numba.get_num_threads()  # (starts the pool)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+_start_threads()
+
+
 def _transformed() -> bool:
     """Inside a torch.func transform (grad, vmap, jvp, ...) or forward-mode AD's dual level:
     they see through torch ops, not through the kernels, so the layers run the reference."""
