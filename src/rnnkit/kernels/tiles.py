@@ -13,11 +13,11 @@ Why: a product of a few rows by a weight matrix is what the time loop does at ev
 a BLAS call handles it badly here: OpenBLAS runs 16-32-row products of the grid's sizes at about
 70 GFLOP/s on one core (it repacks the weights at every call), and the rows of an unpacked
 weight matrix whose width is a multiple of 1024 bytes fall into the same L1 sets. Packed once
-per layer call (but for calls of a few row-steps, see linalg.linear_rows), each strip is one contiguous stream; a tile of up to 8 rows by 1-4 strips keeps
-its sums in vector registers across the whole K loop (one broadcast of a[r, k] and one load
-per vector of the strip per k), reaching about 90% of the core's FMA peak (measured 215-240
-GFLOP/s float32 on one core of the 2-core benchmark machine; OpenBLAS's SGEMM with its
-SkylakeX kernels: about 228 per core).
+per layer call (but for calls of a few row-steps, see linalg.linear_rows), each strip is one
+contiguous stream; a tile of up to 8 rows by 1-4 strips keeps its sums in vector registers
+across the whole K loop (one broadcast of a[r, k] and one load per vector of the strip per k),
+reaching about 90% of the core's FMA peak (measured 215-240 GFLOP/s float32 on one core of the
+2-core benchmark machine; OpenBLAS's SGEMM with its SkylakeX kernels: about 228 per core).
 
 ``_tile`` is written in LLVM IR (a numba intrinsic) because numba's loops cannot express "keep
 these 16 vector sums in registers across the k loop": LLVM keeps re-loading the output row when it
