@@ -46,7 +46,10 @@ def _start_threads() -> None:
     count to numba's: started lazily, by the first kernel that contains a parallel region, it
     undid a ``torch.set_num_threads(1)`` made before it."""
     threads = torch.get_num_threads()
-    numba.get_num_threads()  # (starts the pool)
+    try:
+        numba.get_num_threads()  # (starts the pool)
+    except Exception:  # no threading layer loads here: the first parallel kernel says so
+        return
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
