@@ -151,11 +151,16 @@ def _column_threads(T: int, B: int, w_hh: np.ndarray) -> int:
     return min(_threads(), max(1, 2 * w_hh.size // _MIN_COLUMN_WORK))  # (half the minimum each)
 
 
-def _unpacked(T: int, B: int, col_threads: int) -> bool:
-    """Whether a loop uses W_hh as stored: for few row-steps (_PLAIN_MAX_ROW_STEPS), and for one
-    row split by columns over fewer steps than pay for the pack (at one row the unpacked product
-    costs 2-20% more per step than the packed one, and the pack 4-14 steps' worth)."""
-    return T * B <= _PLAIN_MAX_ROW_STEPS or (B == 1 and col_threads > 1 and T < 64)
+def _recurrent_weights(T: int, B: int, w_hh: np.ndarray, trans: bool) -> tuple:
+    """(W_hh packed for a loop, or no strips when it uses W_hh as stored; its column threads),
+    decided alike for the forward (``trans``) and backward loops. As stored: for few row-steps
+    (_PLAIN_MAX_ROW_STEPS), and for one row split by columns over fewer steps than pay for the
+    pack (at one row the unpacked product costs 2-20% more per step than the packed one, and
+    the pack 4-14 steps' worth)."""
+    col_threads = _column_threads(T, B, w_hh)
+    if T * B <= _PLAIN_MAX_ROW_STEPS or (B == 1 and col_threads > 1 and T < 64):
+        return _NO_STRIPS[w_hh.dtype.type], col_threads
+    return _pack(w_hh, trans), col_threads
 
 
 def _launch(rows_kernel, chunks_kernel, args: tuple, batch: int, steps: int, work_per_step: int,
@@ -319,9 +324,9 @@ def _forward(mode: str, steps: np.ndarray, reverse: bool, training: bool, x, w_i
     L = _chunk_steps(T, B, GH)
     xw = np.empty((L, B, GH), dtype)
     plain = T * B <= _PLAIN_MAX_ROW_STEPS  # (see _PLAIN_MAX_ROW_STEPS)
-    col_threads = _column_threads(T, B, w_hh)
+    w_hh_t, col_threads = _recurrent_weights(T, B, w_hh, True)
     w_ih_t = None if plain else _pack(w_ih, True)
-    args = (_NO_STRIPS[dtype.type] if _unpacked(T, B, col_threads) else _pack(w_hh, True), w_hh,
+    args = (w_hh_t, w_hh,
             b_hh if b_hh is not None else np.zeros(GH, dtype),
             w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved, m_seq, np.empty((B, GH), dtype))
     kernels = _KERNELS[mode]
@@ -358,8 +363,7 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
     else:
         w_hr, d_h_seq, dm = np.empty((0, 0), dtype), np.empty((0, 0, 0), dtype), np.empty((0, 0), dtype)
     plain = T * B <= _PLAIN_MAX_ROW_STEPS  # (see _PLAIN_MAX_ROW_STEPS)
-    col_threads = _column_threads(T, B, w_hh)
-    w_hh_p = _NO_STRIPS[dtype.type] if _unpacked(T, B, col_threads) else _pack(w_hh, False)
+    w_hh_p, col_threads = _recurrent_weights(T, B, w_hh, False)
     w_hr_p = _pack(w_hr, False) if project else _NO_PROJECTION[dtype.type][0]
     dx = np.empty((T, B, I), dtype) if need[0] else None
     dw_ih = np.zeros(w_ih.shape, dtype) if need[1] else None

@@ -26,10 +26,16 @@ BLAS_MIN_WORK = 16 * 64 * 64
 
 
 @jit
+def _check_acc(a, b, out, r0, r1, n0, n1):
+    K, N = b.shape
+    if a.shape[1] != K or out.shape[1] != N or r0 < 0 or n0 < 0 or n1 > N or r1 > min(a.shape[0], out.shape[0]):
+        raise ValueError("matmul_acc: operands do not fit")
+
+
+@jit
 def matmul_acc(a, b, out, r0, r1):
     """out[r] += a[r] @ b for r in [r0, r1).  a (B, K), b (K, N), out (B, N)."""
-    if a.shape[1] != b.shape[0] or out.shape[1] != b.shape[1] or r0 < 0 or r1 > min(a.shape[0], out.shape[0]):
-        raise ValueError("matmul_acc: operands do not fit")
+    _check_acc(a, b, out, r0, r1, 0, b.shape[1])
     if r1 - r0 == 1:  # one row: our loop beats a BLAS call at every size measured
         _acc_row(a, b, out, r0)
         return
@@ -164,13 +170,6 @@ def linear(a, w, bias, out, r0, r1, chunks):
     for i in prange(chunks):
         n0 = min(i * size, N)
         linear_rows(a, w, bias, out, r0, r1, n0, min(n0 + size, N))
-
-
-@jit
-def _check_acc(a, b, out, r0, r1, n0, n1):
-    K, N = b.shape
-    if a.shape[1] != K or out.shape[1] != N or r0 < 0 or n0 < 0 or n1 > N or r1 > min(a.shape[0], out.shape[0]):
-        raise ValueError("acc_columns: operands do not fit")
 
 
 @jit
