@@ -222,8 +222,11 @@ WEIGHT_GRADS_BY_BLAS = blas.FAST
 
 # The tiles' sums run over blocks of at most this many rows of a and b: the rows of a that a
 # tile reads lie one row of a apart, and many of them stop fitting the L2 cache's sets (measured
-# at 12800 x 1024 x 128: 136 GFLOP/s in one block, 275 in blocks of 512).
-_K_BLOCK = 512
+# at 12800 x 1024 x 128: 136 GFLOP/s in one block, 275 in blocks of 512). Each block's sum is
+# added to out as a whole (see tiles._tile), so the block also sets float32's rounding: a sum
+# over 1600 rows (512 x 256 outputs) 4.0e-4 from float64's in one running order, 1.2e-4 in
+# blocks of 512, 6.9e-5 in blocks of 256 (OpenBLAS's SGEMM: 7.8e-5), at the same speed.
+_K_BLOCK = 256
 
 
 def _linear(a: np.ndarray, w: np.ndarray, bias: Optional[np.ndarray], out: np.ndarray) -> None:
@@ -397,9 +400,9 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
                 _matmul_t(d_hw[k0:k1].reshape(-1, GH), out[t_lo + k0 + shift:t_lo + k1 + shift].reshape(-1, Ho),
                           dw_hh)
         if db_ih is not None:
-            _add_column_sums(d_xw2, db_ih)
+            column_sums(d_xw2, db_ih)
         if db_hh is not None and not (shared and db_ih is not None):
-            _add_column_sums(d_hw2, db_hh)
+            column_sums(d_hw2, db_hh)
         if dw_hr is not None:  # dL/dW_hr = sum_t dh_t^T m_t
             _matmul_t(d_h_seq[:n].reshape(n * B, Ho), m_seq[t_lo:t_lo + n].reshape(n * B, m_seq.shape[-1]), dw_hr)
     if shared and db_ih is not None and db_hh is not None:  # the same sums
@@ -409,15 +412,6 @@ def _backward(mode: str, steps: np.ndarray, reverse: bool, need: Sequence[bool],
     if dw_hh is not None and (h0.any() or not math.isfinite(d_first.sum())):
         _matmul_t(d_first, h0, dw_hh)
     return (dx, dw_ih, dw_hh, db_ih, db_hh, dw_hr, d_h0 if need[6] else None, d_c0 if need[7] else None)
-
-
-def _add_column_sums(a: np.ndarray, out: np.ndarray) -> None:
-    """out += a.sum(0): a kernel call for few rows (numpy's reduction costs several us to start),
-    numpy's pairwise sum for many (more accurate than a running sum)."""
-    if a.shape[0] <= 1024:
-        column_sums(a, out)
-    else:
-        out += a.sum(0)
 
 
 def _output_grad(d_out: np.ndarray) -> np.ndarray:

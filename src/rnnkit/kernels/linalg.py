@@ -15,6 +15,7 @@ store of it carries several multiply-adds.
 
 from __future__ import annotations
 
+import numpy as np
 from numba import prange
 
 from .blas import AVAILABLE as BLAS, gemm_rows
@@ -254,8 +255,16 @@ def gemm(a, b, c, bias, trans_a, accumulate, chunks):
 
 @jit
 def column_sums(a, out):
-    """out += a.sum(0): the bias gradients.  a (M, N), out (N,)."""
+    """out += a.sum(0): the bias gradients.  a (M, N), out (N,).
+    Summed in float64 and rounded once: a running float32 sum over the T * B rows of a layer
+    drifts (bias gradients of (100, 16, 256, 512) Elman: 4e-3 from float64's against torch's
+    4e-4; summed in float64: 2e-4). The sum is bound by reading a either way."""
+    if a.shape[1] != out.shape[0]:
+        raise ValueError("column_sums: a row of a is not as long as out")
+    total = np.zeros(out.shape[0], np.float64)
     for r in range(a.shape[0]):
         row = a[r]
         for j in range(out.shape[0]):
-            out[j] += row[j]
+            total[j] += row[j]
+    for j in range(out.shape[0]):
+        out[j] += total[j]

@@ -280,7 +280,14 @@ def _tile_typer(typingctx, a, bp, out, r, s, rows, strips, start, trans):
                 ir.Constant(ir.VectorType(i64, L), None), ir.Constant(ir.VectorType(i32, L), [0] * L)))
             columns.append((j, mask))
         zero = ir.Constant(vty, [0.0] * L)
-        if from_start:
+        # Transposed (the weight gradients): every sum starts from zero and is added to out only
+        # after the k loop, so a long sum split into calls (K-blocks of rows) is summed block by
+        # block rather than in one running order: float32's rounding then stays at OpenBLAS's
+        # (see _K_BLOCK in rnnkit/_fused.py). Otherwise the sums start from out or start (the
+        # time loops' products: the same result there at K = H, and starting from zero measured
+        # 10-20% slower in the LSTM's two-thread loop, for reasons not found).
+        later = trans
+        if from_start and not later:
             first = context.make_array(signature.args[7])(context, builder, args[7]).data
             starts = [builder.call(mload, [vector_at(first, j), align, mask, zero]) for j, mask in columns]
         sums = []
@@ -289,11 +296,13 @@ def _tile_typer(typingctx, a, bp, out, r, s, rows, strips, start, trans):
             for v, (j, mask) in enumerate(columns):
                 index = builder.add(row, j)
                 slot = cgutils.alloca_once(builder, vty)
-                if from_start:
+                if later:
+                    builder.store(zero, slot)
+                elif from_start:
                     builder.store(starts[v], slot)
                 else:
                     builder.store(builder.call(mload, [vector_at(O.data, index), align, mask, zero]), slot)
-                sums.append((slot, index, mask))
+                sums.append((slot, index, mask, j))
         with cgutils.for_range(builder, K) as loop:
             k = loop.index
             weights = []
@@ -310,8 +319,14 @@ def _tile_typer(typingctx, a, bp, out, r, s, rows, strips, start, trans):
                 for v, w in enumerate(weights):
                     slot = sums[i * len(weights) + v][0]
                     builder.store(builder.call(fma, [xv, w, builder.load(slot)]), slot)
-        for slot, index, mask in sums:
-            builder.call(mstore, [builder.load(slot), vector_at(O.data, index), align, mask])
+        if later:  # what the sums continue
+            base = context.make_array(signature.args[7])(context, builder, args[7]).data if from_start else O.data
+        for slot, index, mask, j in sums:
+            total = builder.load(slot)
+            if later:
+                before = builder.call(mload, [vector_at(base, j if from_start else index), align, mask, zero])
+                total = builder.fadd(before, total)
+            builder.call(mstore, [total, vector_at(O.data, index), align, mask])
         return context.get_dummy_value()
 
     return sig, codegen
