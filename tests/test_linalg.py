@@ -247,7 +247,7 @@ def test_transposed_tiles_match_numpy(K, N, r0, r1, dtype):
         np.testing.assert_allclose(out, start + a.T @ b, rtol=tol, atol=tol * K)
 
 
-def test_long_float32_sums_stay_close_to_float64():
+def test_long_float32_sums_stay_close_to_float64(monkeypatch):
     """The weight and bias gradients sum over every row of a layer (T * B): the bias sums run in
     float64 and round once, and the weight gradients' tiles sum each K-block of rows from zero
     before adding it (rnnkit._fused._K_BLOCK), so float32 stays near float64 where one running
@@ -262,6 +262,7 @@ def test_long_float32_sums_stay_close_to_float64():
     assert (np.abs(out - exact) / exact).max() < 2e-7
     with pytest.raises(ValueError, match="column_sums"):
         linalg.column_sums(a, np.zeros(36, np.float32))
+    monkeypatch.setattr(_fused, "WEIGHT_GRADS_BY_BLAS", False)  # rnnkit's tiles, not BLAS's
     a, b = rng.random((4096, 16)).astype(np.float32), rng.random((4096, 24)).astype(np.float32)
     out = np.zeros((16, 24), np.float32)
     _fused._matmul_t(a, b, out)

@@ -225,8 +225,9 @@ WEIGHT_GRADS_BY_BLAS = blas.FAST
 # at 12800 x 1024 x 128: 136 GFLOP/s in one block, 275 in blocks of 512). Each block's sum is
 # added to out as a whole (see tiles._tile), so the block also sets float32's rounding: a sum
 # over 1600 rows (512 x 256 outputs) 4.0e-4 from float64's in one running order, 1.2e-4 in
-# blocks of 512, 6.9e-5 in blocks of 256 (OpenBLAS's SGEMM: 7.8e-5), at the same speed.
-_K_BLOCK = 256
+# blocks of 512, 6.9e-5 in blocks of 256 (OpenBLAS's SGEMM: 7.8e-5); but blocks of 256 ran
+# 5-10% slower at three of six shapes (512 x 2048 x 512, 512 x 4096 x 1024, 3200 x 128 x 64).
+_K_BLOCK = 512
 
 
 def _linear(a: np.ndarray, w: np.ndarray, bias: Optional[np.ndarray], out: np.ndarray) -> None:
