@@ -130,6 +130,29 @@ def _pack_strips(b, trans, result, s0, s1):
                     dst[k, c] = b[k, j0 + c]
 
 
+def _pack_operands(b, packed, *indices) -> bool:
+    """Whether a pack intrinsic's operands are what its IR assumes: b (2-D) and packed (3-D),
+    C-contiguous (the row lengths are the arrays' own), one float dtype, int64 indices."""
+    return (isinstance(b, types.Array) and isinstance(packed, types.Array) and b.layout == "C"
+            and packed.layout == "C" and (b.ndim, packed.ndim) == (2, 3) and b.dtype == packed.dtype
+            and b.dtype in (types.float32, types.float64) and packed.mutable
+            and all(t == types.int64 for t in indices))
+
+
+def _vectors(context, builder, dtype):
+    """(element size in bytes, L lanes, vector type, vector_at(base, index): a pointer to the
+    vector of L elements from base[index]) for the intrinsics' IR."""
+    elt = context.get_data_type(dtype)
+    size = context.get_abi_sizeof(elt)
+    L = VECTOR_BYTES // size
+    vty = ir.VectorType(elt, L)
+
+    def vector_at(base, index):
+        return builder.bitcast(builder.gep(base, [index]), vty.as_pointer())
+
+    return size, L, vty, vector_at
+
+
 @intrinsic
 def _copy_strip(typingctx, b, packed, s, j):
     """packed[s, k, :] = b[k, j:j + W] for every row k of b: a full strip of an untransposed
@@ -137,20 +160,14 @@ def _copy_strip(typingctx, b, packed, s, j):
     element or through run-time overlap checks: about 0.35 ns per value (b (512, 64): 12 us,
     (2048, 512): 400 us on one thread) against 3 and 170 us here. The caller guarantees
     j + W <= columns of b, rows of b == packed.shape[1] and packed.shape[2] == W."""
-    if not (isinstance(b, types.Array) and isinstance(packed, types.Array) and b.layout == "C"
-            and packed.layout == "C" and (b.ndim, packed.ndim) == (2, 3) and b.dtype == packed.dtype
-            and b.dtype in (types.float32, types.float64) and packed.mutable
-            and s == types.int64 and j == types.int64):
+    if not _pack_operands(b, packed, s, j):
         return None
 
     def codegen(context, builder, signature, args):
         B = context.make_array(signature.args[0])(context, builder, args[0])
         P = context.make_array(signature.args[1])(context, builder, args[1])
         s, j = args[2], args[3]
-        elt = context.get_data_type(signature.args[0].dtype)
-        size = context.get_abi_sizeof(elt)
-        L = VECTOR_BYTES // size
-        vty = ir.VectorType(elt, L)
+        size, L, vty, vector_at = _vectors(context, builder, signature.args[0].dtype)
         i64 = ir.IntType(64)
         K, N = builder.extract_value(B.shape, 0), builder.extract_value(B.shape, 1)
         W = builder.extract_value(P.shape, 2)
@@ -160,10 +177,8 @@ def _copy_strip(typingctx, b, packed, s, j):
             dst = builder.add(first, builder.mul(loop.index, W))
             for v in range(2):
                 lane = ir.Constant(i64, v * L)
-                x = builder.load(builder.bitcast(builder.gep(B.data, [builder.add(src, lane)]), vty.as_pointer()),
-                                 align=size)
-                builder.store(x, builder.bitcast(builder.gep(P.data, [builder.add(dst, lane)]), vty.as_pointer()),
-                              align=size)
+                x = builder.load(vector_at(B.data, builder.add(src, lane)), align=size)
+                builder.store(x, vector_at(P.data, builder.add(dst, lane)), align=size)
         return context.get_dummy_value()
 
     return types.void(b, packed, s, j), codegen
@@ -176,26 +191,17 @@ def _transpose_block(typingctx, b, packed, s, j, k0, c0):
     swaps the lanes whose row and column differ in bit m), where a scalar copy stores one
     element at a time. The caller guarantees j + L <= rows of b, k0 + L <= columns of b ==
     packed.shape[1], and c0 + L <= packed.shape[2]."""
-    if not (isinstance(b, types.Array) and isinstance(packed, types.Array) and b.layout == "C"
-            and packed.layout == "C" and (b.ndim, packed.ndim) == (2, 3) and b.dtype == packed.dtype
-            and b.dtype in (types.float32, types.float64) and packed.mutable
-            and all(t == types.int64 for t in (s, j, k0, c0))):
+    if not _pack_operands(b, packed, s, j, k0, c0):
         return None
 
     def codegen(context, builder, signature, args):
         B = context.make_array(signature.args[0])(context, builder, args[0])
         P = context.make_array(signature.args[1])(context, builder, args[1])
         s, j, k0, c0 = args[2:]
-        elt = context.get_data_type(signature.args[0].dtype)
-        size = context.get_abi_sizeof(elt)
-        L = VECTOR_BYTES // size
-        vty = ir.VectorType(elt, L)
+        size, L, vty, vector_at = _vectors(context, builder, signature.args[0].dtype)
         i64, i32 = ir.IntType(64), ir.IntType(32)
         K = builder.extract_value(B.shape, 1)
         W = builder.extract_value(P.shape, 2)
-
-        def vector_at(base, index):
-            return builder.bitcast(builder.gep(base, [index]), vty.as_pointer())
 
         rows = []
         for r in range(L):  # b[j + r, k0:k0 + L]
@@ -261,12 +267,9 @@ def _tile_typer(typingctx, a, bp, out, r, s, rows, strips, start, trans):
         P = context.make_array(signature.args[1])(context, builder, args[1])
         O = context.make_array(signature.args[2])(context, builder, args[2])
         r0, s0 = args[3], args[4]
-        elt = context.get_data_type(signature.args[0].dtype)
-        size = context.get_abi_sizeof(elt)
-        L = VECTOR_BYTES // size
+        size, L, vty, vector_at = _vectors(context, builder, signature.args[0].dtype)
         W = 2 * L
         i64, i32 = ir.IntType(64), ir.IntType(32)
-        vty = ir.VectorType(elt, L)
         mty = ir.VectorType(ir.IntType(1), L)
         fma = _vector_intrinsic(builder, "fma", vty, mty, None)
         mload = _vector_intrinsic(builder, "load", vty, mty, "load")
@@ -279,9 +282,6 @@ def _tile_typer(typingctx, a, bp, out, r, s, rows, strips, start, trans):
 
         def const(v):
             return ir.Constant(i64, v)
-
-        def vector_at(base, index):
-            return builder.bitcast(builder.gep(base, [index]), vty.as_pointer())
 
         def splat(x):
             v = builder.insert_element(ir.Constant(vty, None), x, ir.Constant(i32, 0))
