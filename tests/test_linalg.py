@@ -241,6 +241,11 @@ def test_transposed_tiles_match_numpy(K, N, r0, r1, dtype):
     np.testing.assert_allclose(out[r0:r1], start[r0:r1] + a.T[r0:r1] @ b, rtol=tol, atol=tol * K)
     np.testing.assert_array_equal(out[:r0], start[:r0])
     np.testing.assert_array_equal(out[r1:], start[r1:])
+    out[r0:r1] = np.nan  # from a start row instead (out only written)
+    tiles.gemm_packed_t_rows(a, packed, out, start[0], r0, r1)
+    assert (buffer[ROWS * N:] == 5.0).all()
+    np.testing.assert_allclose(out[r0:r1], start[0] + a.T[r0:r1] @ b, rtol=tol, atol=tol * K)
+    np.testing.assert_array_equal(out[r1:], start[r1:])
     if (r0, r1) == (0, 1):
         out[:] = start
         tiles.gemm_packed_t(a, packed, out, None, 3)

@@ -223,7 +223,7 @@ WEIGHT_GRADS_BY_BLAS = blas.FAST
 # The tiles' sums run over blocks of at most this many rows of a and b: the rows of a that a
 # tile reads lie one row of a apart, and many of them stop fitting the L2 cache's sets (measured
 # at 12800 x 1024 x 128: 136 GFLOP/s in one block, 275 in blocks of 512). Each block's sum is
-# added to out as a whole (see tiles._tile), so the block also sets float32's rounding: a sum
+# added to out as a whole (see the transposed tile, tiles._tile_t), so the block also sets float32's rounding: a sum
 # over 1600 rows (512 x 256 outputs) 4.0e-4 from float64's in one running order, 1.2e-4 in
 # blocks of 512, 6.9e-5 in blocks of 256 (OpenBLAS's SGEMM: 7.8e-5); but blocks of 256 ran
 # 5-10% slower at three of six shapes (512 x 2048 x 512, 512 x 4096 x 1024, 3200 x 128 x 64).

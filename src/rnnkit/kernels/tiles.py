@@ -159,7 +159,8 @@ def _copy_strip(typingctx, b, packed, s, j):
     pack, two vectors per row. Written in LLVM IR because numba's loops copied it element by
     element or through run-time overlap checks: about 0.35 ns per value (b (512, 64): 12 us,
     (2048, 512): 400 us on one thread) against 3 and 170 us here. The caller guarantees
-    j + W <= columns of b, rows of b == packed.shape[1] and packed.shape[2] == W."""
+    s < packed.shape[0], j + W <= columns of b, rows of b == packed.shape[1] and
+    packed.shape[2] == W."""
     if not _pack_operands(b, packed, s, j):
         return None
 
@@ -301,9 +302,10 @@ def _tile_typer(typingctx, a, bp, out, r, s, rows, strips, start, trans):
         # Transposed (the weight gradients): every sum starts from zero and is added to out only
         # after the k loop, so a long sum split into calls (K-blocks of rows) is summed block by
         # block rather than in one running order: float32's rounding then stays at OpenBLAS's
-        # (see _K_BLOCK in rnnkit/_fused.py). Otherwise the sums start from out or start (the
-        # time loops' products: the same result there at K = H, and starting from zero measured
-        # 10-20% slower in the LSTM's two-thread loop, for reasons not found).
+        # (see _K_BLOCK in rnnkit/_fused.py). Otherwise the sums start from out or start: the
+        # time loops' products, one call of K = H each, where the order changes only the last
+        # bits, and where starting from zero measured 10-20% slower in the LSTM's two-thread
+        # loop (for reasons not found).
         later = trans
         if from_start and not later:
             first = context.make_array(signature.args[7])(context, builder, args[7]).data
