@@ -93,9 +93,11 @@ def supports(cell: Cell, x: Tensor) -> bool:
 #   from H = 256; ahead only for GRU at H = 64, 1.1-1.5x against 0.9-1.0x): "auto" runs the
 #   reference in grad mode (a frozen model called with grad mode on too: the same numbers).
 # - GRU inference: the kernels 1.0-3.7x, the reference 0.73-1.1x.
-# - Elman inference: the reference ahead only with small weights and few rows (H = 64, B 1-8:
-#   0.92-0.97x against 0.79-0.94x; H = 256 about even); the kernels from W_hh of 512 x 512
-#   values (H = 1024, B 1-8: 1.2-2.0x against 1.0-1.1x; B = 64 1.7x) or with more rows.
+# - Elman inference: a step of one layer and at most 4 rows runs on the kernels in one call
+#   (_single_step; H 64-512: 0.97-1.13x against the reference's 0.89-0.96x); otherwise the
+#   reference is ahead only with small weights and few rows (H = 64, B 5-8: 0.92-0.97x against
+#   0.79-0.94x; H = 256 about even), the kernels from W_hh of 512 x 512 values (H = 1024, B 1-8:
+#   1.2-2.0x against 1.0-1.1x; B = 64 1.7x) or with more rows.
 # An LSTM step always runs faster on the kernels (torch.nn's oneDNN LSTM costs more there).
 _ELMAN_STEP_MIN_WEIGHTS = 512 * 512
 _ELMAN_STEP_MAX_ROWS = 8
@@ -108,6 +110,8 @@ def prefers(cell: Cell, x: Tensor, params: Sequence[LayerParams]) -> bool:
     if torch.is_grad_enabled():
         return False
     if cell.mode == "GRU" or x.shape[1] > _ELMAN_STEP_MAX_ROWS:
+        return True
+    if len(params) == 1 and x.shape[1] <= _PLAIN_MAX_ROW_STEPS:  # (_single_step)
         return True
     return params[0].w_hh.numel() >= _ELMAN_STEP_MIN_WEIGHTS
 
@@ -649,9 +653,40 @@ def fused_stack(cell: Cell, x: Tensor, state0: Optional[tuple], params: Sequence
         out, h_n, c_n = _EagerStack.apply(plan, x, *state0, *weights)
     else:
         weights_np = _weight_arrays(weights)
-        out, h_n, c_n = _tensors(*_stack_forward(plan, False, _np(x), *_states(plan, x, weights_np, *state0),
-                                                 weights_np)[:3])
+        if x.shape[0] == 1 and len(params) == 1 and _single_step_fits(x.shape[1], weights_np):
+            out, h_n, c_n = _tensors(*_single_step(plan, x, weights_np, *state0))
+        else:
+            out, h_n, c_n = _tensors(*_stack_forward(plan, False, _np(x), *_states(plan, x, weights_np, *state0),
+                                                     weights_np)[:3])
     return out, ((h_n, c_n) if cell.state_size == 2 else (h_n,))
+
+
+def _single_step_fits(B: int, weights: list) -> bool:
+    """Whether a one-layer, one-direction inference step runs as ``_single_step``: a few rows
+    (the weights used as stored, _PLAIN_MAX_ROW_STEPS), no projection, and weights small enough
+    that no column threads would split its products (_column_threads)."""
+    w_hh, w_hr = weights[1], weights[4]
+    return B <= _PLAIN_MAX_ROW_STEPS and w_hr is None and _column_threads(1, B, w_hh) == 1
+
+
+def _single_step(plan: tuple, x: Tensor, weights: list, h0: Optional[Tensor], c0: Optional[Tensor]) -> tuple:
+    """(output, h_n, c_n) arrays of one inference step of one layer-direction (c_n None but for
+    the LSTM) in one kernel call (driver's step_rows): a streaming call of a step spends more
+    in the stack's general path (its buffers, time chunks and loop set-up: about 30 us here for
+    Elman 32 -> 64, against torch.nn's 24 for the whole call) than in its arithmetic."""
+    cell = plan[0]
+    w_ih, w_hh, b_ih, b_hh, _ = weights
+    _, B, _ = x.shape
+    GH, Ho = w_hh.shape
+    dtype = _NP_DTYPE[x.dtype]
+    h0_np, c0_np = _states(plan, x, weights, h0, c0)
+    c_n = np.empty((1, B, 0), dtype) if c0_np is None else np.empty(c0_np.shape, dtype)
+    out, h_n = np.empty((1, B, Ho), dtype), np.empty((1, B, Ho), dtype)
+    _KERNELS[cell.mode].step_rows(
+        _np(x)[0], w_ih, _EMPTY[dtype] if b_ih is None else b_ih, w_hh, np.zeros(GH, dtype) if b_hh is None else b_hh,
+        h0_np[0], c_n[0] if c0_np is None else c0_np[0], h_n[0], c_n[0], out[0], np.empty((B, GH), dtype),
+        np.empty((B, GH), dtype), np.empty((1, 1, cell.saved * GH // cell.gates), dtype))
+    return out, h_n, None if c0_np is None else c_n
 
 
 def _states(plan: tuple, x: Tensor, weights_np: list, h0: Optional[Tensor], c0: Optional[Tensor]) -> tuple:

@@ -288,13 +288,33 @@ def _backward_chunks(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq
                       d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, i0, i1, r0, min(r0 + size, B), 1)
 
 
+def _step_rows(x, w_ih, b_ih, weight_hh, b_hh, h0, c0, h, c, out, xw, hw, saved):
+    """One inference step of a layer without projections, for all rows of x (B, I), with W_ih
+    and W_hh as stored (a streaming call of a few rows, see linear_rows): h, c = the cell of
+    (x W_ih^T + b_ih, h0 W_hh^T + b_hh) from (h0, c0); out (B, H) a copy of h. xw, hw (B, GH)
+    and saved (1, 1, S) are scratch; b_ih may be empty (no bias). The same arithmetic as
+    _forward_rows' one step on the same weights, in one call instead of a layer's worth."""
+    B = x.shape[0]
+    if h.shape[0] != B or c.shape[0] != B or out.shape[0] != B or h0.shape[0] != B or c0.shape[0] != B:
+        raise ValueError("driver: rows of different counts")
+    linear_rows(x, w_ih, b_ih, xw, 0, B, 0, w_ih.shape[0])
+    linear_rows(h0, weight_hh, b_hh, hw, 0, B, 0, weight_hh.shape[0])
+    for r in range(B):
+        _copy(h[r], h0[r])
+        _copy(c[r], c0[r])
+        cell_infer(xw[r], hw[r], h[r], c[r], saved[0, 0])
+        _copy(out[r], h[r])
+
+
 class CellKernels(NamedTuple):
-    """One cell's compiled loops: serial over a row range, and threaded over batch chunks."""
+    """One cell's compiled loops: serial over a row range, and threaded over batch chunks; and
+    its single inference step of a few rows."""
 
     forward_rows: object
     backward_rows: object
     forward_chunks: object
     backward_chunks: object
+    step_rows: object
 
 
 def kernels_for(kind: int, name: str) -> CellKernels:
@@ -308,4 +328,5 @@ def kernels_for(kind: int, name: str) -> CellKernels:
         bwd,
         jit_parallel(specialise(_forward_chunks, f"forward_chunks_{name}", forward_rows=fwd, backward_rows=bwd)),
         jit_parallel(specialise(_backward_chunks, f"backward_chunks_{name}", forward_rows=fwd, backward_rows=bwd)),
+        jit(specialise(_step_rows, f"step_rows_{name}", **cell)),
     )
