@@ -221,8 +221,8 @@ def test_inference_keeps_no_cell_states():
 def test_auto_runs_single_steps_where_they_run_faster(mode):
     """"auto" runs a single step (T = 1) of an Elman or GRU layer on the reference in grad mode;
     in inference GRU steps on the kernels, Elman steps too unless their weights are small and
-    their rows 5-8 (up to 4 rows of one layer run in one kernel call, _single_step); LSTM steps
-    and sequences always on the kernels (see _fused.prefers)."""
+    their rows 5-8 (up to 4 rows run in one kernel call per layer-direction, _single_step);
+    LSTM steps and sequences always on the kernels (see _fused.prefers)."""
     cell = CELLS[mode]
     lstm, gru = cell.state_size == 2, mode == "GRU"
     small, large = _params(cell, 8), _params(cell, 512)
@@ -236,7 +236,7 @@ def test_auto_runs_single_steps_where_they_run_faster(mode):
     with torch.no_grad():
         assert layer(1, 1) is _fused.fused_layer
         assert layer(1, 4) is _fused.fused_layer
-        assert layer(1, 1, small * 2) is (_fused.fused_layer if lstm or gru else reference_layer)  # two layers
+        assert layer(1, 1, small * 2) is _fused.fused_layer  # two layer-directions
         assert layer(1, 5) is (_fused.fused_layer if lstm or gru else reference_layer)
         assert layer(1, 8) is (_fused.fused_layer if lstm or gru else reference_layer)
         assert layer(1, 9) is _fused.fused_layer
@@ -249,19 +249,24 @@ def test_auto_runs_single_steps_where_they_run_faster(mode):
 @pytest.mark.parametrize("kind", ["tanh", "relu", "gru", "lstm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_single_inference_steps_run_in_one_call(kind, dtype, monkeypatch):
-    """An inference step of one layer and up to 4 rows runs in one kernel call (_single_step)
-    with the general path's numbers (the same products and cell math, compiled apart: equal to
-    the last bit or so) and torch.nn's: with and without h_0 (and c_0), without biases, unbatched, batch_first; never
-    for projections, two layers or more rows; output and h_n never share memory."""
+    """An inference step of up to 4 rows runs as one kernel call per layer-direction
+    (_single_step) with the general path's numbers (the same products and cell math, compiled
+    apart: equal to the last bit or so) and torch.nn's: with and without h_0 (and c_0), without
+    biases, two layers, bidirectional, unbatched, batch_first; never for projections or more
+    rows; output and h_n never share memory."""
     calls = []
     single = _fused._single_step
     monkeypatch.setattr(_fused, "_single_step", lambda *a: calls.append(1) or single(*a))
     torch.manual_seed(5)
-    for B, bias, given, batch_first in [(1, True, False, False), (4, False, True, True), (3, True, True, False)]:
-        ref, m = twins(kind, dtype, input_size=7, hidden_size=9, bias=bias, batch_first=batch_first)
+    for B, bias, given, batch_first, layers, bidirectional in [
+            (1, True, False, False, 1, False), (4, False, True, True, 1, False), (3, True, True, False, 1, False),
+            (2, True, True, False, 2, False), (1, False, False, True, 1, True), (4, True, True, False, 2, True)]:
+        ref, m = twins(kind, dtype, input_size=7, hidden_size=9, bias=bias, batch_first=batch_first,
+                       num_layers=layers, bidirectional=bidirectional)
         x = torch.randn(B, 1, 7, dtype=dtype) if batch_first else torch.randn(1, B, 7, dtype=dtype)
-        h = torch.randn(1, B, 9, dtype=dtype)
-        hx = ((h, torch.randn(1, B, 9, dtype=dtype)) if kind == "lstm" else h) if given else None
+        LD = layers * (2 if bidirectional else 1)
+        h = torch.randn(LD, B, 9, dtype=dtype)
+        hx = ((h, torch.randn(LD, B, 9, dtype=dtype)) if kind == "lstm" else h) if given else None
         with torch.no_grad(), rnnkit.use_backend("fused"):
             n = len(calls)
             out, state = m(x, hx)
@@ -277,7 +282,6 @@ def test_single_inference_steps_run_in_one_call(kind, dtype, monkeypatch):
             torch.testing.assert_close(a, e, **TOL[dtype])
     with torch.no_grad(), rnnkit.use_backend("fused"):
         n = len(calls)
-        rnnkit.GRU(7, 9, num_layers=2).to(dtype)(torch.randn(1, 2, 7, dtype=dtype))
         rnnkit.LSTM(7, 9, proj_size=3).to(dtype)(torch.randn(1, 2, 7, dtype=dtype))
         rnnkit.RNN(7, 9).to(dtype)(torch.randn(1, 5, 7, dtype=dtype))
         assert len(calls) == n

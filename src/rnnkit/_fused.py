@@ -93,8 +93,9 @@ def supports(cell: Cell, x: Tensor) -> bool:
 #   from H = 256; ahead only for GRU at H = 64, 1.1-1.5x against 0.9-1.0x): "auto" runs the
 #   reference in grad mode (a frozen model called with grad mode on too: the same numbers).
 # - GRU inference: the kernels 1.0-3.7x, the reference 0.73-1.1x.
-# - Elman inference: a step of one layer and at most 4 rows runs on the kernels in one call
-#   (_single_step; H 64-512: 0.97-1.13x against the reference's 0.89-0.96x); otherwise the
+# - Elman inference: a step of at most 4 rows runs on the kernels, one call per layer-direction
+#   (_single_step; H 64-512: 0.97-1.13x against the reference's 0.89-0.96x; 2-3 layers or
+#   bidirectional 0.99-1.27x against 0.81-0.93x); otherwise the
 #   reference is ahead only with small weights and few rows (H = 64, B 5-8: 0.92-0.97x against
 #   0.79-0.94x; H = 256 about even), the kernels from W_hh of 512 x 512 values (H = 1024, B 1-8:
 #   1.2-2.0x against 1.0-1.1x; B = 64 1.7x) or with more rows.
@@ -111,7 +112,7 @@ def prefers(cell: Cell, x: Tensor, params: Sequence[LayerParams]) -> bool:
         return False
     if cell.mode == "GRU" or x.shape[1] > _ELMAN_STEP_MAX_ROWS:
         return True
-    if len(params) == 1 and x.shape[1] <= _PLAIN_MAX_ROW_STEPS:  # (_single_step)
+    if x.shape[1] <= _PLAIN_MAX_ROW_STEPS:  # (_single_step)
         return True
     return params[0].w_hh.numel() >= _ELMAN_STEP_MIN_WEIGHTS
 
@@ -653,7 +654,7 @@ def fused_stack(cell: Cell, x: Tensor, state0: Optional[tuple], params: Sequence
         out, h_n, c_n = _EagerStack.apply(plan, x, *state0, *weights)
     else:
         weights_np = _weight_arrays(weights)
-        if x.shape[0] == 1 and len(params) == 1 and _single_step_fits(x.shape[1], weights_np):
+        if x.shape[0] == 1 and _single_step_fits(x.shape[1], weights_np):
             out, h_n, c_n = _tensors(*_single_step(plan, x, weights_np, *state0))
         else:
             out, h_n, c_n = _tensors(*_stack_forward(plan, False, _np(x), *_states(plan, x, weights_np, *state0),
@@ -662,30 +663,44 @@ def fused_stack(cell: Cell, x: Tensor, state0: Optional[tuple], params: Sequence
 
 
 def _single_step_fits(B: int, weights: list) -> bool:
-    """Whether a one-layer, one-direction inference step runs as ``_single_step``: a few rows
-    (the weights used as stored, _PLAIN_MAX_ROW_STEPS), no projection, and weights small enough
-    that no column threads would split its products (_column_threads)."""
-    w_hh, w_hr = weights[1], weights[4]
-    return B <= _PLAIN_MAX_ROW_STEPS and w_hr is None and _column_threads(1, B, w_hh) == 1
+    """Whether an inference step runs as ``_single_step``: a few rows (the weights used as
+    stored, _PLAIN_MAX_ROW_STEPS), no projection, and weights small enough that no column
+    threads would split its products (_column_threads)."""
+    if B > _PLAIN_MAX_ROW_STEPS:
+        return False
+    for k in range(0, len(weights), _PER_LAYER):
+        w_hh, w_hr = weights[k + 1], weights[k + 4]
+        if w_hr is not None or _column_threads(1, B, w_hh) > 1:
+            return False
+    return True
 
 
 def _single_step(plan: tuple, x: Tensor, weights: list, h0: Optional[Tensor], c0: Optional[Tensor]) -> tuple:
-    """(output, h_n, c_n) arrays of one inference step of one layer-direction (c_n None but for
-    the LSTM) in one kernel call (driver's step_rows): a streaming call of a step spends more
-    in the stack's general path (its buffers, time chunks and loop set-up: about 30 us here for
-    Elman 32 -> 64, against torch.nn's 24 for the whole call) than in its arithmetic."""
-    cell = plan[0]
-    w_ih, w_hh, b_ih, b_hh, _ = weights
+    """(output, h_n, c_n) arrays of one inference step of a stack (c_n None but for the LSTM),
+    one kernel call per layer-direction (driver's step_rows): a streaming call of a step spends
+    more in the stack's general path (its buffers, time chunks and loop set-up: about 30 us here
+    for Elman 32 -> 64, against torch.nn's 24 for the whole call) than in its arithmetic. With
+    one step the reverse direction reads the same input as the forward one."""
+    cell, _, num_layers, D = plan
     _, B, _ = x.shape
-    GH, Ho = w_hh.shape
+    Ho = weights[1].shape[1]
     dtype = _NP_DTYPE[x.dtype]
     h0_np, c0_np = _states(plan, x, weights, h0, c0)
-    c_n = np.empty((1, B, 0), dtype) if c0_np is None else np.empty(c0_np.shape, dtype)
-    out, h_n = np.empty((1, B, Ho), dtype), np.empty((1, B, Ho), dtype)
-    _KERNELS[cell.mode].step_rows(
-        _np(x)[0], w_ih, _EMPTY[dtype] if b_ih is None else b_ih, w_hh, np.zeros(GH, dtype) if b_hh is None else b_hh,
-        h0_np[0], c_n[0] if c0_np is None else c0_np[0], h_n[0], c_n[0], out[0], np.empty((B, GH), dtype),
-        np.empty((B, GH), dtype), np.empty((1, 1, cell.saved * GH // cell.gates), dtype))
+    h_n = np.empty(h0_np.shape, dtype)
+    c_n = np.empty((num_layers * D, B, 0), dtype) if c0_np is None else np.empty(c0_np.shape, dtype)
+    scratch = np.empty((B, Ho), dtype)  # (step_rows' copy of h)
+    inp = _np(x)[0]
+    for layer in range(num_layers):
+        for k in range(layer * D, layer * D + D):
+            w_ih, w_hh, b_ih, b_hh, _ = weights[k * _PER_LAYER:(k + 1) * _PER_LAYER]
+            GH = w_hh.shape[0]
+            _KERNELS[cell.mode].step_rows(
+                inp, w_ih, _EMPTY[dtype] if b_ih is None else b_ih, w_hh,
+                np.zeros(GH, dtype) if b_hh is None else b_hh, h0_np[k], c_n[k] if c0_np is None else c0_np[k],
+                h_n[k], c_n[k], scratch, np.empty((B, GH), dtype), np.empty((B, GH), dtype),
+                np.empty((1, 1, cell.saved * GH // cell.gates), dtype))
+        inp = h_n[layer * D] if D == 1 else np.concatenate(h_n[layer * D:layer * D + D], -1)
+    out = np.concatenate(h_n[(num_layers - 1) * D:], -1).reshape(1, B, D * Ho)  # (a copy: never h_n's memory)
     return out, h_n, None if c0_np is None else c_n
 
 
