@@ -228,10 +228,11 @@ WEIGHT_GRADS_BY_BLAS = blas.FAST
 # The tiles' sums run over blocks of at most this many rows of a and b: the rows of a that a
 # tile reads lie one row of a apart, and many of them stop fitting the L2 cache's sets (measured
 # at 12800 x 1024 x 128: 136 GFLOP/s in one block, 275 in blocks of 512). Each block's sum is
-# added to out as a whole (see the transposed tile, tiles._tile_t), so the block also sets float32's rounding: a sum
-# over 1600 rows (512 x 256 outputs) 4.0e-4 from float64's in one running order, 1.2e-4 in
-# blocks of 512, 6.9e-5 in blocks of 256 (OpenBLAS's SGEMM: 7.8e-5); but blocks of 256 ran
-# 5-10% slower at three of six shapes (512 x 2048 x 512, 512 x 4096 x 1024, 3200 x 128 x 64).
+# added to out as a whole (the transposed tile, tiles._tile_t), so the block also sets
+# float32's rounding: a sum over 1600 rows (512 x 256 outputs) 4.0e-4 from float64's in one
+# running order, 1.2e-4 in blocks of 512, 6.9e-5 in blocks of 256 (OpenBLAS's SGEMM: 7.8e-5);
+# but blocks of 256 ran 5-10% slower at three of six shapes (512 x 2048 x 512, 512 x 4096 x
+# 1024, 3200 x 128 x 64).
 _K_BLOCK = 512
 
 
@@ -683,22 +684,22 @@ def _single_step(plan: tuple, x: Tensor, weights: list, h0: Optional[Tensor], c0
     one step the reverse direction reads the same input as the forward one."""
     cell, _, num_layers, D = plan
     _, B, _ = x.shape
-    Ho = weights[1].shape[1]
+    GH, Ho = weights[1].shape  # (every layer-direction's W_hh has this shape)
     dtype = _NP_DTYPE[x.dtype]
     h0_np, c0_np = _states(plan, x, weights, h0, c0)
     h_n = np.empty(h0_np.shape, dtype)
     c_n = np.empty((num_layers * D, B, 0), dtype) if c0_np is None else np.empty(c0_np.shape, dtype)
-    scratch = np.empty((B, Ho), dtype)  # (step_rows' copy of h)
+    # scratch shared by every call: step_rows' copy of h, the two products, the saved row
+    scratch, xw, hw = np.empty((B, Ho), dtype), np.empty((B, GH), dtype), np.empty((B, GH), dtype)
+    saved = np.empty((1, 1, cell.saved * GH // cell.gates), dtype)
+    no_bias = _EMPTY[dtype], np.zeros(GH, dtype)
+    step = _KERNELS[cell.mode].step_rows
     inp = _np(x)[0]
     for layer in range(num_layers):
         for k in range(layer * D, layer * D + D):
             w_ih, w_hh, b_ih, b_hh, _ = weights[k * _PER_LAYER:(k + 1) * _PER_LAYER]
-            GH = w_hh.shape[0]
-            _KERNELS[cell.mode].step_rows(
-                inp, w_ih, _EMPTY[dtype] if b_ih is None else b_ih, w_hh,
-                np.zeros(GH, dtype) if b_hh is None else b_hh, h0_np[k], c_n[k] if c0_np is None else c0_np[k],
-                h_n[k], c_n[k], scratch, np.empty((B, GH), dtype), np.empty((B, GH), dtype),
-                np.empty((1, 1, cell.saved * GH // cell.gates), dtype))
+            step(inp, w_ih, no_bias[0] if b_ih is None else b_ih, w_hh, no_bias[1] if b_hh is None else b_hh,
+                 h0_np[k], c_n[k] if c0_np is None else c0_np[k], h_n[k], c_n[k], scratch, xw, hw, saved)
         inp = h_n[layer * D] if D == 1 else np.concatenate(h_n[layer * D:layer * D + D], -1)
     out = np.concatenate(h_n[(num_layers - 1) * D:], -1).reshape(1, B, D * Ho)  # (a copy: never h_n's memory)
     return out, h_n, None if c0_np is None else c_n
