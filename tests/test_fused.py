@@ -512,20 +512,51 @@ def test_torch_export_sees_one_op_per_layer_direction(kind):
     torch.testing.assert_close(exported[0], eager[0])
 
 
-def test_in_place_change_of_what_backward_reads_raises():
-    """Backward reads the output and the weights: changing them in place must not go unnoticed."""
+def test_in_place_change_of_a_weight_backward_reads_raises():
     m = rnnkit.RNN(4, 8).double()
     x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
     with rnnkit.use_backend("fused"):
-        out, _ = m(x)
-        out.add_(1.0)
-        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-            out.sum().backward()
         out, _ = m(x)
         with torch.no_grad():
             m.weight_hh_l0.mul_(0.5)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             out.sum().backward()
+
+
+@pytest.mark.parametrize("kind", CELL_KINDS)
+@pytest.mark.parametrize("layout", ["stack", "two layers", "bidirectional", "dropout", "packed"])
+@pytest.mark.parametrize("change", ["relu_", "dropout", "+= residual"])
+def test_in_place_change_of_the_output_gets_torch_gradients(kind, layout, change):
+    """torch.nn.RNN/GRU (and its LSTM off oneDNN) let the caller change the returned output in
+    place before backward (a ReLU or dropout in place, a residual added with +=): the fused
+    nodes, which read that output in backward, recompute it then, and every gradient equals
+    torch.nn's. Once more with retain_graph: a second backward agrees too."""
+    kwargs = {"two layers": dict(num_layers=2), "bidirectional": dict(bidirectional=True),
+              "dropout": dict(num_layers=2, dropout=0.4)}.get(layout, {})
+    ref, ours = twins(kind, torch.float64, input_size=3, hidden_size=5, **kwargs)
+    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    if layout == "packed":
+        x = nn.utils.rnn.pack_padded_sequence(x, [6, 5, 3, 1])
+    grads = []
+    for module in (ref, ours):
+        torch.manual_seed(0)  # the same dropout masks
+        with rnnkit.use_backend("fused"):
+            out, _ = module(x)
+        data = out.data if layout == "packed" else out
+        if change == "relu_":
+            data.relu_()
+        elif change == "dropout":
+            nn.Dropout(0.5, inplace=True)(data)
+        else:
+            data += 0.5 * data.detach().flip(0)
+        data.sin().sum().backward(retain_graph=True)
+        first = [p.grad.clone() for p in module.parameters()]
+        data.sin().sum().backward()
+        grads.append((data.detach(), first, [p.grad for p in module.parameters()]))
+    (e_out, e_first, e_second), (g_out, g_first, g_second) = grads
+    torch.testing.assert_close(g_out, e_out, **TOL[torch.float64])
+    for g, e in zip(g_first + g_second, e_first + e_second):
+        torch.testing.assert_close(g, e, **TOL[torch.float64])
 
 
 @pytest.mark.parametrize("kind", CELL_KINDS)
