@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import rnnkit
-from oracle import CELL_KINDS, TOL, flat, twins
+from oracle import CELL_KINDS, TOL, flat, state_features, twins
 
 F32, F64 = torch.float32, torch.float64
 
@@ -170,6 +170,53 @@ def test_distributed_data_parallel_matches_one_process(tmp_path):
 # ---------------------------------------------------------------------------- torch.compile
 # Dynamo reads `.grad` of non-leaf tensors when it breaks the graph around an opaque call and
 # hides the resulting warning with its own filter, which warnings-as-errors overrides.
+# ---------------------------------------------------------------------------------- autocast
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+@pytest.mark.parametrize("case", ["float32 input", "bfloat16 input", "float32 hx", "packed", "bidirectional"])
+def test_cpu_autocast_follows_torch(kind, case, backend):
+    """Under CPU autocast (a Linear before the layer hands it bfloat16) the layers run like
+    torch.nn's: no dtype error, the same output and state dtypes (autocast's per-op choices;
+    torch.nn's LSTM without projections goes whole to bfloat16, as its oneDNN LSTM does), values
+    and gradients within bfloat16's precision of torch.nn's (identical where both run the same
+    ops), float32 gradients for the float32 parameters."""
+    torch.manual_seed(0)
+    ref, ours = twins(kind, input_size=4, hidden_size=5, num_layers=2, bidirectional=case == "bidirectional")
+    x = torch.randn(6, 3, 4)
+    if case == "bfloat16 input":
+        x = x.bfloat16()
+    hx = None
+    if case == "float32 hx":
+        hx = tuple(torch.randn(2, 3, n) for n in state_features(ref))
+        hx = hx if len(hx) == 2 else hx[0]
+    if case == "packed":
+        x = nn.utils.rnn.pack_padded_sequence(x, [6, 4, 2])
+    results = []
+    for module in (ref, ours):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = flat(module(x, hx))
+        sum(o.float().sin().sum() for o in outputs).backward()
+        results.append((outputs, [p.grad for p in module.parameters()]))
+    (expected, expected_grads), (got, got_grads) = results
+    for g, e in zip(got + got_grads, expected + expected_grads):
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g.float(), e.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("cls", CELL_CLASSES)
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+def test_cpu_autocast_cells_follow_torch(cls, dtype):
+    torch.manual_seed(0)
+    ref = getattr(nn, cls)(4, 5)
+    ours = getattr(rnnkit, cls)(4, 5)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 4, dtype=dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = ref(x), ours(x)
+    for g, e in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g, e)
+
+
 @pytest.mark.filterwarnings(
     "ignore:The .grad attribute of a Tensor that is not a leaf Tensor is being accessed:UserWarning"
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -184,6 +185,24 @@ def test_cell_sizes_checked_at_construction():
         rnnkit.GRUCell(4, 0)
     with pytest.raises(TypeError, match="input_size should be of type int, got: float"):
         rnnkit.RNNCell(4.0, 3)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: m.GRU(4, 5, np.int64(2)),
+    lambda m: m.LSTM(4, 5, proj_size=np.int64(2)),
+    lambda m: m.GRUCell(np.int64(4), np.int32(5)),
+    lambda m: m.LSTMCell(4, 5, bias=0),
+    lambda m: m.RNNCell(4, 5, bias=np.bool_(False)),
+])
+def test_arguments_torch_takes_are_taken(make):
+    """numpy integers for sizes and counts, any truth value for a cell's bias: torch.nn builds
+    these, so rnnkit builds the same module (parameters, repr) and runs it."""
+    ref, ours = make(nn), make(rnnkit)
+    assert repr(ours) == repr(ref)
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in ref.named_parameters()]
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4) if "Cell" in type(ours).__name__ else torch.randn(3, 2, 4)
+    torch.testing.assert_close(ours(x), ref(x))
 
 
 def test_num_layers_float_is_type_error():

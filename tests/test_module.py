@@ -126,6 +126,53 @@ def test_repr():
     assert repr(rnnkit.LSTMCell(4, 5)) == repr(nn.LSTMCell(4, 5)) == "LSTMCell(4, 5)"
 
 
+def _same_result(make):
+    """make(namespace) gives the same value, or raises the same exception, in both."""
+    results = []
+    for namespace in (nn, rnnkit):
+        try:
+            results.append(make(namespace))
+        except Exception as e:  # noqa: BLE001 - the exception is the result compared
+            results.append((type(e), str(e)))
+    expected, got = results
+    if isinstance(expected, torch.Tensor) or isinstance(expected, tuple) and isinstance(expected[0], torch.Tensor):
+        torch.testing.assert_close(got, expected)
+    else:
+        assert got == expected
+
+
+@pytest.mark.parametrize("kind,kwargs", [("tanh", {}), ("gru", {"num_layers": 2, "bidirectional": True}),
+                                         ("lstm", {}), ("lstm-proj", {"batch_first": True})])
+def test_public_checks_of_torch_rnnbase(kind, kwargs):
+    """check_input, get_expected_hidden_size (and the LSTM's get_expected_cell_size),
+    check_hidden_size, check_forward_args and permute_hidden: torch.nn.RNNBase's public
+    helpers, which its subclasses call; the same results and errors."""
+    def layer(namespace):
+        cls, extra = CELL_KINDS[kind]
+        return getattr(namespace, cls)(4, 5, **extra, **kwargs)
+
+    x = torch.randn(3, 2, 4)
+    packed = nn.utils.rnn.pack_sequence([torch.randn(3, 4), torch.randn(2, 4)])
+    ref = layer(nn)
+    sizes = [ref.get_expected_hidden_size(x, None)]
+    if isinstance(ref, nn.LSTM):
+        sizes.append(ref.get_expected_cell_size(x, None))
+    hx = tuple(torch.randn(size) for size in sizes)
+    hx = hx if len(hx) == 2 else hx[0]
+    bad = (hx[0], torch.zeros(9, 9, 9)) if len(sizes) == 2 else torch.zeros(9, 9, 9)
+    _same_result(lambda m: layer(m).get_expected_hidden_size(x, None))
+    _same_result(lambda m: layer(m).get_expected_hidden_size(packed.data, packed.batch_sizes))
+    if len(sizes) == 2:
+        _same_result(lambda m: layer(m).get_expected_cell_size(packed.data, packed.batch_sizes))
+    for args in [(x, None), (x[..., :3], None), (x.double(), None), (x, packed.batch_sizes)]:
+        _same_result(lambda m: layer(m).check_input(*args))
+    _same_result(lambda m: layer(m).check_hidden_size(torch.zeros(2, 2), (2, 3)))
+    _same_result(lambda m: layer(m).check_forward_args(x, hx, None))
+    _same_result(lambda m: layer(m).check_forward_args(x, bad, None))
+    _same_result(lambda m: layer(m).permute_hidden(hx, torch.tensor([1, 0])))
+    _same_result(lambda m: layer(m).permute_hidden(hx, None))
+
+
 def test_flatten_parameters_is_a_noop():
     m = rnnkit.RNN(3, 4)
     before = {n: p.clone() for n, p in m.named_parameters()}

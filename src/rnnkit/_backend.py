@@ -89,6 +89,11 @@ def layer_for(cell: Cell, x: Tensor, params: Sequence[LayerParams]) -> LayerFn:
     return backend_for(cell, x, params).layer
 
 
+def reference() -> Backend:
+    """The torch-ops reference, whatever the choice (for what only torch ops can do: autocast)."""
+    return _BACKENDS["reference"]
+
+
 def backend_for(cell: Cell, x: Tensor, params: Sequence[LayerParams]) -> Backend:
     choice = get_backend()
     if choice == _AUTO:

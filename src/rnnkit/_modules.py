@@ -12,6 +12,7 @@ import numbers
 import warnings
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,17 +24,26 @@ from ._driver import Packing, run_layers
 from .cells import CELLS, Cell, LayerParams
 
 
-def _check_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
+def _check_int(name: str, value, positive: bool = True) -> int:
+    """``value`` as an int: any integer type (numpy's too: torch.nn takes them where it does not
+    check the type), not a bool or float."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
-    if value <= 0:
+    if positive and value <= 0:
         raise ValueError(f"{name} must be greater than zero")
+    return int(value)
+
+
+def _autocast(input: Tensor) -> bool:
+    """Whether autocast is on for the input's device: torch ops then pick their own dtypes, so
+    a mismatch of input, state and weight dtypes is autocast's to resolve (as in torch.nn)."""
+    return torch.is_autocast_enabled(input.device.type)
 
 
 def _check_dtype(input: Tensor, weight: Tensor, error: type = ValueError) -> None:
     """``error``: the type torch.nn raises there (the layers ValueError, the cells, failing in
     their matrix product, RuntimeError), so callers' except clauses work unchanged."""
-    if input.dtype != weight.dtype and not torch.is_autocast_enabled():
+    if input.dtype != weight.dtype and not _autocast(input):
         raise error(
             f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
             f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})"
@@ -44,7 +54,7 @@ def _check_state_like(state: tuple, input: Tensor) -> None:
     for s in state:
         if not isinstance(s, Tensor):
             raise TypeError(f"hx must be a Tensor (or a tuple of Tensors for LSTM), got {type(s).__name__}")
-        if s.dtype != input.dtype:
+        if s.dtype != input.dtype and not _autocast(input):
             raise RuntimeError(
                 f"hx dtype ({s.dtype}) does not match input dtype ({input.dtype}); "
                 f"convert it: hx.to({input.dtype})"
@@ -110,13 +120,12 @@ class RNNBase(nn.Module):
             raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
         if not isinstance(batch_first, bool):
             raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
-        if not isinstance(bidirectional, bool):
+        if not isinstance(bidirectional, bool):  # (torch.nn builds the layer, then its op refuses it)
             raise TypeError(f"bidirectional should be of type bool, got: {type(bidirectional).__name__}")
-        _check_int("input_size", input_size)
-        _check_int("hidden_size", hidden_size)
-        _check_int("num_layers", num_layers)
-        if not isinstance(proj_size, int) or isinstance(proj_size, bool):
-            raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
+        input_size = _check_int("input_size", input_size)
+        hidden_size = _check_int("hidden_size", hidden_size)
+        num_layers = _check_int("num_layers", num_layers)
+        proj_size = _check_int("proj_size", proj_size, positive=False)
         if proj_size < 0:
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
         if proj_size >= hidden_size:
@@ -263,6 +272,43 @@ class RNNBase(nn.Module):
             params.append(LayerParams(found[0], found[1], *biases, found[-1] if self.proj_size > 0 else None))
         return params
 
+    # ------------------------------------- torch.nn.RNNBase's public checks (subclasses call them)
+    def check_input(self, input: Tensor, batch_sizes: Optional[Tensor]) -> None:
+        _check_dtype(input, self._flat_weights[0])
+        dims = 2 if batch_sizes is not None else 3
+        if input.dim() != dims:
+            raise RuntimeError(f"input must have {dims} dimensions, got {input.dim()}")
+        if self.input_size != input.size(-1):
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {input.size(-1)}"
+            )
+
+    def _batch(self, input: Tensor, batch_sizes: Optional[Tensor]) -> int:
+        if batch_sizes is not None:
+            return int(batch_sizes[0])
+        return input.size(0 if self.batch_first else 1)
+
+    def get_expected_hidden_size(self, input: Tensor, batch_sizes: Optional[Tensor]) -> tuple:
+        return self._state_sizes(self._batch(input, batch_sizes))[0]
+
+    def check_hidden_size(self, hx: Tensor, expected_hidden_size: tuple,
+                          msg: str = "Expected hidden size {}, got {}") -> None:
+        if hx.size() != expected_hidden_size:
+            raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
+
+    def check_forward_args(self, input: Tensor, hidden, batch_sizes: Optional[Tensor]) -> None:
+        self.check_input(input, batch_sizes)
+        state = _as_state(hidden, self._cell.state_size, self._cell.label)
+        for i, (s, size) in enumerate(zip(state, self._state_sizes(self._batch(input, batch_sizes)))):
+            self.check_hidden_size(s, size, self._hidden_size_error(i))
+
+    def permute_hidden(self, hx, permutation: Optional[Tensor]):
+        if permutation is None:
+            return hx
+        if self._cell.state_size == 1:
+            return hx.index_select(1, permutation)
+        return tuple(s.index_select(1, permutation) for s in hx)
+
     # ------------------------------------------------------------------------ forward
     def forward(self, input, hx=None):
         cell = self._cell
@@ -315,7 +361,19 @@ class RNNBase(nn.Module):
             if x.shape[0] == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
-        backend = _backend.backend_for(cell, x, params)
+        if _autocast(x):
+            # autocast decides dtypes op by op, which only torch ops follow: the reference runs.
+            # torch.nn's LSTM without projections on a dense CPU input runs oneDNN's LSTM,
+            # which autocast casts whole (input, states, weights) to its lower precision.
+            backend = _backend.reference()
+            if cell.mode == "LSTM" and self.proj_size == 0 and packing is None and x.device.type == "cpu" \
+                    and x.dtype != torch.float64:
+                low = torch.get_autocast_dtype("cpu")
+                x = x.to(low)
+                state = None if state is None else tuple(s.to(low) for s in state)
+                params = [LayerParams(*(None if t is None else t.to(low) for t in p)) for p in params]
+        else:
+            backend = _backend.backend_for(cell, x, params)
         out, state_n = run_layers(
             cell,
             backend.layer,
@@ -515,6 +573,9 @@ class LSTM(RNNBase):
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
 
+    def get_expected_cell_size(self, input: Tensor, batch_sizes: Optional[Tensor]) -> tuple:
+        return self._state_sizes(self._batch(input, batch_sizes))[1]
+
 
 class RNNCellBase(nn.Module):
     """Base class of the single-step cells: one step of a registered cell's math."""
@@ -523,10 +584,9 @@ class RNNCellBase(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
-        _check_int("input_size", input_size)
-        _check_int("hidden_size", hidden_size)
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+        input_size = _check_int("input_size", input_size)
+        hidden_size = _check_int("hidden_size", hidden_size)
+        # (bias: any truth value, as torch.nn's cells take it)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
