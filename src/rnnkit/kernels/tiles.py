@@ -323,15 +323,8 @@ def _tile_typer(typingctx, a, bp, out, r, s, rows, strips, start, trans):
                 else:
                     builder.store(builder.call(mload, [vector_at(O.data, index), align, mask, zero]), slot)
                 sums.append((slot, index, mask, j))
-        # A tile of fewer than 8 vector sums (one row by one or two strips: an Elman or GRU
-        # state of up to 64 values at batch 1) would wait on each FMA's latency: its k loop
-        # then runs ``split`` interleaved sets of sums (k, k + 1, ...), added at the end.
-        split = max(1, 8 // len(sums)) if not trans else 1
-        partial = [[slot for slot, *_ in sums]]
-        for _ in range(split - 1):
-            partial.append([cgutils.alloca_once_value(builder, zero) for _ in sums])
-
-        def step(k, slots):
+        with cgutils.for_range(builder, K) as loop:
+            k = loop.index
             weights = []
             for n in range(NS):
                 base = builder.mul(builder.add(builder.mul(builder.add(s0, const(n)), K), k), const(W))
@@ -344,22 +337,8 @@ def _tile_typer(typingctx, a, bp, out, r, s, rows, strips, start, trans):
                     x = builder.load(builder.gep(A.data, [builder.add(builder.mul(builder.add(r0, const(i)), lda), k)]))
                 xv = splat(x)
                 for v, w in enumerate(weights):
-                    slot = slots[i * len(weights) + v]
+                    slot = sums[i * len(weights) + v][0]
                     builder.store(builder.call(fma, [xv, w, builder.load(slot)]), slot)
-
-        rounds = builder.sdiv(K, const(split)) if split > 1 else K
-        with cgutils.for_range(builder, rounds) as loop:
-            for q, slots in enumerate(partial):
-                step(builder.add(builder.mul(loop.index, const(split)), const(q)), slots)
-        if split > 1:  # the last K mod split values of k, then the sets added into the first
-            with cgutils.for_range(builder, builder.sub(K, builder.mul(rounds, const(split)))) as loop:
-                step(builder.add(builder.mul(rounds, const(split)), loop.index), partial[0])
-            for v, (slot, *_) in enumerate(sums):
-                values = [builder.load(slots[v]) for slots in partial]
-                while len(values) > 1:  # pairwise: (s0 + s1) + (s2 + s3)
-                    values = [builder.fadd(values[m], values[m + 1]) if m + 1 < len(values) else values[m]
-                              for m in range(0, len(values), 2)]
-                builder.store(values[0], slot)
         if later:  # what the sums continue
             base = context.make_array(signature.args[7])(context, builder, args[7]).data if from_start else O.data
         for slot, index, mask, j in sums:
