@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import rnnkit
-from oracle import CELL_KINDS, TOL, as_hx, state_features, twins
+from oracle import CELL_KINDS, TOL, as_hx, flat, state_features, twins
 
 
 def test_seed_example():
@@ -188,6 +188,22 @@ def test_replaced_parameter_is_used():
     ours.weight_hh_l0 = nn.Parameter(new.clone())
     x = torch.randn(5, 2, 3)
     torch.testing.assert_close(ours(x)[0], ref(x)[0])
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm-proj"])
+def test_new_input_size_with_its_weight(kind):
+    """Layer surgery that torch.nn allows: a first layer's weight_ih replaced for another input
+    size, input_size set to match; the wrong shape for the current sizes is still refused."""
+    ref, ours = twins(kind, input_size=3, hidden_size=4, num_layers=2)
+    new = torch.randn(ref.weight_ih_l0.shape[0], 6)
+    for module in (ref, ours):
+        module.weight_ih_l0 = nn.Parameter(new.clone())
+        module.input_size = 6
+    x = torch.randn(5, 2, 6)
+    torch.testing.assert_close(flat(ours(x)), flat(ref(x)))
+    ours.weight_ih_l0 = nn.Parameter(torch.randn(ref.weight_ih_l0.shape[0], 3))
+    with pytest.raises(RuntimeError, match=r"parameter weight_ih_l0 has shape \(\d+, 3\), expected \(\d+, 6\)"):
+        ours(x)
 
 
 def test_pickle_and_save_roundtrip(tmp_path):

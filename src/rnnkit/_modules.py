@@ -144,29 +144,41 @@ class RNNBase(nn.Module):
         self.proj_size = proj_size
 
         factory = {"device": device, "dtype": dtype}
-        gate_size = CELLS[mode].gates * hidden_size
-        real_hidden = proj_size if proj_size > 0 else hidden_size
+        kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if bias else []) + (["weight_hr"] if proj_size else [])
         self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
+        self._param_kinds: dict[str, tuple] = {}  # name -> (kind, layer)
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else real_hidden * self._num_directions
             for direction in range(self._num_directions):
-                shapes = {"weight_ih": (gate_size, layer_input), "weight_hh": (gate_size, real_hidden)}
-                if bias:
-                    shapes.update(bias_ih=(gate_size,), bias_hh=(gate_size,))
-                if proj_size > 0:
-                    shapes["weight_hr"] = (proj_size, hidden_size)
                 suffix = "_reverse" if direction == 1 else ""
                 names = []
-                for kind, shape in shapes.items():
+                for kind in kinds:
                     name = f"{kind}_l{layer}{suffix}"
-                    setattr(self, name, Parameter(torch.empty(shape, **factory)))
+                    setattr(self, name, Parameter(torch.empty(self._param_shape(kind, layer), **factory)))
+                    self._param_kinds[name] = (kind, layer)
                     names.append(name)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
-        # the shape each parameter must keep, whatever the user assigns later
-        self._param_shapes = {name: tuple(getattr(self, name).shape) for name in self._flat_weights_names}
+        self._param_shapes, self._shapes_of = self._expected_shapes(), self._sizes()
         self.reset_parameters()
+
+    def _param_shape(self, kind: str, layer: int) -> tuple:
+        """The shape of parameter ``kind`` of a layer, for the layer's current sizes."""
+        gates = CELLS[self.mode].gates * self.hidden_size
+        h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
+        if kind == "weight_ih":
+            return (gates, self.input_size if layer == 0 else h_out * self._num_directions)
+        if kind == "weight_hh":
+            return (gates, h_out)
+        return (self.proj_size, self.hidden_size) if kind == "weight_hr" else (gates,)
+
+    def _sizes(self) -> tuple:
+        return self.input_size, self.hidden_size, self.proj_size
+
+    def _expected_shapes(self) -> dict:
+        """name -> the shape each parameter must have, whatever the user assigns: that of the
+        current sizes (a user may change input_size along with weight_ih_l0, as with torch.nn)."""
+        return {name: self._param_shape(*kind) for name, kind in self._param_kinds.items()}
 
     @property
     def _num_directions(self) -> int:
@@ -237,6 +249,8 @@ class RNNBase(nn.Module):
         would otherwise fail deep in the kernels). Runs at every call, so it reads the parameter
         dict directly (Module.__getattr__ costs more than the checks) and falls back to
         getattr for names that left it (parametrizations, plain attributes)."""
+        if self._shapes_of != self._sizes():
+            self._param_shapes, self._shapes_of = self._expected_shapes(), self._sizes()
         expected = self._param_shapes
         registered = self._parameters
         device = data.device
