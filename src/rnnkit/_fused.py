@@ -559,21 +559,6 @@ def _layer_grad(ctx, d_out, d_hn, d_cn, d_c_seq, d_saved, d_m_seq):
 _layer_op.register_autograd(_layer_grad, setup_context=_setup_context)
 
 
-class _Watch:
-    """The version counter of an output returned to the caller, kept without the tensor's graph
-    (a detached alias shares it), so backward can tell whether the caller changed the output in
-    place after forward."""
-
-    __slots__ = ("alias", "version")
-
-    def __init__(self, output: Tensor):
-        self.alias = output.detach()
-        self.version = self.alias._version
-
-    def changed(self) -> bool:
-        return self.alias._version != self.version
-
-
 class _EagerLayer(torch.autograd.Function):
     """The same layer for eager mode: an autograd.Function costs ~100 us less per call than the
     custom op's dispatch, which matters for small layers; both run _forward/_backward."""
@@ -584,19 +569,17 @@ class _EagerLayer(torch.autograd.Function):
         arrays = _arrays(x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0)
         out, h_n, c_n, c_seq, saved, m_seq = _forward(mode, steps, reverse, training, *arrays)
         ctx.mode, ctx.steps, ctx.reverse = mode, steps, reverse
-        results = _tensors(out, h_n, c_n)
+        results = _tensors(out.copy(), h_n, c_n)  # (the caller's own output: see _EagerStack.forward)
         # Through save_for_backward, so an in-place change of any of them raises instead of
         # corrupting grads, and autograd frees them once this layer's backward has run (the rest
-        # of the graph's backward then runs without them). But the returned output (see
-        # _EagerStack.forward): kept as it is, backward recomputing it if the caller changed it.
-        ctx.save_for_backward(x, w_ih, w_hh, w_hr, h0, c0, *_tensors(c_seq, saved, m_seq))
-        ctx.out, ctx.watch = out, _Watch(results[0])
-        ctx.biases = (b_ih, b_hh)  # read by a differentiable backward or a recomputed forward (as torch.nn, no version check)
+        # of the graph's backward then runs without them).
+        ctx.save_for_backward(x, w_ih, w_hh, w_hr, h0, c0, *_tensors(out, c_seq, saved, m_seq))
+        ctx.biases = (b_ih, b_hh)  # read only by a differentiable backward (as torch.nn, no version check)
         return results
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
-        x, w_ih, w_hh, w_hr, h0, c0, *rest = ctx.saved_tensors
+        x, w_ih, w_hh, w_hr, h0, c0, out, *rest = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: see _differentiable_grads
             cell, (b_ih, b_hh) = CELLS[ctx.mode], ctx.biases
             state = (h0,) if cell.state_size == 1 else (h0, c0)
@@ -607,15 +590,11 @@ class _EagerLayer(torch.autograd.Function):
             grads = _differentiable_grads((ref_out, ref_state[0], ref_c), (d_out, d_hn, d_cn),
                                           (x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0), ctx.needs_input_grad[4:])
             return (None,) * 4 + tuple(grads)
-        out, rest = ctx.out, _arrays(*rest)
-        if ctx.watch.changed():
-            out, _, _, *rest = _forward(ctx.mode, ctx.steps, ctx.reverse, True,
-                                        *_arrays(x, w_ih, w_hh, *ctx.biases, w_hr, h0, c0))
         grads = _backward(
             ctx.mode, ctx.steps, ctx.reverse, ctx.needs_input_grad[4:],
-            np.zeros((1, 1, out.shape[-1]), out.dtype) if d_out is None else _output_grad(d_out.numpy()),
+            np.zeros((1, 1, out.shape[-1]), _NP_DTYPE[out.dtype]) if d_out is None else _output_grad(d_out.numpy()),
             *_arrays(d_hn if d_hn is not None else torch.zeros_like(h0),
-                     d_cn if d_cn is not None else torch.zeros_like(c0), x, w_ih, w_hh, w_hr, h0, c0), out, *rest,
+                     d_cn if d_cn is not None else torch.zeros_like(c0), x, w_ih, w_hh, w_hr, h0, c0, out, *rest),
         )
         if _projection_unreached(d_out, d_hn, len(ctx.steps)):
             grads = (*grads[:5], None, *grads[6:])
@@ -776,29 +755,25 @@ class _EagerStack(torch.autograd.Function):
         x_np, weights_np = _np(x), _weight_arrays(weights)
         h0_np, c0_np = _states(plan, x, weights_np, h0, c0)
         out, h_n, c_n, records = _stack_forward(plan, True, x_np, h0_np, c0_np, weights_np)
-        results = _tensors(out, h_n, c_n)
-        # Everything else backward reads goes through save_for_backward, so an in-place change
-        # of any of it raises instead of corrupting grads, and autograd frees it once backward
-        # has run. Arrays shared by several records are saved once.
+        # The caller may change the returned output in place before backward (a ReLU or dropout
+        # in place, a residual added with +=), as torch.nn allows (but for its oneDNN LSTM). So
+        # it is not the array backward reads: with one direction that is the last layer's
+        # output, and the caller gets a copy (torch.nn's CPU layers also return a copy of the
+        # steps' states they keep); two directions' outputs are concatenated into a new array.
+        results = _tensors(out.copy() if plan[3] == 1 else out, h_n, c_n)
+        # Everything backward reads goes through save_for_backward, so an in-place change of any
+        # of it raises instead of corrupting grads, and autograd frees it once backward has run
+        # (or, under activation checkpointing, drops it until then). Arrays shared by several
+        # records are saved once.
         # Backward reads the arrays themselves rather than converting the saved tensors back
         # (a microsecond each, which small layers feel): the small ones (states, views of the
         # parameters) directly, the per-step ones through weak references, alive exactly as long
         # as the saved tensors that own their memory (x's view is made anew: it owns nothing).
         # Arrays without elements (an Elman or GRU layer's c_seq, m_seq without projections)
         # have nothing to protect or free: kept as they are, no tensor saved.
-        # The returned output is not saved: the caller may change it in place (a ReLU or dropout
-        # in place, a residual added with +=), which torch.nn allows (but for its oneDNN LSTM).
-        # Where backward reads it (the last layer's output when there is one direction; two
-        # are concatenated into a new array), it is kept as it is and ``ctx.watch`` follows its
-        # version counter: backward recomputes the forward if the counter moved.
         index = {id(x_np): 0}  # array -> its position in ``sources``
         saved = [x]
         sources = [(0, None)]  # (position in saved, weak ref) or the array
-        ctx.watch = None
-        if plan[3] == 1:
-            index[id(out)] = 1
-            sources.append(out)
-            ctx.watch = _Watch(results[0])
         slots = []
         for record in records:
             for a in record:
@@ -831,10 +806,6 @@ class _EagerStack(torch.autograd.Function):
         arrays = [source if isinstance(source, np.ndarray) else
                   _np(saved[source[0]]) if source[1] is None or source[1]() is None else source[1]()
                   for source in ctx.sources]
-        if ctx.watch is not None and ctx.watch.changed():  # (see forward)
-            records = _stack_forward(ctx.plan, True, arrays[0], h0, c0, weights)[3]
-        else:
-            records = [[arrays[i] for i in slots] for slots in ctx.slots]
         needs = ctx.needs_input_grad
         LD, B, Ho = h0.shape
         if c0 is None:
@@ -849,7 +820,7 @@ class _EagerStack(torch.autograd.Function):
             d_x = None
             for direction in range(D):
                 k = layer * D + direction
-                x, out, c_seq, saved, m_seq = records[k]
+                x, out, c_seq, saved, m_seq = (arrays[i] for i in ctx.slots[k])
                 d_out_k = d_h if D == 1 else np.ascontiguousarray(d_h[..., direction * Ho:(direction + 1) * Ho])
                 first = k * _PER_LAYER
                 w_ih, w_hh, _, _, w_hr = weights[first:first + _PER_LAYER]
@@ -896,6 +867,8 @@ def fused_layer(
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
     if torch.compiler.is_compiling():
         out, h_n, c_n, *_ = torch.ops.rnnkit.layer(*params, torch.from_numpy(steps), cell.mode, reverse, training)
+        if training:  # (the op's output is saved for its backward: the caller's is a copy, see _EagerStack)
+            out = out.clone()
     elif training:
         out, h_n, c_n = _EagerLayer.apply(cell.mode, steps, reverse, training, *params)
     else:  # inference: no graph to record, so no autograd.Function around the kernels

@@ -312,9 +312,9 @@ class RNNBase(nn.Module):
 
     def check_forward_args(self, input: Tensor, hidden, batch_sizes: Optional[Tensor]) -> None:
         self.check_input(input, batch_sizes)
-        state = _as_state(hidden, self._cell.state_size, self._cell.label)
-        for i, (s, size) in enumerate(zip(state, self._state_sizes(self._batch(input, batch_sizes)))):
-            self.check_hidden_size(s, size, self._hidden_size_error(i))
+        sizes = self._state_sizes(self._batch(input, batch_sizes))
+        for i, size in enumerate(sizes):  # (an LSTM's hidden[0], hidden[1], indexed as torch.nn does)
+            self.check_hidden_size(hidden if len(sizes) == 1 else hidden[i], size, self._hidden_size_error(i))
 
     def permute_hidden(self, hx, permutation: Optional[Tensor]):
         if permutation is None:
@@ -381,7 +381,8 @@ class RNNBase(nn.Module):
             # which autocast casts whole (input, states, weights) to its lower precision.
             backend = _backend.reference()
             if cell.mode == "LSTM" and self.proj_size == 0 and packing is None and x.device.type == "cpu" \
-                    and x.dtype != torch.float64:
+                    and x.dtype != torch.float64 and torch.backends.mkldnn.is_available() \
+                    and torch._C._get_mkldnn_enabled():
                 low = torch.get_autocast_dtype("cpu")
                 x = x.to(low)
                 state = None if state is None else tuple(s.to(low) for s in state)
