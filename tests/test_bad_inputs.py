@@ -264,17 +264,21 @@ def test_nan_in_padding_of_packed_input_is_ignored(backend):
     assert not any(t.isnan().any() for t in flat(our_result))
 
 
-def test_nan_gradient_like_torch(backend):
+@pytest.mark.parametrize("kind", ["tanh", "relu", "gru", "lstm"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_gradient_like_torch(kind, value, backend):
+    """Every gradient with a NaN or inf in one input element, NaN where torch.nn has NaN (a ReLU
+    whose output is NaN passes its gradient on, as torch's does)."""
     torch.manual_seed(5)
-    ref, ours = twins("gru", F64, input_size=4, hidden_size=5)
+    ref, ours = twins(kind, F64, input_size=4, hidden_size=5)
     (x,) = _leaves((4, 2, 4))
-    x[1, 0, 2] = float("nan")
+    x[1, 0, 2] = value
     grads = []
     for module in (ref, ours):
         leaf = x.clone().requires_grad_(True)
-        out, h = module(leaf)
+        out, h = flat(module(leaf))[:2]
         (out.sum() + h.sum()).backward()
-        grads.append((leaf.grad, module.weight_hh_l0.grad))
+        grads.append((leaf.grad, *(p.grad for p in module.parameters())))
     for r, o in zip(*grads):
         assert torch.equal(r.isnan(), o.isnan())
         torch.testing.assert_close(o, r, equal_nan=True, **TOL[F64])

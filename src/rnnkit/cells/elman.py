@@ -47,7 +47,7 @@ def _relu_forward(xw, hw, h, c, saved):
 @jit_inline
 def _relu_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
     for j in range(h.shape[0]):
-        da = dh[j] if h[j] > 0 else 0
+        da = 0 if h[j] <= 0 else dh[j]  # (a NaN output passes its gradient on, as torch's relu does)
         dxw[j] = da
         dhw[j] = da
         dh[j] = 0
