@@ -206,6 +206,19 @@ def test_new_input_size_with_its_weight(kind):
         ours(x)
 
 
+def test_module_pickled_before_param_kinds_loads():
+    """A layer pickled whole by an rnnkit without ``_param_kinds`` (added with the sizes that
+    follow the layer's attributes) still loads and runs."""
+    ref, ours = twins("lstm-proj", input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
+    state = ours.__getstate__().copy()
+    for name in ("_param_kinds", "_shapes_of"):
+        del state[name]
+    old = rnnkit.LSTM.__new__(rnnkit.LSTM)
+    old.__setstate__(state)
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(flat(old(x)), flat(ref(x)))
+
+
 def test_pickle_and_save_roundtrip(tmp_path):
     m = rnnkit.GRU(3, 4, 2, bidirectional=True)
     x = torch.randn(5, 2, 3)

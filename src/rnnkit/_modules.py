@@ -175,6 +175,15 @@ class RNNBase(nn.Module):
     def _sizes(self) -> tuple:
         return self.input_size, self.hidden_size, self.proj_size
 
+    def __setstate__(self, state: dict) -> None:
+        """A module pickled whole by an rnnkit before ``_param_kinds`` existed: rebuilt from the
+        parameter names (``{kind}_l{layer}[_reverse]``)."""
+        super().__setstate__(state)
+        if "_param_kinds" not in self.__dict__:
+            self._param_kinds = {name: (name[:name.index("_l")], int(name[name.index("_l") + 2:].split("_")[0]))
+                                 for name in self._flat_weights_names}
+            self._param_shapes, self._shapes_of = self._expected_shapes(), self._sizes()
+
     def _expected_shapes(self) -> dict:
         """name -> the shape each parameter must have, whatever the user assigns: that of the
         current sizes (a user may change input_size along with weight_ih_l0, as with torch.nn)."""
