@@ -219,10 +219,11 @@ def test_inference_keeps_no_cell_states():
 
 @pytest.mark.parametrize("mode", ["RNN_TANH", "RNN_RELU", "GRU", "LSTM"])
 def test_auto_runs_single_steps_where_they_run_faster(mode):
-    """"auto" runs a single step (T = 1) of an Elman or GRU layer on the reference in grad mode;
-    in inference GRU steps on the kernels, Elman steps too unless their weights are small and
-    their rows 5-8 (up to 4 rows run in one kernel call per layer-direction, _single_step);
-    LSTM steps and sequences always on the kernels (see _fused.prefers)."""
+    """"auto" runs a single step (T = 1) of an Elman layer on the reference in grad mode, of a
+    GRU layer too once its W_hh has 2^18 values; in inference GRU steps on the kernels, Elman
+    steps too unless their weights are small and their rows 5-8 (up to 4 rows run in one kernel
+    call per layer-direction, _single_step); LSTM steps and sequences always on the kernels
+    (see _fused.prefers)."""
     cell = CELLS[mode]
     lstm, gru = cell.state_size == 2, mode == "GRU"
     small, large = _params(cell, 8), _params(cell, 512)
@@ -230,8 +231,10 @@ def test_auto_runs_single_steps_where_they_run_faster(mode):
     def layer(T, B, params=small):
         return _backend.layer_for(cell, torch.zeros(T, B, 1), params)
 
-    for B in (1, 16, 64):
-        assert layer(1, B) is (_fused.fused_layer if lstm else reference_layer)  # grad mode
+    for B in (1, 16, 64):  # grad mode
+        assert layer(1, B) is (_fused.fused_layer if lstm or gru else reference_layer)
+        assert layer(1, B, _params(cell, 295)) is (_fused.fused_layer if lstm or gru else reference_layer)
+        assert layer(1, B, _params(cell, 296)) is (_fused.fused_layer if lstm else reference_layer)
         assert layer(2, B) is _fused.fused_layer
     with torch.no_grad():
         assert layer(1, 1) is _fused.fused_layer

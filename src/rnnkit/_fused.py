@@ -89,9 +89,12 @@ def supports(cell: Cell, x: Tensor) -> bool:
 # products (see _PLAIN_MAX_ROW_STEPS); what they add is a fixed cost in Python (conversions, and
 # in training an autograd node and the gradient products). Measured against torch.nn, one step,
 # I = H / 2, B 1-16, H 64-1024 (interleaved medians, BENCHMARKS.md):
-# - training: the reference 0.81-1.3x, ahead of the kernels at most shapes (they ran 0.4-0.9x
-#   from H = 256; ahead only for GRU at H = 64, 1.1-1.5x against 0.9-1.0x): "auto" runs the
-#   reference in grad mode (a frozen model called with grad mode on too: the same numbers).
+# - training (grad mode; a frozen model called with grad mode on too: the same numbers): Elman
+#   steps on the reference (0.87-1.08x; the kernels 0.73-1.05x, 1.31x only at B = 32, H =
+#   1024). GRU steps on the kernels while W_hh has fewer than _MIN_COLUMN_WORK values (H <= 295):
+#   H 64-256, B 1-64, 1.10-1.63x against the reference's 0.89-1.00x (and 1.12-1.26x with
+#   OPENBLAS_CORETYPE=Haswell); from H = 512 the kernels swung between 0.44x and 1.21x from
+#   run to run at B = 8 (waking the threads for one step) and ran 0.70-0.99x at B 16-64.
 # - GRU inference: the kernels 1.0-3.7x, the reference 0.73-1.1x.
 # - Elman inference: a step of at most 4 rows runs on the kernels, one call per layer-direction
 #   (_single_step; H 64-512: 0.97-1.13x against the reference's 0.89-0.96x; 2-3 layers or
@@ -109,7 +112,7 @@ def prefers(cell: Cell, x: Tensor, params: Sequence[LayerParams]) -> bool:
     if x.shape[0] != 1 or cell.state_size != 1:
         return True
     if torch.is_grad_enabled():
-        return False
+        return cell.mode == "GRU" and params[0].w_hh.numel() < _MIN_COLUMN_WORK
     if cell.mode == "GRU" or x.shape[1] > _ELMAN_STEP_MAX_ROWS:
         return True
     if x.shape[1] <= _PLAIN_MAX_ROW_STEPS:  # (_single_step)
