@@ -206,13 +206,13 @@ def test_new_input_size_with_its_weight(kind):
         ours(x)
 
 
-def test_module_pickled_before_param_kinds_loads():
-    """A layer pickled whole by an rnnkit without ``_param_kinds`` (added with the sizes that
-    follow the layer's attributes) still loads and runs."""
+def test_module_pickled_before_shapes_followed_sizes_loads():
+    """A layer pickled whole by an rnnkit whose expected parameter shapes were fixed at
+    construction (``_param_shapes``, no ``_shapes_for``) still loads and runs."""
     ref, ours = twins("lstm-proj", input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
+    ours(torch.randn(5, 2, 3))
     state = ours.__getstate__().copy()
-    for name in ("_param_kinds", "_shapes_of"):
-        del state[name]
+    state["_param_shapes"] = state.pop("_shapes_for")[1]
     old = rnnkit.LSTM.__new__(rnnkit.LSTM)
     old.__setstate__(state)
     x = torch.randn(5, 2, 3)

@@ -147,7 +147,6 @@ class RNNBase(nn.Module):
         kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if bias else []) + (["weight_hr"] if proj_size else [])
         self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
-        self._param_kinds: dict[str, tuple] = {}  # name -> (kind, layer)
         for layer in range(num_layers):
             for direction in range(self._num_directions):
                 suffix = "_reverse" if direction == 1 else ""
@@ -155,11 +154,9 @@ class RNNBase(nn.Module):
                 for kind in kinds:
                     name = f"{kind}_l{layer}{suffix}"
                     setattr(self, name, Parameter(torch.empty(self._param_shape(kind, layer), **factory)))
-                    self._param_kinds[name] = (kind, layer)
                     names.append(name)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
-        self._param_shapes, self._shapes_of = self._expected_shapes(), self._sizes()
         self.reset_parameters()
 
     def _param_shape(self, kind: str, layer: int) -> tuple:
@@ -172,22 +169,17 @@ class RNNBase(nn.Module):
             return (gates, h_out)
         return (self.proj_size, self.hidden_size) if kind == "weight_hr" else (gates,)
 
-    def _sizes(self) -> tuple:
-        return self.input_size, self.hidden_size, self.proj_size
-
-    def __setstate__(self, state: dict) -> None:
-        """A module pickled whole by an rnnkit before ``_param_kinds`` existed: rebuilt from the
-        parameter names (``{kind}_l{layer}[_reverse]``)."""
-        super().__setstate__(state)
-        if "_param_kinds" not in self.__dict__:
-            self._param_kinds = {name: (name[:name.index("_l")], int(name[name.index("_l") + 2:].split("_")[0]))
-                                 for name in self._flat_weights_names}
-            self._param_shapes, self._shapes_of = self._expected_shapes(), self._sizes()
-
     def _expected_shapes(self) -> dict:
         """name -> the shape each parameter must have, whatever the user assigns: that of the
-        current sizes (a user may change input_size along with weight_ih_l0, as with torch.nn)."""
-        return {name: self._param_shape(*kind) for name, kind in self._param_kinds.items()}
+        current sizes (a user may change input_size along with weight_ih_l0, as with torch.nn).
+        Kept per sizes in ``_shapes_for`` (made on first use, so modules pickled before it load)."""
+        sizes = (self.input_size, self.hidden_size, self.proj_size)
+        cached = self.__dict__.get("_shapes_for")
+        if cached is None or cached[0] != sizes:
+            D = self._num_directions  # (names are {kind}_l{layer}[_reverse], one list per layer-direction)
+            cached = self._shapes_for = (sizes, {name: self._param_shape(name[:name.index("_l")], k // D)
+                                                 for k, names in enumerate(self._all_weights) for name in names})
+        return cached[1]
 
     @property
     def _num_directions(self) -> int:
@@ -258,9 +250,7 @@ class RNNBase(nn.Module):
         would otherwise fail deep in the kernels). Runs at every call, so it reads the parameter
         dict directly (Module.__getattr__ costs more than the checks) and falls back to
         getattr for names that left it (parametrizations, plain attributes)."""
-        if self._shapes_of != self._sizes():
-            self._param_shapes, self._shapes_of = self._expected_shapes(), self._sizes()
-        expected = self._param_shapes
+        expected = self._expected_shapes()
         registered = self._parameters
         device = data.device
         dtype = first_name = None
