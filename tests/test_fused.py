@@ -90,9 +90,11 @@ def test_few_row_steps_use_the_weights_unpacked(kind, T, B, dtype, monkeypatch):
     """Calls of at most _PLAIN_MAX_ROW_STEPS row-steps (streaming steps) run their products on
     the weights as stored, the rest on packed ones: both equal torch.nn, outputs, states and
     every gradient, stacked and bidirectional, h_0 given, with weights large enough that the
-    input projection splits its columns across threads."""
+    input projection splits its columns across threads. (The general nodes: a training step
+    otherwise runs as _EagerStep, which never packs; see test_training_steps_run_in_one_node.)"""
     torch.set_num_threads(2)
     monkeypatch.setattr(_fused, "_MIN_GEMM_WORK_PER_THREAD", 1024)  # thread even these sizes
+    monkeypatch.setattr(_fused, "_single_step_fits", lambda *a: False)
     plain = T * B <= _fused._PLAIN_MAX_ROW_STEPS
     packs = []
     pack = _fused._pack
@@ -219,11 +221,12 @@ def test_inference_keeps_no_cell_states():
 
 @pytest.mark.parametrize("mode", ["RNN_TANH", "RNN_RELU", "GRU", "LSTM"])
 def test_auto_runs_single_steps_where_they_run_faster(mode):
-    """"auto" runs a single step (T = 1) of an Elman layer on the reference in grad mode, of a
-    GRU layer too once its W_hh has 2^18 values; in inference GRU steps on the kernels, Elman
-    steps too unless their weights are small and their rows 5-8 (up to 4 rows run in one kernel
-    call per layer-direction, _single_step); LSTM steps and sequences always on the kernels
-    (see _fused.prefers)."""
+    """"auto" runs a single step (T = 1) in grad mode on the kernels as one node (_EagerStep)
+    when its products are small or it has a few rows and W_hh fewer than 2^20 values; otherwise
+    a GRU step on the kernels while W_hh has fewer than 2^18 values, an Elman step on the
+    reference. In inference GRU steps run on the kernels, Elman steps too unless their weights
+    are small and their rows 5-8 (up to 4 rows run in one kernel call per layer-direction,
+    _single_step); LSTM steps and sequences always on the kernels (see _fused.prefers)."""
     cell = CELLS[mode]
     lstm, gru = cell.state_size == 2, mode == "GRU"
     small, large = _params(cell, 8), _params(cell, 512)
@@ -232,10 +235,12 @@ def test_auto_runs_single_steps_where_they_run_faster(mode):
         return _backend.layer_for(cell, torch.zeros(T, B, 1), params)
 
     for B in (1, 16, 64):  # grad mode
-        assert layer(1, B) is (_fused.fused_layer if lstm or gru else reference_layer)
-        assert layer(1, B, _params(cell, 295)) is (_fused.fused_layer if lstm or gru else reference_layer)
-        assert layer(1, B, _params(cell, 296)) is (_fused.fused_layer if lstm else reference_layer)
+        assert layer(1, B) is _fused.fused_layer
         assert layer(2, B) is _fused.fused_layer
+    assert layer(1, 4, _params(cell, 295)) is _fused.fused_layer
+    assert layer(1, 16, _params(cell, 295)) is (_fused.fused_layer if lstm or gru else reference_layer)
+    assert layer(1, 16, _params(cell, 296)) is (_fused.fused_layer if lstm else reference_layer)
+    assert layer(1, 1, _params(cell, 1024)) is (_fused.fused_layer if lstm else reference_layer)
     with torch.no_grad():
         assert layer(1, 1) is _fused.fused_layer
         assert layer(1, 4) is _fused.fused_layer
@@ -293,6 +298,39 @@ def test_single_inference_steps_run_in_one_call(kind, dtype, monkeypatch):
     with torch.no_grad(), rnnkit.use_backend("fused"):
         for a, e in zip(_flat(m(unbatched)), _flat(ref(unbatched))):
             torch.testing.assert_close(a, e, **TOL[dtype])
+
+
+@pytest.mark.parametrize("kind", ["tanh", "relu", "gru", "lstm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_training_steps_run_in_one_node(kind, dtype, monkeypatch):
+    """A training step (T = 1) without projections, of a few rows or small products, runs as one
+    autograd node (_EagerStep: a kernel call per layer-direction each way) and equals torch.nn:
+    outputs, final states and every gradient (input, h_0 / c_0, parameters), with and without
+    h_0, without biases, stacked, bidirectional, batch_first, and with 8 rows of 128 (products
+    on BLAS where it is bound); never with projections or larger products."""
+    calls = []
+    forward = _fused._EagerStep.forward
+    monkeypatch.setattr(_fused._EagerStep, "forward", staticmethod(lambda *a: calls.append(1) or forward(*a)))
+    torch.manual_seed(6)
+    for B, I, H, bias, given, batch_first, layers, bidirectional in [
+            (1, 7, 9, True, False, False, 1, False), (4, 7, 9, False, True, True, 1, False),
+            (3, 7, 9, True, True, False, 2, False), (2, 7, 9, True, True, False, 2, True),
+            (1, 7, 9, False, False, True, 1, True), (8, 64, 128, True, True, False, 1, False),
+            (13, 5, 6, True, True, True, 2, True)]:
+        ref, m = twins(kind, dtype, input_size=I, hidden_size=H, bias=bias, batch_first=batch_first,
+                       num_layers=layers, bidirectional=bidirectional)
+        LD = layers * (2 if bidirectional else 1)
+        x = torch.randn(B, 1, I, dtype=dtype) if batch_first else torch.randn(1, B, I, dtype=dtype)
+        states = [torch.randn(LD, B, n, dtype=dtype) if given else None for n in state_features(m)]
+        n = len(calls)
+        with rnnkit.use_backend("fused"):
+            assert_same(ref, m, lambda x, *states: (x, as_hx(states)), [x, *states], dtype)
+        assert len(calls) == n + 1
+    n = len(calls)
+    with rnnkit.use_backend("fused"):
+        rnnkit.LSTM(7, 9, proj_size=3).to(dtype)(torch.randn(1, 2, 7, dtype=dtype))[0].sum().backward()
+        rnnkit.RNN(256, 512).to(dtype)(torch.randn(1, 8, 256, dtype=dtype))[0].sum().backward()
+    assert len(calls) == n
 
 
 def _flat(result):
@@ -449,12 +487,19 @@ for cls, kw, by_blas in [("RNN", {}, True), ("RNN", {"nonlinearity": "relu"}, Fa
     out.data.sum().backward()
     ref_out, _ = ref(packed)
     assert torch.allclose(out.data, ref_out.data, atol=1e-9), (cls, kw)
-    for batch in (0, 1, 3):
-        y, _ = m(torch.randn(2, batch, 3, dtype=torch.float64, requires_grad=True))
-        y.sum().backward()
+    for batch in (0, 1, 3, 6):
+        for T in (1, 2):  # (T == 1: one node, _EagerStep)
+            y, _ = m(torch.randn(T, batch, 3, dtype=torch.float64, requires_grad=True))
+            y.sum().backward()
         with torch.no_grad():  # inference scratch, T == 1 included
             m(torch.randn(1, batch, 3, dtype=torch.float64))
             m(torch.randn(2, batch, 3, dtype=torch.float64))
+    if "proj_size" not in kw:  # a training step of 8 rows of 128: its products on BLAS
+        m = getattr(rnnkit, cls)(64, 128, **kw)
+        x = torch.randn(1, 8, 64, requires_grad=True)
+        h = [torch.randn(1, 8, 128, requires_grad=True) for _ in range(2 if cls == "LSTM" else 1)]
+        y, _ = m(x, tuple(h) if cls == "LSTM" else h[0])
+        y.sum().backward()
 print("ok")
 """
 
@@ -551,7 +596,7 @@ def test_in_place_change_of_a_weight_backward_reads_raises():
 
 
 @pytest.mark.parametrize("kind", CELL_KINDS)
-@pytest.mark.parametrize("layout", ["stack", "two layers", "bidirectional", "dropout", "packed"])
+@pytest.mark.parametrize("layout", ["stack", "two layers", "bidirectional", "dropout", "packed", "one step"])
 @pytest.mark.parametrize("change", ["relu_", "dropout", "+= residual"])
 def test_in_place_change_of_the_output_gets_torch_gradients(kind, layout, change):
     """torch.nn.RNN/GRU (and its LSTM off oneDNN) let the caller change the returned output in
@@ -561,7 +606,7 @@ def test_in_place_change_of_the_output_gets_torch_gradients(kind, layout, change
     kwargs = {"two layers": dict(num_layers=2), "bidirectional": dict(bidirectional=True),
               "dropout": dict(num_layers=2, dropout=0.4)}.get(layout, {})
     ref, ours = twins(kind, torch.float64, input_size=3, hidden_size=5, **kwargs)
-    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    x = torch.randn(1 if layout == "one step" else 6, 4, 3, dtype=torch.float64)
     if layout == "packed":
         x = nn.utils.rnn.pack_padded_sequence(x, [6, 5, 3, 1])
     grads = []
@@ -587,17 +632,17 @@ def test_in_place_change_of_the_output_gets_torch_gradients(kind, layout, change
 
 
 @pytest.mark.parametrize("kind", CELL_KINDS)
-@pytest.mark.parametrize("layout", ["stack", "dropout", "packed"])
+@pytest.mark.parametrize("layout", ["stack", "dropout", "packed", "one step"])
 def test_double_backward_matches_torch(kind, layout):
-    """create_graph=True through the fused nodes (the whole stack's, and the per-layer one that
-    runs with dropout between layers): first and second derivatives equal torch.nn's, for the
-    input, h_0 / c_0 and every parameter."""
+    """create_graph=True through the fused nodes (the whole stack's, the single training step's,
+    and the per-layer one that runs with dropout between layers): first and second derivatives
+    equal torch.nn's, for the input, h_0 / c_0 and every parameter."""
     extra = {"dropout": 0.5} if layout == "dropout" else {}
     ref, ours = twins(kind, torch.float64, input_size=3, hidden_size=4, num_layers=2, bidirectional=True, **extra)
     results = []
     for m in (ref, ours):
         torch.manual_seed(1)  # the same dropout masks
-        x = torch.randn(5, 3, 3, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(1 if layout == "one step" else 5, 3, 3, dtype=torch.float64, requires_grad=True)
         states = [torch.randn(4, 3, n, dtype=torch.float64, requires_grad=True) for n in state_features(m)]
         inputs = [x, *states, *m.parameters()]
         hx = as_hx(states)

@@ -89,12 +89,15 @@ def supports(cell: Cell, x: Tensor) -> bool:
 # products (see _PLAIN_MAX_ROW_STEPS); what they add is a fixed cost in Python (conversions, and
 # in training an autograd node and the gradient products). Measured against torch.nn, one step,
 # I = H / 2, B 1-16, H 64-1024 (interleaved medians, BENCHMARKS.md):
-# - training (grad mode; a frozen model called with grad mode on too: the same numbers): Elman
-#   steps on the reference (0.87-1.08x; the kernels 0.73-1.05x, 1.31x only at B = 32, H =
-#   1024). GRU steps on the kernels while W_hh has fewer than _MIN_COLUMN_WORK values (H <= 295):
-#   H 64-256, B 1-64, 1.10-1.63x against the reference's 0.89-1.00x (and 1.12-1.26x with
-#   OPENBLAS_CORETYPE=Haswell); from H = 512 the kernels swung between 0.44x and 1.21x from
-#   run to run at B = 8 (waking the threads for one step) and ran 0.70-0.99x at B 16-64.
+# - training (grad mode; a frozen model called with grad mode on too: the same numbers): a step
+#   whose products are small runs on the kernels as one autograd node (_EagerStep, see
+#   _single_step_fits), every cell. Two sweeps (B 1-64, H 64-1024, OPENBLAS_CORETYPE unset /
+#   Haswell; noisy at +-10%): Elman 0.92-1.37x there (the smallest steps, B <= 4 and H <= 128,
+#   at 0.92-1.00x, where torch.nn's whole call is 85-100 us and the reference's 0.83-0.98x),
+#   GRU 1.17-1.94x. Outside it GRU steps run on the general kernels while W_hh has fewer than
+#   _MIN_COLUMN_WORK values (H <= 295: 1.06-1.69x there); from H = 512 they swung between 0.35x
+#   and 1.72x from run to run (waking the threads for one step) and stay on the reference
+#   (0.90-1.12x), as do larger Elman steps (0.87-1.07x; the general kernels 0.29-1.47x).
 # - GRU inference: the kernels 1.0-3.7x, the reference 0.73-1.1x.
 # - Elman inference: a step of at most 4 rows runs on the kernels, one call per layer-direction
 #   (_single_step; H 64-512: 0.97-1.13x against the reference's 0.89-0.96x; 2-3 layers or
@@ -112,6 +115,8 @@ def prefers(cell: Cell, x: Tensor, params: Sequence[LayerParams]) -> bool:
     if x.shape[0] != 1 or cell.state_size != 1:
         return True
     if torch.is_grad_enabled():
+        if _single_step_fits(x.shape[1], [t for p in params for t in p], True):
+            return True
         return cell.mode == "GRU" and params[0].w_hh.numel() < _MIN_COLUMN_WORK
     if cell.mode == "GRU" or x.shape[1] > _ELMAN_STEP_MAX_ROWS:
         return True
@@ -152,11 +157,11 @@ _MIN_COLUMN_WORK = 1 << 18
 _COLUMN_MAX_ROWS = 15
 
 
-def _column_threads(T: int, B: int, w_hh: np.ndarray) -> int:
+def _column_threads(T: int, B: int, w_hh_size: int) -> int:
     """Threads splitting the columns of each step's recurrent product (see _MIN_COLUMN_WORK)."""
-    if B > _COLUMN_MAX_ROWS or w_hh.size < _MIN_COLUMN_WORK or T * B * w_hh.size < _MIN_LOOP_WORK:
+    if B > _COLUMN_MAX_ROWS or w_hh_size < _MIN_COLUMN_WORK or T * B * w_hh_size < _MIN_LOOP_WORK:
         return 1
-    return min(_threads(), max(1, 2 * w_hh.size // _MIN_COLUMN_WORK))  # (half the minimum each)
+    return min(_threads(), max(1, 2 * w_hh_size // _MIN_COLUMN_WORK))  # (half the minimum each)
 
 
 def _recurrent_weights(T: int, B: int, w_hh: np.ndarray, trans: bool) -> tuple:
@@ -165,7 +170,7 @@ def _recurrent_weights(T: int, B: int, w_hh: np.ndarray, trans: bool) -> tuple:
     (_PLAIN_MAX_ROW_STEPS), and for one row split by columns over fewer steps than pay for the
     pack (at one row the unpacked product costs 2-20% more per step than the packed one, and
     the pack 4-14 steps' worth)."""
-    col_threads = _column_threads(T, B, w_hh)
+    col_threads = _column_threads(T, B, w_hh.size)
     if T * B <= _PLAIN_MAX_ROW_STEPS or (B == 1 and col_threads > 1 and T < 64):
         return _NO_STRIPS[w_hh.dtype.type], col_threads
     return _pack(w_hh, trans), col_threads
@@ -188,6 +193,7 @@ def _launch(rows_kernel, chunks_kernel, args: tuple, batch: int, steps: int, wor
 
 _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 _EMPTY = {np.float32: np.empty(0, np.float32), np.float64: np.empty(0, np.float64)}  # never written
+_EMPTY2 = {d: np.empty((0, 0), d) for d in (np.float32, np.float64)}  # never written
 # packed weights without strips: the loops' sign to use the weights as stored (w_hh_t, w_hh; see
 # kernels/driver.py), or a layer without projections (w_hr_t, w_hr). Never written.
 _NO_STRIPS = {d: np.empty((0, 0, strip_width(d)), d) for d in (np.float32, np.float64)}
@@ -202,6 +208,18 @@ _NO_PROJECTION = {d: (_NO_STRIPS[d], np.empty((0, 0, 0), d)) for d in (np.float3
 # single step's product on 1 / 2 / 4 rows: 13 / 25 / 54 us unpacked against 56 / 56 / 54 packed
 # (512 x 512); 209 / 474 / 795 against 1360 / 1470 / 1700 (3072 x 1024).
 _PLAIN_MAX_ROW_STEPS = 4
+# A training step (T = 1) of more rows than that still runs as _EagerStep up to this many
+# multiply-adds in its products (B * G*H * (I + H) summed over layer-directions), which then run
+# on single-threaded BLAS (linalg.linear_any) instead of being packed; beyond it torch.nn's
+# threaded products win. Elman, against torch.nn (interleaved, OPENBLAS_CORETYPE unset / set to
+# Haswell): B = 8, H = 128 1.24x / 1.03x; B = 32, H = 64 1.11x (Haswell); B = 32, H = 128 1.07x /
+# 0.98x; above it B = 64, H = 128 1.03x / 0.87x and B = 8, H = 512 0.82x / 0.81x.
+_STEP_MAX_WORK = 1 << 20
+# ... and a step of a few rows, whatever its work, while W_hh has fewer values than this: one
+# row streaming W_hh of 2^20 values or more on one thread lost to torch.nn's two (Elman H =
+# 1024: 0.90-1.03x against the reference's 1.13-1.20x; GRU H = 1024: 0.91x against 1.00x),
+# while 4 rows of the same ran 1.22-1.52x.
+_STEP_MAX_WEIGHTS = 1 << 20
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -490,6 +508,12 @@ def _differentiable_grads(outputs, grad_outputs, inputs, needs) -> list:
     return result
 
 
+def _reference_grads(plan: tuple, x, h0, c0, weights, grad_outputs, needs) -> list:
+    """A stack node's differentiable backward: grads of (x, h0, c0, *weights) by the reference."""
+    outputs = _reference_stack(*plan, x, h0, c0, weights)
+    return _differentiable_grads(outputs, grad_outputs, (x, h0, c0, *weights), needs)
+
+
 def _reference_stack(cell: Cell, steps: np.ndarray, num_layers: int, D: int, x, h0, c0, weights) -> tuple:
     """The stack's (output, h_n, c_n) by the torch-ops reference, as a graph (h0 None: zeros)."""
     params = [LayerParams(*weights[k * _PER_LAYER:(k + 1) * _PER_LAYER]) for k in range(num_layers * D)]
@@ -654,7 +678,10 @@ def fused_stack(cell: Cell, x: Tensor, state0: Optional[tuple], params: Sequence
                 break
     plan = (cell, _steps(x.shape[0], x.shape[1], batch_sizes), num_layers, num_directions)
     if training:
-        out, h_n, c_n = _EagerStack.apply(plan, x, *state0, *weights)
+        if x.shape[0] == 1 and _single_step_fits(x.shape[1], weights, True):
+            out, h_n, c_n = _EagerStep.apply(plan, _weight_arrays(weights), x, *state0, *weights)
+        else:
+            out, h_n, c_n = _EagerStack.apply(plan, x, *state0, *weights)
     else:
         weights_np = _weight_arrays(weights)
         if x.shape[0] == 1 and _single_step_fits(x.shape[1], weights_np):
@@ -665,17 +692,23 @@ def fused_stack(cell: Cell, x: Tensor, state0: Optional[tuple], params: Sequence
     return out, ((h_n, c_n) if cell.state_size == 2 else (h_n,))
 
 
-def _single_step_fits(B: int, weights: list) -> bool:
-    """Whether an inference step runs as ``_single_step``: a few rows (the weights used as
-    stored, _PLAIN_MAX_ROW_STEPS), no projection, and weights small enough that no column
-    threads would split its products (_column_threads)."""
-    if B > _PLAIN_MAX_ROW_STEPS:
-        return False
+def _single_step_fits(B: int, weights: list, training: bool = False) -> bool:
+    """Whether a step of B rows runs as ``_single_step`` (inference) or ``_EagerStep``
+    (training) given every layer-direction's weights (tensors or arrays, None where absent):
+    without projections and with weights small enough that no column threads would split its
+    products (_column_threads); a few rows (_PLAIN_MAX_ROW_STEPS), in training with W_hh
+    below _STEP_MAX_WEIGHTS values, or in training products of at most _STEP_MAX_WORK
+    multiply-adds."""
+    work = largest = 0
     for k in range(0, len(weights), _PER_LAYER):
-        w_hh, w_hr = weights[k + 1], weights[k + 4]
-        if w_hr is not None or _column_threads(1, B, w_hh) > 1:
+        (GH, I), Ho = weights[k].shape, weights[k + 1].shape[1]
+        if weights[k + 4] is not None or _column_threads(1, B, GH * Ho) > 1:
             return False
-    return True
+        work += B * GH * (I + Ho)
+        largest = max(largest, GH * Ho)
+    if not training:
+        return B <= _PLAIN_MAX_ROW_STEPS
+    return (B <= _PLAIN_MAX_ROW_STEPS and largest < _STEP_MAX_WEIGHTS) or work <= _STEP_MAX_WORK
 
 
 def _single_step(plan: tuple, x: Tensor, weights: list, h0: Optional[Tensor], c0: Optional[Tensor]) -> tuple:
@@ -701,7 +734,7 @@ def _single_step(plan: tuple, x: Tensor, weights: list, h0: Optional[Tensor], c0
         for k in range(layer * D, layer * D + D):
             w_ih, w_hh, b_ih, b_hh, _ = weights[k * _PER_LAYER:(k + 1) * _PER_LAYER]
             step(inp, w_ih, no_bias[0] if b_ih is None else b_ih, w_hh, no_bias[1] if b_hh is None else b_hh,
-                 h0_np[k], c_n[k] if c0_np is None else c0_np[k], h_n[k], c_n[k], scratch, xw, hw, saved)
+                 h0_np[k], c_n[k] if c0_np is None else c0_np[k], h_n[k], c_n[k], scratch, xw, hw, saved, False)
         inp = h_n[layer * D] if D == 1 else np.concatenate(h_n[layer * D:layer * D + D], -1)
     out = np.concatenate(h_n[(num_layers - 1) * D:], -1).reshape(1, B, D * Ho)  # (a copy: never h_n's memory)
     return out, h_n, None if c0_np is None else c_n
@@ -799,10 +832,8 @@ class _EagerStack(torch.autograd.Function):
         n_weights = num_layers * D * _PER_LAYER
         if torch.is_grad_enabled():  # create_graph=True: see _differentiable_grads
             h0, c0, *rest = ctx.saved_tensors
-            weights, x = rest[:n_weights], rest[n_weights]
-            outputs = _reference_stack(cell, steps, num_layers, D, x, h0, c0, weights)
-            grads = _differentiable_grads(outputs, (d_out, d_hn, d_cn), (x, h0, c0, *weights), ctx.needs_input_grad[1:])
-            return (None, *grads)
+            return (None, *_reference_grads(ctx.plan, rest[n_weights], h0, c0, rest[:n_weights],
+                                            (d_out, d_hn, d_cn), ctx.needs_input_grad[1:]))
         saved = ctx.saved_tensors[2 + n_weights:]  # (checks that nothing was changed in place)
         h0, c0, weights = ctx.small
         unreached = _projection_unreached(d_out, d_hn, len(steps))
@@ -845,6 +876,103 @@ class _EagerStack(torch.autograd.Function):
             for k in range((num_layers - 1) * D, num_layers * D):
                 d_weights[k * _PER_LAYER + 4] = None
         return (None, *_tensors(d_h if needs[1] else None, d_h0, d_c0, *d_weights))
+
+
+class _EagerStep(torch.autograd.Function):
+    """One training step (T = 1) of a stack of a few rows without projections (_single_step_fits)
+    as one autograd node: one kernel call per layer-direction each way (driver's step_rows and
+    step_back_rows, on the weights as stored). _EagerStack's general path (time chunks,
+    per-step buffers, the records of a whole sequence, a call per product) costs more glue than
+    such a step's arithmetic: an Elman step of one row, 32 -> 64, spent about 25 us in its
+    forward and 35 in its backward there, against torch.nn's 85 for the whole training call."""
+
+    @staticmethod
+    def forward(ctx, plan, weights_np, x, h0, c0, *weights):
+        ctx.set_materialize_grads(False)  # an output without a gradient costs no zeros (backward)
+        cell, _, num_layers, D = plan
+        B = x.shape[1]
+        GH, Ho = weights_np[1].shape  # (every layer-direction's W_hh has this shape)
+        dtype = _NP_DTYPE[x.dtype]
+        LD = num_layers * D
+        if h0 is None:
+            h0_np = np.zeros((LD, B, Ho), dtype)
+            c0_np = np.zeros((LD, B, GH // 4), dtype) if cell.state_size == 2 else None
+        else:
+            h0_np, c0_np = _np(h0), None if c0 is None else _np(c0)
+        # each layer-direction's h, which backward reads, and the caller's copy of it (h_n)
+        both = np.empty((2, LD, B, Ho), dtype)
+        hs, h_n = both[0], both[1]
+        c_n = np.empty((LD, B, 0), dtype) if c0_np is None else np.empty(c0_np.shape, dtype)
+        saved = np.empty((LD, 1, B, cell.saved * GH // cell.gates), dtype)
+        xw = np.empty((B, GH), dtype)  # scratch
+        hw = np.empty((B, GH), dtype)
+        empty = _EMPTY[dtype]
+        step = _KERNELS[cell.mode].step_rows
+        x_np = _np(x)[0]
+        inp = x_np
+        for layer in range(num_layers):
+            for k in range(layer * D, layer * D + D):
+                w_ih, w_hh, b_ih, b_hh, _ = weights_np[k * _PER_LAYER:(k + 1) * _PER_LAYER]
+                step(inp, w_ih, empty if b_ih is None else b_ih, w_hh, empty if b_hh is None else b_hh, h0_np[k],
+                     c_n[k] if c0_np is None else c0_np[k], hs[k], c_n[k], h_n[k], xw, hw, saved[k], True)
+            inp = hs[layer * D] if D == 1 else np.concatenate(hs[layer * D:layer * D + D], -1)
+        last = h_n[(num_layers - 1) * D:]
+        out = (last[0].copy() if D == 1 else np.concatenate(last, -1)).reshape(1, B, D * Ho)  # (never h_n's memory)
+        # Through save_for_backward as in _EagerStack, so an in-place change raises (the
+        # caller's out, h_n and c_n are not among them). Backward reads the arrays themselves,
+        # kept here: a step's few rows, not worth freeing early.
+        ctx.plan = plan
+        ctx.save_for_backward(x, h0, c0, *weights, torch.from_numpy(hs), torch.from_numpy(saved) if saved.size else None)
+        ctx.arrays = (x_np, h0_np, c0_np, weights_np, hs, saved)
+        return _tensors(out, h_n, None if c0_np is None else c_n)
+
+    @staticmethod
+    def backward(ctx, d_out, d_hn, d_cn):
+        cell, _, num_layers, D = ctx.plan
+        tensors = ctx.saved_tensors  # (checks that nothing was changed in place)
+        if torch.is_grad_enabled():  # create_graph=True: see _differentiable_grads
+            x, h0, c0, *weights = tensors[:-2]
+            return (None, None, *_reference_grads(ctx.plan, x, h0, c0, weights, (d_out, d_hn, d_cn),
+                                                  ctx.needs_input_grad[2:]))
+        x, h0, c0, weights, hs, saved = ctx.arrays
+        needs = ctx.needs_input_grad
+        LD, B, Ho = hs.shape
+        GH = weights[1].shape[0]
+        dtype = hs.dtype
+        if c0 is None:
+            c0 = np.empty((LD, B, 0), dtype)
+        # the running gradients: dL/dh and dL/dc of each layer-direction, then of its h0 and c0
+        d_h0 = np.zeros(hs.shape, dtype) if d_hn is None else np.array(d_hn.numpy())
+        d_c0 = np.zeros(c0.shape, dtype) if d_cn is None else np.array(d_cn.numpy())
+        d_above = None if d_out is None else d_out.numpy()[0]  # (B, D * Ho), rows broadcast (a sum's) or not
+        d_xw = np.empty((B, GH), dtype)
+        d_hw = d_xw if not cell.separate_input_grad else np.empty((B, GH), dtype)
+        none2, none1 = _EMPTY2[dtype.type], _EMPTY[dtype.type]
+        back = _KERNELS[cell.mode].step_back_rows
+        d_weights = [None] * (LD * _PER_LAYER)
+        for layer in reversed(range(num_layers)):
+            if layer == 0:
+                inp = x
+            else:
+                inp = hs[layer * D - 1] if D == 1 else np.concatenate(hs[layer * D - D:layer * D], -1)
+            dx = np.zeros(inp.shape, dtype) if layer > 0 or needs[2] else none2
+            for direction in range(D):
+                k = layer * D + direction
+                if d_above is not None:
+                    d_h0[k] += d_above[:, direction * Ho:(direction + 1) * Ho]
+                first = k * _PER_LAYER
+                w_ih, w_hh, b_ih, b_hh, _ = weights[first:first + _PER_LAYER]
+                d_w_ih = np.empty(w_ih.shape, dtype) if needs[5 + first] else None
+                d_w_hh = np.empty(w_hh.shape, dtype) if needs[6 + first] else None
+                d_b_ih = np.empty(GH, dtype) if needs[7 + first] else None
+                d_b_hh = np.empty(GH, dtype) if needs[8 + first] else None
+                back(d_h0[k], d_c0[k], saved[k], inp, h0[k], c0[k], hs[k], w_ih, w_hh, d_xw, d_hw, needs[3], dx,
+                     none2 if d_w_ih is None else d_w_ih, none2 if d_w_hh is None else d_w_hh,
+                     none1 if d_b_ih is None else d_b_ih, none1 if d_b_hh is None else d_b_hh)
+                d_weights[first:first + 4] = d_w_ih, d_w_hh, d_b_ih, d_b_hh
+            d_above = dx
+        return (None, None, *_tensors(dx.reshape(1, B, dx.shape[-1]) if needs[2] else None, d_h0 if needs[3] else None,
+                                      d_c0 if needs[4] else None, *d_weights))
 
 
 def fused_layer(

@@ -94,15 +94,18 @@ _sgemm = types.ExternalFunction("rnnkit_sgemm", types.void(*[types.intp] * 13))
 _dgemm = types.ExternalFunction("rnnkit_dgemm", types.void(*[types.intp] * 13))
 
 @jit
-def gemm_rows(a, b, c, r0, r1, beta, trans_a=False):
-    """Rows [r0, r1) of c = op(a) @ b + beta * c, all row-major and C-contiguous.
+def gemm_rows(a, b, c, r0, r1, beta, trans_a=False, trans_b=False):
+    """Rows [r0, r1) of c = op(a) @ op(b) + beta * c, all row-major and C-contiguous.
 
-    op(a) is a (M, K), or with ``trans_a`` the transpose of a (K, M); b is (K, N), c (M, N).
-    Row-major C = op(A) @ B is column-major C^T = B^T @ op(A)^T, which ?gemm computes on the
-    arrays' own memory: ?gemm('N', 'N' or 'T', N, rows, K, 1, B, N, A, lda, beta, C, N).
+    op(a) is a (M, K), or with ``trans_a`` the transpose of a (K, M); op(b) is b (K, N), or
+    with ``trans_b`` the transpose of b (N, K), a weight as torch stores it; c is (M, N).
+    Row-major C = op(A) @ op(B) is column-major C^T = op(B)^T @ op(A)^T, which ?gemm computes
+    on the arrays' own memory: ?gemm('N' or 'T', 'N' or 'T', N, rows, K, 1, B, ldb, A, lda,
+    beta, C, N), ldb being B's row length (N, or K when transposed).
     """
     M = r1 - r0
-    K, N = b.shape
+    K = b.shape[1] if trans_b else b.shape[0]
+    N = b.shape[0] if trans_b else b.shape[1]
     if M <= 0:
         return
     ints = np.empty(4, np.int32)
@@ -111,7 +114,7 @@ def gemm_rows(a, b, c, r0, r1, beta, trans_a=False):
     ints[2] = K
     ints[3] = a.shape[1]  # lda: a's row length, K (plain) or M_total (transposed)
     flags = np.empty(2, np.uint8)
-    flags[0] = 78  # 'N'
+    flags[0] = 84 if trans_b else 78  # 'T' or 'N'
     flags[1] = 84 if trans_a else 78  # 'T' or 'N'
     scalars = np.empty(2, c.dtype)
     scalars[0] = 1
@@ -126,9 +129,10 @@ def gemm_rows(a, b, c, r0, r1, beta, trans_a=False):
     c_ptr = c.ctypes.data + r0 * N * c.itemsize
     nt_ptr = flags.ctypes.data
     ta_ptr = nt_ptr + 1
+    ldb_ptr = k_ptr if trans_b else n_ptr
     if c.itemsize == 4:
-        _sgemm(nt_ptr, ta_ptr, n_ptr, m_ptr, k_ptr, alpha_ptr, b.ctypes.data, n_ptr, a_ptr, lda_ptr,
+        _sgemm(nt_ptr, ta_ptr, n_ptr, m_ptr, k_ptr, alpha_ptr, b.ctypes.data, ldb_ptr, a_ptr, lda_ptr,
                beta_ptr, c_ptr, n_ptr)
     else:
-        _dgemm(nt_ptr, ta_ptr, n_ptr, m_ptr, k_ptr, alpha_ptr, b.ctypes.data, n_ptr, a_ptr, lda_ptr,
+        _dgemm(nt_ptr, ta_ptr, n_ptr, m_ptr, k_ptr, alpha_ptr, b.ctypes.data, ldb_ptr, a_ptr, lda_ptr,
                beta_ptr, c_ptr, n_ptr)

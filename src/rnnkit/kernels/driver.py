@@ -86,7 +86,7 @@ from numba import prange
 
 from .borrow import borrow
 from .config import jit, jit_inline, jit_parallel, specialise
-from .linalg import linear, linear_rows, matmul_acc, matmul_acc_columns
+from .linalg import column_sums, linear, linear_any, linear_rows, matmul_acc, matmul_acc_columns, matmul_t
 from .tiles import matmul_packed, matmul_packed_columns
 
 _CELLS: dict[int, tuple] = {}
@@ -288,33 +288,69 @@ def _backward_chunks(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq
                       d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, i0, i1, r0, min(r0 + size, B), 1)
 
 
-def _step_rows(x, w_ih, b_ih, weight_hh, b_hh, h0, c0, h, c, out, xw, hw, saved):
-    """One inference step of a layer without projections, for all rows of x (B, I), with W_ih
-    and W_hh as stored (a streaming call of a few rows, see linear_rows): h, c = the cell of
-    (x W_ih^T + b_ih, h0 W_hh^T + b_hh) from (h0, c0); out (B, H) a copy of h. xw, hw (B, GH)
-    and saved (1, 1, S) are scratch; b_ih may be empty (no bias). The same arithmetic as
-    _forward_rows' one step on the same weights, in one call instead of a layer's worth."""
+def _step_rows(x, w_ih, b_ih, weight_hh, b_hh, h0, c0, h, c, out, xw, hw, saved, keep):
+    """One step of a layer without projections, for all rows of x (B, I), with W_ih and W_hh as
+    stored (no packing: see linalg.linear_any): h, c = the cell of (x W_ih^T + b_ih, h0 W_hh^T
+    + b_hh) from (h0, c0); out (B, H) a copy of h. xw, hw (B, GH) are scratch; saved is
+    (1, B, S) when ``keep`` (training: what _step_back_rows reads), else (1, 1, S) scratch.
+    The biases may be empty (none). The same arithmetic as _forward_rows' one step, in one call
+    instead of a layer's worth."""
     B = x.shape[0]
     if h.shape[0] != B or c.shape[0] != B or out.shape[0] != B or h0.shape[0] != B or c0.shape[0] != B:
         raise ValueError("driver: rows of different counts")
-    linear_rows(x, w_ih, b_ih, xw, 0, B, 0, w_ih.shape[0])
-    linear_rows(h0, weight_hh, b_hh, hw, 0, B, 0, weight_hh.shape[0])
+    if keep and saved.shape[1] != B:
+        raise ValueError("driver: saved rows of a different count")
+    linear_any(x, w_ih, b_ih, xw, 0, B)
+    linear_any(h0, weight_hh, b_hh, hw, 0, B)
     for r in range(B):
         _copy(h[r], h0[r])
         _copy(c[r], c0[r])
-        cell_infer(xw[r], hw[r], h[r], c[r], saved[0, 0])
+        if keep:
+            cell_forward(xw[r], hw[r], h[r], c[r], saved[0, r])
+        else:
+            cell_infer(xw[r], hw[r], h[r], c[r], saved[0, 0])
         _copy(out[r], h[r])
+
+
+def _step_back_rows(dh, dc, saved, x, h0, c0, h, w_ih, weight_hh, d_xw, d_hw, need_dh, dx, dw_ih, dw_hh, db_ih,
+                    db_hh):
+    """Backward of _step_rows (keep) from its inputs x, h0, c0 and its h and saved: dh (B, H)
+    in: dL/dh, out: dL/dh0 (only the part that bypasses W_hh unless ``need_dh``); dc likewise
+    for c. Adds dL/dx to dx (B, I) and writes dL/dW_ih, dL/dW_hh (as stored), dL/db_ih and
+    dL/db_hh, each skipped when given without rows. d_xw, d_hw (B, GH) are scratch (one array
+    for cells whose two are equal)."""
+    B = dh.shape[0]
+    if (dc.shape[0] != B or saved.shape[1] != B or x.shape[0] != B or h0.shape[0] != B or c0.shape[0] != B
+            or h.shape[0] != B or d_xw.shape[0] != B or d_hw.shape[0] != B):
+        raise ValueError("driver: rows of different counts")
+    for r in range(B):
+        cell_backward(dh[r], dc[r], saved[0, r], h0[r], c0[r], h[r], d_xw[r], d_hw[r])
+    if need_dh:
+        matmul_acc(d_hw, weight_hh, dh, 0, B)  # dL/dh0 = the part bypassing W_hh + d_hw W_hh
+    if dx.shape[0] > 0:
+        matmul_acc(d_xw, w_ih, dx, 0, B)
+    if dw_ih.shape[0] > 0:
+        matmul_t(d_xw, x, dw_ih)
+    if dw_hh.shape[0] > 0:
+        matmul_t(d_hw, h0, dw_hh)
+    if db_ih.shape[0] > 0:
+        db_ih[:] = 0
+        column_sums(d_xw, db_ih)
+    if db_hh.shape[0] > 0:
+        db_hh[:] = 0
+        column_sums(d_hw, db_hh)
 
 
 class CellKernels(NamedTuple):
     """One cell's compiled loops: serial over a row range, and threaded over batch chunks; and
-    its single inference step of a few rows."""
+    its single step of a few rows with that step's backward."""
 
     forward_rows: object
     backward_rows: object
     forward_chunks: object
     backward_chunks: object
     step_rows: object
+    step_back_rows: object
 
 
 def kernels_for(kind: int, name: str) -> CellKernels:
@@ -329,4 +365,5 @@ def kernels_for(kind: int, name: str) -> CellKernels:
         jit_parallel(specialise(_forward_chunks, f"forward_chunks_{name}", forward_rows=fwd, backward_rows=bwd)),
         jit_parallel(specialise(_backward_chunks, f"backward_chunks_{name}", forward_rows=fwd, backward_rows=bwd)),
         jit(specialise(_step_rows, f"step_rows_{name}", **cell)),
+        jit(specialise(_step_back_rows, f"step_back_rows_{name}", **cell)),
     )

@@ -161,6 +161,56 @@ def linear_rows(a, w, bias, out, r0, r1, n0, n1):
             n += 1
 
 
+# linear_any's row count from which BLAS takes a product (with BLAS_MIN_WORK): below it, the
+# dot products of linear_rows on the weights as stored cost no more than BLAS's set-up.
+LINEAR_BLAS_MIN_ROWS = 5
+
+
+@jit
+def linear_any(a, w, bias, out, r0, r1):
+    """linear_rows over every column, by BLAS (on w as stored, transposed) from
+    LINEAR_BLAS_MIN_ROWS rows and BLAS_MIN_WORK multiply-adds, else our loops."""
+    N, K = w.shape
+    _check_linear(a, w, bias, out, r0, r1, 0, N)
+    if BLAS and r1 - r0 >= LINEAR_BLAS_MIN_ROWS and (r1 - r0) * K * N >= BLAS_MIN_WORK:
+        has_bias = bias.shape[0] > 0
+        for r in range(r0, r1):
+            if has_bias:
+                out[r, :] = bias
+            else:
+                out[r, :] = 0
+        gemm_rows(a, w, out, r0, r1, 1.0, False, True)
+    else:
+        linear_rows(a, w, bias, out, r0, r1, 0, N)
+
+
+@jit
+def matmul_t(a, b, out):
+    """out = a^T @ b (a (B, N), b (B, K), out (N, K)), every element written once: by BLAS from
+    LINEAR_BLAS_MIN_ROWS rows and BLAS_MIN_WORK multiply-adds, else each row of out summed over
+    the rows of a and b while it is in cache (a few rows: a weight gradient of a single step)."""
+    B, N = a.shape
+    K = b.shape[1]
+    if b.shape[0] != B or out.shape[0] != N or out.shape[1] != K:
+        raise ValueError("matmul_t: operands do not fit")
+    if B == 0:
+        out[:] = 0
+    elif BLAS and B >= LINEAR_BLAS_MIN_ROWS and B * K * N >= BLAS_MIN_WORK:
+        gemm_rows(a, b, out, 0, N, 0.0, True)
+    else:
+        for n in range(N):
+            o = out[n]
+            s = a[0, n]
+            b0 = b[0]
+            for k in range(K):
+                o[k] = s * b0[k]
+            for r in range(1, B):
+                s = a[r, n]
+                br = b[r]
+                for k in range(K):
+                    o[k] += s * br[k]
+
+
 @jit_parallel
 def linear(a, w, bias, out, r0, r1, chunks):
     """linear_rows over rows [r0, r1), the columns split across ``chunks`` threads (few rows:
