@@ -92,12 +92,13 @@ def supports(cell: Cell, x: Tensor) -> bool:
 # - training (grad mode; a frozen model called with grad mode on too: the same numbers): a step
 #   whose products are small runs on the kernels as one autograd node (_EagerStep, see
 #   _single_step_fits), every cell. Two sweeps (B 1-64, H 64-1024, OPENBLAS_CORETYPE unset /
-#   Haswell; noisy at +-10%): Elman 0.92-1.37x there (the smallest steps, B <= 4 and H <= 128,
-#   at 0.92-1.00x, where torch.nn's whole call is 85-100 us and the reference's 0.83-0.98x),
-#   GRU 1.17-1.94x. Outside it GRU steps run on the general kernels while W_hh has fewer than
-#   _MIN_COLUMN_WORK values (H <= 295: 1.06-1.69x there); from H = 512 they swung between 0.35x
-#   and 1.72x from run to run (waking the threads for one step) and stay on the reference
-#   (0.90-1.12x), as do larger Elman steps (0.87-1.07x; the general kernels 0.29-1.47x).
+#   Haswell; +-10% from run to run): there Elman 0.82-1.37x (the reference 0.83-1.24x; the
+#   smallest steps even with torch.nn, whose whole call is 85-100 us: a Python autograd node
+#   costs about 45 of them), GRU 1.06-1.94x (the reference 0.66-1.20x). Outside it GRU steps
+#   run on the general kernels while W_hh has fewer than _MIN_COLUMN_WORK values (H <= 295:
+#   1.11-1.69x); from H = 512 they swung between 0.35x and 1.72x from run to run (waking the
+#   threads for one step) and stay on the reference (0.90-1.12x), as do larger Elman steps
+#   (0.87-1.20x; the general kernels 0.29-1.47x).
 # - GRU inference: the kernels 1.0-3.7x, the reference 0.73-1.1x.
 # - Elman inference: a step of at most 4 rows runs on the kernels, one call per layer-direction
 #   (_single_step; H 64-512: 0.97-1.13x against the reference's 0.89-0.96x; 2-3 layers or
