@@ -714,31 +714,43 @@ def _single_step_fits(B: int, weights: list, training: bool = False) -> bool:
 
 def _single_step(plan: tuple, x: Tensor, weights: list, h0: Optional[Tensor], c0: Optional[Tensor]) -> tuple:
     """(output, h_n, c_n) arrays of one inference step of a stack (c_n None but for the LSTM),
-    one kernel call per layer-direction (driver's step_rows): a streaming call of a step spends
-    more in the stack's general path (its buffers, time chunks and loop set-up: about 30 us here
-    for Elman 32 -> 64, against torch.nn's 24 for the whole call) than in its arithmetic. With
-    one step the reverse direction reads the same input as the forward one."""
+    one kernel call per layer-direction (_step_stack): a streaming call of a step spends more in
+    the stack's general path (its buffers, time chunks and loop set-up: about 30 us here for
+    Elman 32 -> 64, against torch.nn's 24 for the whole call) than in its arithmetic."""
+    return _step_stack(plan, _np(x)[0], weights, *_states(plan, x, weights, h0, c0), False)[:3]
+
+
+def _step_stack(plan: tuple, x: np.ndarray, weights: list, h0: np.ndarray, c0: Optional[np.ndarray],
+                training: bool) -> tuple:
+    """One step of a stack without projections from x (B, I) and the states' arrays, by the
+    driver's step_rows, one call per layer-direction: (output (1, B, D * Ho), h_n, c_n (None
+    when c0 is), hs, saved). In training hs holds every layer-direction's h and saved (LD, 1, B,
+    S) what step_back_rows reads, h_n being the caller's copy of hs; in inference hs is h_n and
+    saved scratch. With one step the reverse direction reads the same input as the forward one."""
     cell, _, num_layers, D = plan
-    _, B, _ = x.shape
+    B = x.shape[0]
     GH, Ho = weights[1].shape  # (every layer-direction's W_hh has this shape)
-    dtype = _NP_DTYPE[x.dtype]
-    h0_np, c0_np = _states(plan, x, weights, h0, c0)
-    h_n = np.empty(h0_np.shape, dtype)
-    c_n = np.empty((num_layers * D, B, 0), dtype) if c0_np is None else np.empty(c0_np.shape, dtype)
-    # scratch shared by every call: step_rows' copy of h, the two products, the saved row
-    scratch, xw, hw = np.empty((B, Ho), dtype), np.empty((B, GH), dtype), np.empty((B, GH), dtype)
-    saved = np.empty((1, 1, cell.saved * GH // cell.gates), dtype)
-    no_bias = _EMPTY[dtype], np.zeros(GH, dtype)
+    dtype = x.dtype
+    LD = num_layers * D
+    h_n = np.empty((LD, B, Ho), dtype)
+    hs = np.empty((LD, B, Ho), dtype) if training else h_n
+    copy = None if training else np.empty((B, Ho), dtype)  # (inference: step_rows' copy of h, unread)
+    c_n = np.empty((LD, B, 0), dtype) if c0 is None else np.empty(c0.shape, dtype)
+    saved = np.empty((LD if training else 1, 1, B if training else 1, cell.saved * GH // cell.gates), dtype)
+    xw, hw = np.empty((B, GH), dtype), np.empty((B, GH), dtype)  # scratch
+    empty = _EMPTY[dtype.type]
     step = _KERNELS[cell.mode].step_rows
-    inp = _np(x)[0]
+    inp = x
     for layer in range(num_layers):
         for k in range(layer * D, layer * D + D):
             w_ih, w_hh, b_ih, b_hh, _ = weights[k * _PER_LAYER:(k + 1) * _PER_LAYER]
-            step(inp, w_ih, no_bias[0] if b_ih is None else b_ih, w_hh, no_bias[1] if b_hh is None else b_hh,
-                 h0_np[k], c_n[k] if c0_np is None else c0_np[k], h_n[k], c_n[k], scratch, xw, hw, saved, False)
-        inp = h_n[layer * D] if D == 1 else np.concatenate(h_n[layer * D:layer * D + D], -1)
-    out = np.concatenate(h_n[(num_layers - 1) * D:], -1).reshape(1, B, D * Ho)  # (a copy: never h_n's memory)
-    return out, h_n, None if c0_np is None else c_n
+            step(inp, w_ih, empty if b_ih is None else b_ih, w_hh, empty if b_hh is None else b_hh, h0[k],
+                 c_n[k] if c0 is None else c0[k], hs[k], c_n[k], h_n[k] if training else copy, xw, hw,
+                 saved[k if training else 0], training)
+        inp = hs[layer * D] if D == 1 else np.concatenate(hs[layer * D:layer * D + D], -1)
+    last = h_n[(num_layers - 1) * D:]
+    out = (last[0].copy() if D == 1 else np.concatenate(last, -1)).reshape(1, B, D * Ho)  # (never h_n's memory)
+    return out, h_n, None if c0 is None else c_n, hs, saved
 
 
 def _states(plan: tuple, x: Tensor, weights_np: list, h0: Optional[Tensor], c0: Optional[Tensor]) -> tuple:
@@ -880,9 +892,9 @@ class _EagerStack(torch.autograd.Function):
 
 
 class _EagerStep(torch.autograd.Function):
-    """One training step (T = 1) of a stack of a few rows without projections (_single_step_fits)
-    as one autograd node: one kernel call per layer-direction each way (driver's step_rows and
-    step_back_rows, on the weights as stored). _EagerStack's general path (time chunks,
+    """One training step (T = 1) of a stack without projections whose products are small
+    (_single_step_fits) as one autograd node: one kernel call per layer-direction each way
+    (_step_stack, and the driver's step_back_rows; the weights as stored). _EagerStack's general path (time chunks,
     per-step buffers, the records of a whole sequence, a call per product) costs more glue than
     such a step's arithmetic: an Elman step of one row, 32 -> 64, spent about 25 us in its
     forward and 35 in its backward there, against torch.nn's 85 for the whole training call."""
@@ -890,42 +902,16 @@ class _EagerStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan, weights_np, x, h0, c0, *weights):
         ctx.set_materialize_grads(False)  # an output without a gradient costs no zeros (backward)
-        cell, _, num_layers, D = plan
-        B = x.shape[1]
-        GH, Ho = weights_np[1].shape  # (every layer-direction's W_hh has this shape)
-        dtype = _NP_DTYPE[x.dtype]
-        LD = num_layers * D
-        if h0 is None:
-            h0_np = np.zeros((LD, B, Ho), dtype)
-            c0_np = np.zeros((LD, B, GH // 4), dtype) if cell.state_size == 2 else None
-        else:
-            h0_np, c0_np = _np(h0), None if c0 is None else _np(c0)
-        # each layer-direction's h, which backward reads, and the caller's copy of it (h_n)
-        both = np.empty((2, LD, B, Ho), dtype)
-        hs, h_n = both[0], both[1]
-        c_n = np.empty((LD, B, 0), dtype) if c0_np is None else np.empty(c0_np.shape, dtype)
-        saved = np.empty((LD, 1, B, cell.saved * GH // cell.gates), dtype)
-        xw = np.empty((B, GH), dtype)  # scratch
-        hw = np.empty((B, GH), dtype)
-        empty = _EMPTY[dtype]
-        step = _KERNELS[cell.mode].step_rows
+        h0_np, c0_np = _states(plan, x, weights_np, h0, c0)
         x_np = _np(x)[0]
-        inp = x_np
-        for layer in range(num_layers):
-            for k in range(layer * D, layer * D + D):
-                w_ih, w_hh, b_ih, b_hh, _ = weights_np[k * _PER_LAYER:(k + 1) * _PER_LAYER]
-                step(inp, w_ih, empty if b_ih is None else b_ih, w_hh, empty if b_hh is None else b_hh, h0_np[k],
-                     c_n[k] if c0_np is None else c0_np[k], hs[k], c_n[k], h_n[k], xw, hw, saved[k], True)
-            inp = hs[layer * D] if D == 1 else np.concatenate(hs[layer * D:layer * D + D], -1)
-        last = h_n[(num_layers - 1) * D:]
-        out = (last[0].copy() if D == 1 else np.concatenate(last, -1)).reshape(1, B, D * Ho)  # (never h_n's memory)
+        out, h_n, c_n, hs, saved = _step_stack(plan, x_np, weights_np, h0_np, c0_np, True)
         # Through save_for_backward as in _EagerStack, so an in-place change raises (the
         # caller's out, h_n and c_n are not among them). Backward reads the arrays themselves,
         # kept here: a step's few rows, not worth freeing early.
         ctx.plan = plan
         ctx.save_for_backward(x, h0, c0, *weights, torch.from_numpy(hs), torch.from_numpy(saved) if saved.size else None)
         ctx.arrays = (x_np, h0_np, c0_np, weights_np, hs, saved)
-        return _tensors(out, h_n, None if c0_np is None else c_n)
+        return _tensors(out, h_n, c_n)
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):

@@ -291,10 +291,11 @@ class RNNBase(nn.Module):
         dims = 2 if batch_sizes is not None else 3
         if input.dim() != dims:
             raise RuntimeError(f"input must have {dims} dimensions, got {input.dim()}")
-        if self.input_size != input.size(-1):
-            raise RuntimeError(
-                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {input.size(-1)}"
-            )
+        self._check_input_size(input.size(-1))
+
+    def _check_input_size(self, size: int) -> None:
+        if size != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {size}")
 
     def _batch(self, input: Tensor, batch_sizes: Optional[Tensor]) -> int:
         if batch_sizes is not None:
@@ -306,8 +307,12 @@ class RNNBase(nn.Module):
 
     def check_hidden_size(self, hx: Tensor, expected_hidden_size: tuple,
                           msg: str = "Expected hidden size {}, got {}") -> None:
-        if hx.size() != expected_hidden_size:
-            raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
+        self._check_hidden_shape(hx, expected_hidden_size, msg)
+
+    @staticmethod
+    def _check_hidden_shape(hx: Tensor, expected: tuple, msg: str) -> None:
+        if hx.shape != expected:
+            raise RuntimeError(msg.format(expected, list(hx.shape)))
 
     def check_forward_args(self, input: Tensor, hidden, batch_sizes: Optional[Tensor]) -> None:
         self.check_input(input, batch_sizes)
@@ -347,10 +352,7 @@ class RNNBase(nn.Module):
 
         params = self._layer_params(data)
         _check_dtype(data, params[0].w_ih)
-        if data.shape[-1] != self.input_size:
-            raise RuntimeError(
-                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {data.shape[-1]}"
-            )
+        self._check_input_size(data.shape[-1])
         if hx is None:
             state = None  # zeros, made by whichever path runs the layers (see run_layers)
         else:
@@ -361,8 +363,7 @@ class RNNBase(nn.Module):
             if not batched:
                 state = tuple(s.unsqueeze(1) for s in state)
             for i, (s, size) in enumerate(zip(state, self._state_sizes(batch))):
-                if s.shape != size:
-                    raise RuntimeError(self._hidden_size_error(i).format(size, list(s.shape)))
+                self._check_hidden_shape(s, size, self._hidden_size_error(i))
             if sorted_indices is not None and batch > 1:  # (one row: nothing to reorder)
                 state = tuple(s.index_select(1, sorted_indices) for s in state)
 
