@@ -1,7 +1,9 @@
-"""The rnnkit backends present on this machine, and which cell kinds each of them runs.
+"""The rnnkit backends, and which cell kinds each of them runs.
 
-Tests parametrized with these cover the fused kernels wherever they are registered, and report
-(as skipped) the kinds a backend does not run instead of silently dropping them.
+Tests parametrized with these cover the fused kernels wherever they apply, and report (as
+skipped) the kinds a backend does not run instead of silently dropping them. Support is
+decided by the router's own test (rnnkit._plan.supported), not by running modules at
+collection time.
 """
 
 from __future__ import annotations
@@ -10,23 +12,20 @@ import pytest
 import torch
 
 import rnnkit
-from oracle import twins
+from oracle import CELL_KINDS
+from rnnkit import _plan
+from rnnkit.cells import CELLS
 
 BACKENDS = [name for name in rnnkit.available_backends() if name != "auto"]
 
 
-def supports(backend: str, kind: str) -> bool:
-    """Whether ``backend``, forced, runs this cell kind (of tests/oracle.py's CELL_KINDS):
-    forcing a backend on what it does not support raises, by design (rnnkit._backend)."""
-    _, module = twins(kind, torch.float64, input_size=1, hidden_size=4)
-    try:
-        with rnnkit.use_backend(backend):
-            module(torch.zeros(1, 1, 1, dtype=torch.float64))
-    except RuntimeError as error:
-        if "does not support" in str(error):
-            return False
-        raise
-    return True
+def supports(backend: str, kind: str, dtype=torch.float64) -> bool:
+    """Whether ``backend``, forced, runs this cell kind (of tests/oracle.py's CELL_KINDS) on CPU."""
+    if backend == "reference":
+        return True
+    cls, extra = CELL_KINDS[kind]
+    mode = "RNN_RELU" if extra.get("nonlinearity") == "relu" else "RNN_TANH" if cls == "RNN" else cls
+    return _plan.supported(CELLS[mode], dtype, "cpu")
 
 
 def backend_kind_params(kinds) -> list:

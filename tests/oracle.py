@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -72,6 +73,39 @@ def assert_same(ref_module, our_module, make_input, leaves, dtype):
         assert r.shape == o.shape
         torch.testing.assert_close(o, r, **TOL[dtype])
     assert len(ref_grads) == len(our_grads)
+    for r, o in zip(ref_grads, our_grads):
+        assert (r is None) == (o is None)
+        if r is not None:
+            torch.testing.assert_close(o, r, **TOL[dtype])
+
+
+def raised(call, namespace) -> pytest.ExceptionInfo:
+    """The exception ``call(namespace)`` raises (namespace: torch.nn or rnnkit)."""
+    with pytest.raises(Exception) as info:
+        call(namespace)
+    return info
+
+
+def assert_same_error(call) -> None:
+    """``call`` raises the same exception type and message with rnnkit as with torch.nn."""
+    expected, got = raised(call, nn), raised(call, rnnkit)
+    assert got.type is expected.type
+    assert str(got.value) == str(expected.value)
+
+
+def assert_backends_agree(module, make_input, leaves, dtype, seed=0):
+    """The oracle for what torch.nn lacks (rnnkit's own options and cells): the fused route and
+    the torch-ops reference give the same outputs and every gradient (same seed, so the same
+    random draws), and each route actually ran (``rnnkit._plan.route`` is asked by the module)."""
+    results = []
+    for backend in ("reference", "fused"):
+        module.zero_grad()
+        torch.manual_seed(seed)
+        with rnnkit.use_backend(backend):
+            results.append(run_with_grads(module, make_input, leaves))
+    (ref_out, ref_grads), (our_out, our_grads) = results
+    for r, o in zip(ref_out, our_out):
+        torch.testing.assert_close(o, r, **TOL[dtype])
     for r, o in zip(ref_grads, our_grads):
         assert (r is None) == (o is None)
         if r is not None:

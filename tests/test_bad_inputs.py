@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnkit
-from oracle import TOL, assert_same, flat, twins
+from oracle import TOL, assert_same, assert_same_error, flat, raised, twins
 
 F32, F64 = torch.float32, torch.float64
 pack = nn.utils.rnn.pack_sequence
@@ -124,18 +124,9 @@ def _replace(module, name, value):
     return module
 
 
-def _raised(call, namespace):
-    with pytest.raises(Exception) as info:
-        call(namespace)
-    return info
-
-
 @pytest.mark.parametrize("name", SAME_AS_TORCH)
 def test_same_error_as_torch(name, backend):
-    expected = _raised(SAME_AS_TORCH[name], nn)
-    got = _raised(SAME_AS_TORCH[name], rnnkit)
-    assert got.type is expected.type
-    assert str(got.value) == str(expected.value)
+    assert_same_error(SAME_AS_TORCH[name])
 
 
 @pytest.mark.parametrize("name", CLEARER_THAN_TORCH)
@@ -143,7 +134,7 @@ def test_clearer_error_than_torch(name, backend):
     call, kind, pattern = CLEARER_THAN_TORCH[name]
     # torch.nn refuses it too, only less clearly, and with the same type (except clauses work),
     # but where its type is an accident: a non-tensor's AttributeError (no .dim()) is a TypeError
-    assert _raised(call, nn).type in (kind, AttributeError)
+    assert raised(call, nn).type in (kind, AttributeError)
     with pytest.raises(kind, match=pattern):
         call(rnnkit)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -13,20 +14,9 @@ from torch import nn
 
 import rnnkit
 from oracle import CELL_KINDS, TOL, as_hx, assert_same, state_features, twins
-from rnnkit import _backend, _fused
-from rnnkit._driver import reference_layer
-from rnnkit.cells import CELLS, LayerParams
-import test_parity
-from test_parity import CASES, CONFIGS
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("kind,num_layers,bias,batch_first,bidirectional", CONFIGS)
-def test_fused_matches_torch(kind, num_layers, bias, batch_first, bidirectional, case, dtype):
-    """The whole parity sweep of test_parity, with the fused kernels forced."""
-    with rnnkit.use_backend("fused"):
-        test_parity.test_matches_torch(kind, num_layers, bias, batch_first, bidirectional, case, dtype)
+from rnnkit import _loops, _op, _plan, _run, _stack
+from rnnkit.cells import CELLS
+from routes import route_of
 
 
 @pytest.mark.parametrize("kind", CELL_KINDS)
@@ -56,9 +46,9 @@ def test_fused_equals_reference_on_long_odd_sequences(kind, packed):
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_inference_runs_the_whole_stack_in_one_call(kind, packed, dtype, monkeypatch):
-    """Without a gradient the fused backend runs every layer and direction in one call
-    (fused_stack: no layer-by-layer torch glue); it equals torch.nn for stacked, bidirectional,
-    ragged input with h_0 given, and never falls back to the layer path."""
+    """Without a gradient the fused backend runs every layer and direction in one call (the
+    "sequence" route, not layer by layer); it equals torch.nn for stacked, bidirectional, ragged
+    input with h_0 given."""
     torch.manual_seed(3)
     ref, m = twins(kind, dtype, input_size=5, hidden_size=11, num_layers=3, bidirectional=True,
                    batch_first=True)
@@ -67,13 +57,9 @@ def test_inference_runs_the_whole_stack_in_one_call(kind, packed, dtype, monkeyp
     state = tuple(torch.randn(6, 4, n, dtype=dtype) for n in ((2, 11) if kind == "lstm-proj" else (11, 11)))
     hx = state if kind.startswith("lstm") else state[0]
 
-    def no_layer(*args):
-        raise AssertionError("the layer-by-layer path ran")
-
-    fused = _backend._BACKENDS["fused"]
-    monkeypatch.setitem(_backend._BACKENDS, "fused", fused._replace(layer=no_layer))
     inp = rnnkit.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False) if packed else x
     with rnnkit.use_backend("fused"), torch.no_grad():
+        assert route_of(m, x, hx) == _plan.Route("sequence")
         out, h = m(inp, hx)
         expected_out, expected_h = ref(inp, hx)
     if packed:
@@ -87,18 +73,16 @@ def test_inference_runs_the_whole_stack_in_one_call(kind, packed, dtype, monkeyp
 @pytest.mark.parametrize("T,B", [(1, 1), (1, 4), (4, 1), (2, 2), (1, 5), (5, 1), (3, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_few_row_steps_use_the_weights_unpacked(kind, T, B, dtype, monkeypatch):
-    """Calls of at most _PLAIN_MAX_ROW_STEPS row-steps (streaming steps) run their products on
-    the weights as stored, the rest on packed ones: both equal torch.nn, outputs, states and
-    every gradient, stacked and bidirectional, h_0 given, with weights large enough that the
-    input projection splits its columns across threads. (The general nodes: a training step
-    otherwise runs as _EagerStep, which never packs; see test_training_steps_run_in_one_node.)"""
+    """Calls of at most plain_max_row_steps row-steps (streaming steps) on the sequence route
+    run their products on the weights as stored, the rest on packed ones: both equal torch.nn,
+    outputs, states and every gradient, stacked and bidirectional, h_0 given, with weights large
+    enough that the input projection splits its columns across threads. (The step route,
+    which never packs, is kept out by limits; see test_training_steps_run_in_one_node.)"""
     torch.set_num_threads(2)
-    monkeypatch.setattr(_fused, "_MIN_GEMM_WORK_PER_THREAD", 1024)  # thread even these sizes
-    monkeypatch.setattr(_fused, "_single_step_fits", lambda *a: False)
-    plain = T * B <= _fused._PLAIN_MAX_ROW_STEPS
+    plain = T * B <= _plan.LIMITS.plain_max_row_steps
     packs = []
-    pack = _fused._pack
-    monkeypatch.setattr(_fused, "_pack", lambda b, trans: packs.append(b.shape) or pack(b, trans))
+    pack = _loops.pack_weights
+    monkeypatch.setattr(_loops, "pack_weights", lambda b, trans: packs.append(b.shape) or pack(b, trans))
     torch.manual_seed(T * 10 + B)
     ref, m = twins(kind, dtype, input_size=37, hidden_size=21, num_layers=2, bidirectional=True)
     leaves = [torch.randn(T, B, 37, dtype=dtype)] + [torch.randn(4, B, n, dtype=dtype) for n in state_features(m)]
@@ -106,7 +90,9 @@ def test_few_row_steps_use_the_weights_unpacked(kind, T, B, dtype, monkeypatch):
     def make_input(x, *states):
         return x, as_hx(states)
 
-    with rnnkit.use_backend("fused"):
+    # (thread even these sizes; no step route)
+    with rnnkit.use_backend("fused"), _plan.limits(min_gemm_work_per_thread=1024, step_max_rows=0, step_max_work=-1):
+        assert route_of(m, leaves[0]).path == "sequence"
         assert_same(ref, m, make_input, leaves, dtype)
     # W_ih and W_hh have gates * 21 rows; what else is packed (W_hr (2, 21), the few rows of
     # the weight gradients' right-hand sides) has fewer
@@ -124,11 +110,9 @@ def test_few_rows_split_each_step_by_columns(kind, T, B, packed, dtype, monkeypa
     equal to torch.nn, stacked, bidirectional, h_0 given, packed (uneven lengths) or not, every
     gradient."""
     torch.set_num_threads(2)
-    monkeypatch.setattr(_fused, "_MIN_COLUMN_WORK", 1)  # (so small weights take that path)
-    monkeypatch.setattr(_fused, "_MIN_LOOP_WORK", 1)
     used = []
-    column_threads = _fused._column_threads
-    monkeypatch.setattr(_fused, "_column_threads", lambda *a: used.append(column_threads(*a)) or used[-1])
+    column_threads = _plan.column_threads
+    monkeypatch.setattr(_plan, "column_threads", lambda *a: used.append(column_threads(*a)) or used[-1])
     torch.manual_seed(4)
     ref, m = twins(kind, dtype, input_size=6, hidden_size=45, num_layers=2, bidirectional=True)
     leaves = [torch.randn(T, B, 6, dtype=dtype)] + [torch.randn(4, B, n, dtype=dtype) for n in state_features(m)]
@@ -137,7 +121,8 @@ def test_few_rows_split_each_step_by_columns(kind, T, B, packed, dtype, monkeypa
     def make_input(x, *states):
         return (rnnkit.pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x), as_hx(states)
 
-    with rnnkit.use_backend("fused"):
+    # (min_column_work 1: small weights take that path)
+    with rnnkit.use_backend("fused"), _plan.limits(min_column_work=1, min_loop_work=1):
         assert_same(ref, m, make_input, leaves, dtype)
     assert used and set(used) == {2}
 
@@ -186,19 +171,18 @@ def test_fused_gradcheck(kind):
     assert torch.autograd.gradcheck(f, (x, *m.parameters()))
 
 
-def _params(cell, hidden: int, input_size: int = 1) -> list:
-    """One layer-direction's parameters (zeros) for the routing tests."""
-    G = cell.gates
-    return [LayerParams(torch.zeros(G * hidden, input_size), torch.zeros(G * hidden, hidden), None, None)]
+def _module(mode: str, hidden: int, input_size: int = 1, **kwargs):
+    cell = CELLS[mode]
+    return getattr(rnnkit, cell.module)(input_size, hidden, **cell.module_kwargs, **kwargs)
 
 
 def test_auto_uses_fused_for_cpu_float32_and_float64_only():
     x32 = torch.zeros(2, 1, 1)
-    for cell in CELLS.values():
-        params = _params(cell, 4)
-        assert _backend.layer_for(cell, x32, params) is _fused.fused_layer
-        assert _backend.layer_for(cell, x32.double(), params) is _fused.fused_layer
-        assert _backend.layer_for(cell, x32.bfloat16(), params) is not _fused.fused_layer
+    for mode in CELLS:
+        m = _module(mode, 4)
+        assert route_of(m, x32).fused
+        assert route_of(m.double(), x32.double()).fused
+        assert not route_of(m.bfloat16(), x32.bfloat16()).fused
 
 
 def test_inference_keeps_no_cell_states():
@@ -209,49 +193,58 @@ def test_inference_keeps_no_cell_states():
     x, w_ih, w_hh = (rng.standard_normal(s).astype(np.float32) for s in ((T, B, I), (4 * H, I), (4 * H, H)))
     h0, c0 = np.zeros((B, H), np.float32), np.zeros((B, H), np.float32)
     steps = np.full(T, B, np.int64)
+    p = CELLS["LSTM"].record(weight_ih=w_ih, weight_hh=w_hh)
     for training in (False, True):
-        out, h_n, c_n, c_seq, saved, m_seq = _fused._forward("LSTM", steps, False, training, x, w_ih, w_hh,
-                                                             None, None, None, h0, c0)
-        assert c_seq.shape == (T if training else 0, B, H)
-        fake = _fused._layer_fake(*(torch.from_numpy(a) for a in (x, w_ih, w_hh)), None, None, None,
-                                  *(torch.from_numpy(a) for a in (h0, c0, steps)), "LSTM", False, training)
-        assert tuple(fake[3].shape) == c_seq.shape
+        out, h_n, c_n, kept = _loops.forward(CELLS["LSTM"], steps, False, training, x, p, h0, c0)
+        assert kept.c_seq.shape == (T if training else 0, B, H)
+        fake = _op._layer_fake(torch.from_numpy(x), *(torch.from_numpy(a) for a in (h0, c0, steps)), "LSTM", False,
+                               training, torch.from_numpy(w_ih), torch.from_numpy(w_hh), *(None,) * 6)
+        assert tuple(fake[3].shape) == kept.c_seq.shape
+        for f, a in zip(fake, (out, h_n, c_n, kept.c_seq, kept.saved, kept.m_seq)):
+            assert tuple(f.shape) == a.shape
     torch.testing.assert_close(torch.from_numpy(out[-1]), torch.from_numpy(h_n))
 
 
 @pytest.mark.parametrize("mode", ["RNN_TANH", "RNN_RELU", "GRU", "LSTM"])
 def test_auto_runs_single_steps_where_they_run_faster(mode):
-    """"auto" runs a single step (T = 1) in grad mode on the kernels as one node (_EagerStep)
-    when its products are small or it has a few rows and W_hh fewer than 2^20 values; otherwise
-    a GRU step on the kernels while W_hh has fewer than 2^18 values, an Elman step on the
-    reference. In inference GRU steps run on the kernels, Elman steps too unless their weights
-    are small and their rows 5-8 (up to 4 rows run in one kernel call per layer-direction,
-    _single_step); LSTM steps and sequences always on the kernels (see _fused.prefers)."""
-    cell = CELLS[mode]
-    lstm, gru = cell.state_size == 2, mode == "GRU"
-    small, large = _params(cell, 8), _params(cell, 512)
+    """"auto" routes a single step (T = 1) in grad mode to the step route when its products are
+    small or it has a few rows and W_hh fewer than step_max_weights values; otherwise a GRU step
+    to the sequence route while W_hh has fewer than min_column_work values, an Elman step to the
+    reference. In inference GRU steps run fused, Elman steps too unless their weights are small
+    and their rows 5-8 (up to 4 rows on the step route); LSTM steps and sequences always fused
+    (see _plan.LIMITS)."""
+    lstm, gru = mode == "LSTM", mode == "GRU"
+    limits = _plan.LIMITS
+    column_hidden = math.isqrt((limits.min_column_work - 1) // CELLS[mode].gates)  # W_hh just below it
+    small = _module(mode, 8).requires_grad_(True)
 
-    def layer(T, B, params=small):
-        return _backend.layer_for(cell, torch.zeros(T, B, 1), params)
+    def route(T, B, m=small):
+        return route_of(m, torch.zeros(T, B, 1))
 
-    for B in (1, 16, 64):  # grad mode
-        assert layer(1, B) is _fused.fused_layer
-        assert layer(2, B) is _fused.fused_layer
-    assert layer(1, 4, _params(cell, 295)) is _fused.fused_layer
-    assert layer(1, 16, _params(cell, 295)) is (_fused.fused_layer if lstm or gru else reference_layer)
-    assert layer(1, 16, _params(cell, 296)) is (_fused.fused_layer if lstm else reference_layer)
-    assert layer(1, 1, _params(cell, 1024)) is (_fused.fused_layer if lstm else reference_layer)
+    assert route(1, 1) == _plan.Route("step")
+    assert route(1, 16) == _plan.Route("step")  # (small products)
+    for B in (1, 16, 64):
+        assert route(2, B) == _plan.Route("sequence")
+    assert route(1, 4, _module(mode, column_hidden)).path == "step"
+    below, above = _module(mode, column_hidden), _module(mode, column_hidden + 1)
+    assert route(1, 16, below).path == ("sequence" if lstm or gru else "reference")
+    assert route(1, 16, above).path == ("sequence" if lstm else "reference")
+    assert route(1, 1, _module(mode, 1024)).path == ("sequence" if lstm else "reference")
     with torch.no_grad():
-        assert layer(1, 1) is _fused.fused_layer
-        assert layer(1, 4) is _fused.fused_layer
-        assert layer(1, 1, small * 2) is _fused.fused_layer  # two layer-directions
-        assert layer(1, 5) is (_fused.fused_layer if lstm or gru else reference_layer)
-        assert layer(1, 8) is (_fused.fused_layer if lstm or gru else reference_layer)
-        assert layer(1, 9) is _fused.fused_layer
-        assert layer(1, 1, large) is _fused.fused_layer
-        assert layer(2, 1) is _fused.fused_layer
+        assert route(1, 1) == _plan.Route("step")
+        assert route(1, 4) == _plan.Route("step")
+        assert route(1, 1, _module(mode, 8, num_layers=2)) == _plan.Route("step")
+        assert route(1, 5).path == ("sequence" if lstm or gru else "reference")
+        assert route(1, 8).path == ("sequence" if lstm or gru else "reference")
+        assert route(1, 9).path == "sequence"
+        assert route(1, 1, _module(mode, 512)) == _plan.Route("step")
+        assert route(2, 1) == _plan.Route("sequence")
+        assert route(1, 1, _module(mode, 8, num_layers=2, dropout=0.5)) == _plan.Route("step", by_layer=True)
+        assert route(1, 1, _module(mode, 8, proj_size=2) if lstm else small).path == ("sequence" if lstm else "step")
     with rnnkit.use_backend("fused"):  # forcing still forces
-        assert layer(1, 1) is _fused.fused_layer
+        assert route(1, 16, above).fused
+    with rnnkit.use_backend("reference"):
+        assert route(2, 4) == _plan.Route("reference")
 
 
 @pytest.mark.parametrize("kind", ["tanh", "relu", "gru", "lstm"])
@@ -263,8 +256,8 @@ def test_single_inference_steps_run_in_one_call(kind, dtype, monkeypatch):
     biases, two layers, bidirectional, unbatched, batch_first; never for projections or more
     rows; output and h_n never share memory."""
     calls = []
-    single = _fused._single_step
-    monkeypatch.setattr(_fused, "_single_step", lambda *a: calls.append(1) or single(*a))
+    step_forward = _stack._step_forward
+    monkeypatch.setattr(_stack, "_step_forward", lambda *a: calls.append(1) or step_forward(*a))
     torch.manual_seed(5)
     for B, bias, given, batch_first, layers, bidirectional in [
             (1, True, False, False, 1, False), (4, False, True, True, 1, False), (3, True, True, False, 1, False),
@@ -277,13 +270,13 @@ def test_single_inference_steps_run_in_one_call(kind, dtype, monkeypatch):
         hx = ((h, torch.randn(LD, B, 9, dtype=dtype)) if kind == "lstm" else h) if given else None
         with torch.no_grad(), rnnkit.use_backend("fused"):
             n = len(calls)
+            assert route_of(m, x, hx) == _plan.Route("step")
             out, state = m(x, hx)
             assert len(calls) == n + 1
             assert out.data_ptr() != (state[0] if kind == "lstm" else state).data_ptr()
-            monkeypatch.setattr(_fused, "_single_step_fits", lambda *a: False)
-            general = m(x, hx)
-            monkeypatch.undo()
-            monkeypatch.setattr(_fused, "_single_step", lambda *a: calls.append(1) or single(*a))
+            with _plan.limits(step_max_rows=0):
+                general = m(x, hx)
+            assert len(calls) == n + 1
             expected = ref(x, hx)
         for a, g, e in zip(_flat((out, state)), _flat(general), _flat(expected)):
             torch.testing.assert_close(a, g, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=1e-7)
@@ -303,14 +296,14 @@ def test_single_inference_steps_run_in_one_call(kind, dtype, monkeypatch):
 @pytest.mark.parametrize("kind", ["tanh", "relu", "gru", "lstm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_training_steps_run_in_one_node(kind, dtype, monkeypatch):
-    """A training step (T = 1) without projections, of a few rows or small products, runs as one
-    autograd node (_EagerStep: a kernel call per layer-direction each way) and equals torch.nn:
+    """A training step (T = 1) without projections, of a few rows or small products, runs on the
+    step route (one autograd node, a kernel call per layer-direction each way) and equals torch.nn:
     outputs, final states and every gradient (input, h_0 / c_0, parameters), with and without
     h_0, without biases, stacked, bidirectional, batch_first, and with 8 rows of 128 (products
     on BLAS where it is bound); never with projections or larger products."""
     calls = []
-    forward = _fused._EagerStep.forward
-    monkeypatch.setattr(_fused._EagerStep, "forward", staticmethod(lambda *a: calls.append(1) or forward(*a)))
+    step_backward = _stack._step_backward
+    monkeypatch.setattr(_stack, "_step_backward", lambda *a: calls.append(1) or step_backward(*a))
     torch.manual_seed(6)
     for B, I, H, bias, given, batch_first, layers, bidirectional in [
             (1, 7, 9, True, False, False, 1, False), (4, 7, 9, False, True, True, 1, False),
@@ -324,6 +317,7 @@ def test_training_steps_run_in_one_node(kind, dtype, monkeypatch):
         states = [torch.randn(LD, B, n, dtype=dtype) if given else None for n in state_features(m)]
         n = len(calls)
         with rnnkit.use_backend("fused"):
+            assert route_of(m, x) == _plan.Route("step")
             assert_same(ref, m, lambda x, *states: (x, as_hx(states)), [x, *states], dtype)
         assert len(calls) == n + 1
     n = len(calls)
@@ -368,13 +362,11 @@ def test_threaded_chunks_match_serial(batch, kind, monkeypatch):
         return [out, *[p.grad for p in m.parameters()]]
 
     with rnnkit.use_backend("fused"):
-        monkeypatch.setattr(_fused, "_MIN_WORK_PER_THREAD", 1)  # split whenever possible
-        monkeypatch.setattr(_fused, "_MIN_LOOP_WORK", 1)
-        monkeypatch.setattr(_fused, "_MIN_COLUMN_WORK", 10**12)  # by rows, not by columns
-        split = run()
-        monkeypatch.setattr(_fused, "_MIN_WORK_PER_THREAD", 10**12)  # never split
-        monkeypatch.setattr(_fused, "_MIN_LOOP_WORK", 10**12)
-        serial = run()
+        # split whenever possible, by rows (not by columns); then never
+        with _plan.limits(min_work_per_thread=1, min_loop_work=1, min_column_work=10**12):
+            split = run()
+        with _plan.limits(min_work_per_thread=10**12, min_loop_work=10**12):
+            serial = run()
     for s, r in zip(split, serial):
         torch.testing.assert_close(s, r, **TOL[torch.float64])
 
@@ -389,12 +381,12 @@ def test_threads_follow_torch_set_num_threads(monkeypatch):
     monkeypatch.setattr(tiles, "_pack_threads", lambda *args: calls.append(args[-1]))
     big = np.ones((1024, 512), np.float32)
     torch.set_num_threads(1)
-    assert _fused._chunks(10**6, 10**12) == 1
-    assert _fused._pack(big, True).shape == (32, 512, 32) and not calls  # serial
+    assert _plan.chunks(10**6, 10**12, 1) == 1
+    assert _loops.pack_weights(big, True).shape == (32, 512, 32) and not calls  # serial
     if numba.get_num_threads() >= 2:
         torch.set_num_threads(2)
-        assert _fused._chunks(10**6, 10**12) == 2
-        _fused._pack(big, True)
+        assert _plan.chunks(10**6, 10**12, 1) == 2
+        _loops.pack_weights(big, True)
         assert calls == [2]
 
 
@@ -425,11 +417,10 @@ def test_time_chunks_equal_one_pass(kind, packed, time_chunks, monkeypatch):
         return [out, *states, *[t.grad for t in leaves], *[p.grad for p in m.parameters()]]
 
     reference = run("reference")
-    monkeypatch.setattr(_fused, "_CHUNK_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(_fused, "_CHUNK_ROWS", 1)
-    monkeypatch.setattr(_fused, "_TIME_CHUNKS", time_chunks)
-    assert _fused._chunk_steps(23, 5, 6) == (8 if time_chunks == 3 else 1)
-    for r, f in zip(reference, run("fused")):
+    with _plan.limits(chunk_min_elements=0, chunk_rows=1, time_chunks=time_chunks):
+        assert _loops.chunk_steps(23, 5, 6) == (8 if time_chunks == 3 else 1)
+        fused = run("fused")
+    for r, f in zip(reference, fused):
         torch.testing.assert_close(f, r, **TOL[torch.float64])
 
 
@@ -441,21 +432,21 @@ def test_weight_gradients_either_way(kind, by_blas, dtype, monkeypatch):
     by default depends on the BLAS's kernels, see kernels/blas.py) both equal torch.nn's,
     threaded (many rows: float64, where sums of 560 rows stay within the tolerance), in time
     chunks, for batch 1, and with the gradients' rows copied to padded ones."""
-    if by_blas and not _fused.blas.AVAILABLE:
+    if by_blas and not _loops.blas.AVAILABLE:
         pytest.skip("no scipy BLAS here")
-    monkeypatch.setattr(_fused, "WEIGHT_GRADS_BY_BLAS", by_blas)
+    monkeypatch.setattr(_loops, "WEIGHT_GRADS_BY_BLAS", by_blas)
     torch.set_num_threads(2)  # threaded where it pays (conftest pins one thread, and rnnkit follows)
     torch.manual_seed(11)
     big = (14, 40, 48) if dtype == torch.float64 else (4, 6, 16)  # 560 rows: two blocks of the sums
     wide = 512 if dtype == torch.float64 else 1024  # rows of dL/dz 4 KiB-multiples long: copied padded
     for T, B, H, chunked in [(*big, False), (9, 1, 13, False), (23, 5, 6, True), (3, 2, wide, False)]:
-        monkeypatch.setattr(_fused, "_CHUNK_MIN_ELEMENTS", 0 if chunked else 1 << 20)
         ref, m = twins(kind, dtype, input_size=21, hidden_size=H, num_layers=2, bidirectional=True)
         x = torch.randn(T, B, 21, dtype=dtype)
         grads = []
         for module in (ref, m):
             xc = x.clone().requires_grad_(True)
-            with rnnkit.use_backend("fused") if module is m else torch.enable_grad():
+            with rnnkit.use_backend("fused") if module is m else torch.enable_grad(), \
+                    _plan.limits(chunk_min_elements=0 if chunked else 1 << 20):
                 out, _ = module(xc)
             out.sin().sum().backward()
             grads.append([xc.grad, *[p.grad for p in module.parameters()]])
@@ -466,18 +457,18 @@ def test_weight_gradients_either_way(kind, by_blas, dtype, monkeypatch):
 BOUNDSCHECK_SCRIPT = r"""
 import torch, rnnkit
 from torch import nn
-from rnnkit import _fused
+from rnnkit import _loops, _plan
 from rnnkit.kernels import tiles
 rnnkit.set_backend("fused")
-_fused._CHUNK_MIN_ELEMENTS, _fused._CHUNK_ROWS, _fused._TIME_CHUNKS = 0, 1, 2  # time chunks too
-_fused._MIN_WORK_PER_THREAD = _fused._MIN_LOOP_WORK = 1  # and the threaded loops:
 torch.set_num_threads(2)
 torch.manual_seed(0)
 for cls, kw, by_blas in [("RNN", {}, True), ("RNN", {"nonlinearity": "relu"}, False), ("GRU", {}, True),
                          ("GRU", {}, False), ("LSTM", {}, True), ("LSTM", {"proj_size": 2}, False)]:
-    _fused.WEIGHT_GRADS_BY_BLAS = by_blas  # both ways of the weight gradients
+    _loops.WEIGHT_GRADS_BY_BLAS = by_blas  # both ways of the weight gradients
     tiles.PACK_THREADED_MIN = 1 if by_blas else 1 << 18  # and of packing the weights
-    _fused._MIN_COLUMN_WORK = 1 if by_blas else 1 << 60  # steps split by columns, or by rows
+    # time chunks too, and the threaded loops, their steps split by columns or by rows
+    _plan.LIMITS = _plan.Limits(chunk_min_elements=0, chunk_rows=1, time_chunks=2, min_work_per_thread=1,
+                                min_loop_work=1, min_column_work=1 if by_blas else 1 << 60)
     ref = getattr(nn, cls)(3, 4, 2, bidirectional=True, **kw).double()
     m = getattr(rnnkit, cls)(3, 4, 2, bidirectional=True, **kw).double()
     m.load_state_dict(ref.state_dict())
@@ -488,7 +479,7 @@ for cls, kw, by_blas in [("RNN", {}, True), ("RNN", {"nonlinearity": "relu"}, Fa
     ref_out, _ = ref(packed)
     assert torch.allclose(out.data, ref_out.data, atol=1e-9), (cls, kw)
     for batch in (0, 1, 3, 6):
-        for T in (1, 2):  # (T == 1: one node, _EagerStep)
+        for T in (1, 2):  # (T == 1: the step route)
             y, _ = m(torch.randn(T, batch, 3, dtype=torch.float64, requires_grad=True))
             y.sum().backward()
         with torch.no_grad():  # inference scratch, T == 1 included
@@ -693,13 +684,15 @@ def test_gradgradcheck_through_the_kernels():
 
 def test_mixed_dtypes_never_reach_the_kernels():
     """Under autocast the module skips its dtype check; the kernels take one dtype, so mixed
-    ones go to the torch ops, which refuse them (instead of BLAS reading past a buffer)."""
-    cell = CELLS["RNN_TANH"]
+    ones are routed to the torch ops, which refuse them (instead of BLAS reading past a buffer)."""
     m = rnnkit.RNN(8, 16).double()
     x = torch.randn(4, 32, 8)  # float32 input, float64 weights
-    (p,) = m._layer_params(x.double())
-    with pytest.raises(RuntimeError, match="must have the same dtype"):
-        _fused.fused_layer(cell, x, (torch.zeros(32, 16),), p, None, False)
+    call = _run.describe(m._cell, x, None, m._layer_params(x.double()), 1, 1, False)
+    assert call.special == "mixed dtypes"
+    with rnnkit.use_backend("fused"):
+        assert _plan.route(call) == _plan.Route("reference")
+        with pytest.raises(RuntimeError, match="must have the same dtype|expected .* same dtype"):
+            _run.run(m._cell, x, None, m._layer_params(x.double()), 1, 1, 0.0, False, None)
 
 
 def test_use_backend_is_local_to_the_thread():
@@ -726,7 +719,7 @@ def test_use_backend_is_local_to_the_thread():
 @pytest.mark.parametrize("kind", CELL_KINDS)
 def test_training_runs_the_whole_stack_as_one_node(kind, monkeypatch):
     """With a gradient and no inter-layer dropout the fused backend runs every layer and
-    direction as one autograd node (_EagerStack), never the layer path; outputs, states and
+    direction as one autograd node (the sequence route, not layer by layer); outputs, states and
     every gradient (input, h_0, all weights) equal torch.nn's on a stacked, bidirectional,
     ragged batch."""
     torch.manual_seed(5)
@@ -737,16 +730,14 @@ def test_training_runs_the_whole_stack_as_one_node(kind, monkeypatch):
     sizes = (2, 6) if kind == "lstm-proj" else (6, 6)
     state = [torch.randn(6, 4, n, dtype=dtype) for n in sizes]
 
-    def no_layer(*args):
-        raise AssertionError("the layer-by-layer path ran")
-
-    fused = _backend._BACKENDS["fused"]
-    monkeypatch.setitem(_backend._BACKENDS, "fused", fused._replace(layer=no_layer))
     results = []
     for module in (ref, m):
         xc = x.clone().requires_grad_()
         hx = [s.clone().requires_grad_() for s in state]
         inp = rnnkit.pack_padded_sequence(xc, lengths, enforce_sorted=False)
+        if module is m:
+            with rnnkit.use_backend("fused"):
+                assert route_of(m, xc) == _plan.Route("sequence")
         with rnnkit.use_backend("fused"):
             out, h = module(inp, tuple(hx) if kind.startswith("lstm") else hx[0])
         states = h if isinstance(h, tuple) else (h,)

@@ -68,7 +68,8 @@ def make_case(case, input_size, features, num_layers, directions, batch_first, d
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("kind,num_layers,bias,batch_first,bidirectional", CONFIGS)
-def test_matches_torch(kind, num_layers, bias, batch_first, bidirectional, case, dtype):
+def test_matches_torch(kind, num_layers, bias, batch_first, bidirectional, case, dtype, backend):
+    """Every backend (the ``backend`` fixture forces each in turn) against torch.nn."""
     seed = zlib.crc32(repr((kind, num_layers, bias, batch_first, bidirectional, case[0])).encode())
     torch.manual_seed(seed)
     input_size, hidden_size = 4, 5
@@ -85,7 +86,7 @@ def test_matches_torch(kind, num_layers, bias, batch_first, bidirectional, case,
 
 @pytest.mark.parametrize("kind", CELL_KINDS)
 @pytest.mark.parametrize("T", [1, 37])
-def test_long_and_odd_sizes(kind, T):
+def test_long_and_odd_sizes(kind, T, backend):
     torch.manual_seed(T)
     ref, ours = twins(kind, torch.float64, input_size=7, hidden_size=13, num_layers=2, bidirectional=True)
     x = torch.randn(T, 9, 7, dtype=torch.float64)

@@ -14,17 +14,17 @@ import warnings
 from torch import nn
 
 from . import _modules
+from .cells import CELLS
 
-# The constructor arguments each kind of module is rebuilt from, torch.nn's names.
+# The constructor arguments each kind of module is rebuilt from, torch.nn's names, derived from
+# the cell registry: the layer (RNN, GRU, LSTM) and its single-step cell (RNNCell, ...).
 _LAYER_ARGS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
-_ARGS = {
-    "RNN": _LAYER_ARGS + ("nonlinearity",),
-    "GRU": _LAYER_ARGS,
-    "LSTM": _LAYER_ARGS + ("proj_size",),
-    "RNNCell": ("input_size", "hidden_size", "bias", "nonlinearity"),
-    "GRUCell": ("input_size", "hidden_size", "bias"),
-    "LSTMCell": ("input_size", "hidden_size", "bias"),
-}
+_CELL_ARGS = ("input_size", "hidden_size", "bias")
+_ARGS: dict = {}
+for _cell in CELLS.values():
+    _extra = tuple(_cell.module_kwargs)
+    _ARGS[_cell.module] = _LAYER_ARGS + _extra + (("proj_size",) if _cell.projections else ())
+    _ARGS[_cell.module + "Cell"] = _CELL_ARGS + _extra
 
 
 def _pairs() -> dict:

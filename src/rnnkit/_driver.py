@@ -1,29 +1,23 @@
-"""The sequence driver: time loop, directions, variable lengths and layers, written once.
+"""The sequence driver: time loop, directions, variable lengths and the walk over layers,
+written once.
 
 Internally every layer sees a time-major padded tensor ``x`` of shape ``(T, B, I)`` and
 ``batch_sizes`` (a list of T ints, non-increasing, or None when every sequence has length T):
 at step t only the first ``batch_sizes[t]`` rows are active, which is exactly the layout of a
 ``PackedSequence`` (its batch is sorted by decreasing length). Inactive rows keep their state, so
 the forward direction ends each sequence at its own last step and the reverse direction starts
-each sequence at its own last step from h_0. Outputs at inactive positions are unspecified: they
-are never read by a later layer's active steps nor returned to the caller.
+each sequence at its own last step from h_0. Outputs at inactive positions are zero on every
+route (the reference below and the kernels alike).
 
 A *layer function* runs one layer in one direction:
 
-    layer(cell, x, state, params, batch_sizes, reverse) -> (out (T, B, H_out), new_state)
+    layer(cell, x, state, p, batch_sizes, reverse) -> (out (T, B, H_out), new_state)
 
-``reference_layer`` below is the torch-ops one (any device, dtype, autograd); the fused CPU
-kernels provide another with the same contract.
-
-A backend may also offer a *stack function*, which runs every layer and direction in one call
-with ``run_layers``'s contract (without the layer-by-layer torch glue, which costs more than a
-small layer's whole time loop; with autograd it is one node for the whole stack; ``state0`` None
-meaning zeros, which it may then make in its own form):
-
-    stack(cell, x, state0, params, num_layers, num_directions, batch_sizes) -> result or None
-
-It returns None when it cannot take the call (under torch.compile, ...); ``run_layers`` then
-runs the layers one by one. It is never asked when inter-layer dropout is active.
+with ``p`` the cell's parameter record for that layer-direction. ``reference_layer`` below is
+the torch-ops one (any device, dtype, autograd). ``walk`` and ``walk_back`` are the one walk
+over layers and directions, for tensors (``run_layers``: the reference, the compiled route and
+the layer-by-layer routes) and for the kernels' arrays (rnnkit._stack: whole stacks, forward
+and backward).
 """
 
 from __future__ import annotations
@@ -35,34 +29,72 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cells import Cell, LayerParams
+from .cells import Cell, Dims, dims_of
 
 LayerFn = Callable[..., tuple]
-StackFn = Callable[..., Optional[tuple]]
 
 
 def reference_layer(
     cell: Cell,
     x: Tensor,
     state: tuple,
-    p: LayerParams,
+    p,
     batch_sizes: Optional[Sequence[int]],
     reverse: bool,
 ) -> tuple:
     """One layer, one direction, with torch ops: the readable reference of the recurrence."""
     # Input projection for every step in one GEMM; unbind (not xw[t]) so backward stays O(T).
-    steps = F.linear(x, p.w_ih, p.b_ih).unbind(0)
+    steps = F.linear(x, p.weight_ih, p.bias_ih).unbind(0)
     n_steps, batch = len(steps), x.shape[1]
     outs: list = [None] * n_steps
     for t in reversed(range(n_steps)) if reverse else range(n_steps):
         active = batch if batch_sizes is None else batch_sizes[t]
         if active == batch:
             state = cell.step(steps[t], state, p)
-        else:
+            outs[t] = state[0]
+        else:  # rows past their length keep their state, and their output is zero
             new = cell.step(steps[t][:active], tuple(s[:active] for s in state), p)
             state = tuple(torch.cat((n, s[active:])) for n, s in zip(new, state))
-        outs[t] = state[0]
+            outs[t] = torch.cat((new[0], new[0].new_zeros(batch - active, new[0].shape[1])))
     return torch.stack(outs), state
+
+
+def walk(num_layers: int, reverses: Sequence[bool], x, run_one: Callable, join: Callable,
+         between: Optional[Callable] = None) -> tuple:
+    """Every layer, each of its directions (``reverses``: (False,), (False, True) or (True,)):
+    ``run_one(k, layer, reverse, x) -> (out, final)`` for layer-direction k = layer * D +
+    direction; a layer's outputs ``join``ed are the next layer's input, ``between(x)`` applied
+    to it first when given (inter-layer dropout). Returns (the last layer's output, [final of
+    every layer-direction])."""
+    finals: list = []
+    for layer in range(num_layers):
+        if layer > 0 and between is not None:
+            x = between(x)
+        outs = []
+        for direction, reverse in enumerate(reverses):
+            out, final = run_one(layer * len(reverses) + direction, layer, reverse, x)
+            outs.append(out)
+            finals.append(final)
+        x = outs[0] if len(outs) == 1 else join(outs)
+    return x, finals
+
+
+def walk_back(num_layers: int, reverses: Sequence[bool], d_out, back_one: Callable, split: Callable,
+              add: Callable):
+    """``walk`` in reverse for backward: from the last layer down, ``back_one(k, layer, reverse,
+    d_out_k) -> d_x`` with d_out_k the direction's part of the layer's output gradient
+    (``split(d_out, direction)``, or d_out itself with one direction; None when nothing reached
+    it); a layer's directions' input gradients ``add``ed are the output gradient of the layer
+    below. Returns the input gradient of the first layer."""
+    D = len(reverses)
+    for layer in reversed(range(num_layers)):
+        d_x = None
+        for direction, reverse in enumerate(reverses):
+            part = d_out if D == 1 or d_out is None else split(d_out, direction)
+            dx = back_one(layer * D + direction, layer, reverse, part)
+            d_x = dx if d_x is None else d_x if dx is None else add(d_x, dx)
+        d_out = d_x
+    return d_out
 
 
 def run_layers(
@@ -70,50 +102,37 @@ def run_layers(
     layer: LayerFn,
     x: Tensor,
     state0: Optional[tuple],
-    params: Sequence[LayerParams],
+    params: Sequence,
     num_layers: int,
-    num_directions: int,
+    reverses: Sequence[bool],
     dropout: float,
     training: bool,
     packing: Optional["Packing"],
-    stack: Optional[StackFn] = None,
 ) -> tuple:
-    """Stack layers and directions. ``state0`` holds (L*D, B, .) tensors, or is None for zeros
-    (made here only if the layers need them as tensors); returns ``(output (T, B, D*H_out),
-    state_n)`` with state_n laid out like state0."""
+    """Stack layers and directions (``reverses``, see ``walk``) with torch glue. ``state0`` holds
+    (L*D, B, .) tensors, or is None for zeros; returns ``(output (T, B, D*H_out), state_n)`` with state_n laid out like
+    state0."""
     batch_sizes = packing.batch_sizes if packing is not None else None
-    if stack is not None and not (dropout > 0 and training and num_layers > 1):
-        result = stack(cell, x, state0, params, num_layers, num_directions, batch_sizes)
-        if result is not None:
-            return result
     if state0 is None:
-        state0 = _zero_state(cell, x, params[0], num_layers * num_directions)
-    finals: list = []
-    for layer_idx in range(num_layers):
-        if layer_idx > 0 and dropout > 0 and training:
-            x = _dropout(x, dropout, packing)
-        outs = []
-        for direction in range(num_directions):
-            k = layer_idx * num_directions + direction
-            out, state = layer(
-                cell, x, tuple(s[k] for s in state0), params[k], batch_sizes, direction == 1
-            )
-            outs.append(out)
-            finals.append(state)
-        x = outs[0] if num_directions == 1 else torch.cat(outs, -1)
+        state0 = zero_state(cell, x, params[0], num_layers * len(reverses))
+    between = (lambda x: _dropout(x, dropout, packing)) if dropout > 0 and training else None
+
+    def run_one(k, layer_idx, reverse, x):
+        return layer(cell, x, tuple(s[k] for s in state0), params[k], batch_sizes, reverse)
+
+    out, finals = walk(num_layers, reverses, x, run_one, lambda outs: torch.cat(outs, -1), between)
     state_n = tuple(torch.stack([f[i] for f in finals]) for i in range(len(state0)))
-    return x, state_n
+    return out, state_n
 
 
-def state_shapes(cell: Cell, w_hh_shape: Sequence[int], rows: int, batch: int) -> tuple:
-    """Shapes of h_0 (and c_0): (rows, B, H_out) and (rows, B, H), from W_hh's (gates * H, H_out)."""
-    hidden, h_out = w_hh_shape[0] // cell.gates, w_hh_shape[1]
-    return ((rows, batch, h_out), (rows, batch, hidden))[:cell.state_size]
+def layer_dims(cell: Cell, p) -> Dims:
+    """A layer-direction's sizes from its parameter record."""
+    return dims_of(cell, p.weight_ih.shape, p.weight_hh.shape)
 
 
-def _zero_state(cell: Cell, x: Tensor, p: LayerParams, rows: int) -> tuple:
+def zero_state(cell: Cell, x: Tensor, p, rows: int) -> tuple:
     """h_0 (and c_0) of zeros, as tensors."""
-    return tuple(x.new_zeros(shape) for shape in state_shapes(cell, p.w_hh.shape, rows, x.shape[1]))
+    return tuple(x.new_zeros(shape) for shape in cell.state_shapes(layer_dims(cell, p), rows, x.shape[1]))
 
 
 def _dropout(x: Tensor, p: float, packing: Optional["Packing"]) -> Tensor:

@@ -7,7 +7,6 @@ output layouts and error messages follow torch.nn (PyTorch 2.13). The recurrence
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from typing import Optional
@@ -16,12 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn import Parameter, init
+from torch.nn import Parameter
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _backend
-from ._driver import Packing, run_layers
-from .cells import CELLS, Cell, LayerParams
+from . import _run
+from ._driver import Packing
+from .cells import CELLS, Cell, Dims
+from .cells.base import init_
 
 
 def _check_int(name: str, value, positive: bool = True) -> int:
@@ -130,7 +130,7 @@ class RNNBase(nn.Module):
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
-        if proj_size and mode != "LSTM":
+        if proj_size and not CELLS[mode].projections:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
 
         self.mode = mode
@@ -143,31 +143,33 @@ class RNNBase(nn.Module):
         self.bidirectional = bidirectional
         self.proj_size = proj_size
 
+        # the parameters the cell declares (rnnkit.cells.base), per layer and direction, named as
+        # torch.nn names them: {name}_l{layer}[_reverse]
         factory = {"device": device, "dtype": dtype}
-        kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if bias else []) + (["weight_hr"] if proj_size else [])
         self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
         for layer in range(num_layers):
             for direction in range(self._num_directions):
                 suffix = "_reverse" if direction == 1 else ""
                 names = []
-                for kind in kinds:
-                    name = f"{kind}_l{layer}{suffix}"
-                    setattr(self, name, Parameter(torch.empty(self._param_shape(kind, layer), **factory)))
+                for param in self._cell.declared(bias, proj_size):
+                    name = f"{param.name}_l{layer}{suffix}"
+                    setattr(self, name, Parameter(torch.empty(param.shape(self._dims(layer)), **factory)))
                     names.append(name)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
         self.reset_parameters()
 
+    def _dims(self, layer: int) -> Dims:
+        """A layer's sizes, as the cell's declaration states its shapes in."""
+        h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
+        first = self.input_size if layer == 0 else h_out * self._num_directions
+        return Dims(first, self.hidden_size, self.proj_size, self._cell.gates)
+
     def _param_shape(self, kind: str, layer: int) -> tuple:
         """The shape of parameter ``kind`` of a layer, for the layer's current sizes."""
-        gates = CELLS[self.mode].gates * self.hidden_size
-        h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
-        if kind == "weight_ih":
-            return (gates, self.input_size if layer == 0 else h_out * self._num_directions)
-        if kind == "weight_hh":
-            return (gates, h_out)
-        return (self.proj_size, self.hidden_size) if kind == "weight_hr" else (gates,)
+        param = next(p for p in self._cell.params if p.name == kind)
+        return param.shape(self._dims(layer))
 
     def _expected_shapes(self) -> dict:
         """name -> the shape each parameter must have, whatever the user assigns: that of the
@@ -177,7 +179,7 @@ class RNNBase(nn.Module):
         cached = self.__dict__.get("_shapes_for")
         if cached is None or cached[0] != sizes:
             D = self._num_directions  # (names are {kind}_l{layer}[_reverse], one list per layer-direction)
-            cached = self._shapes_for = (sizes, {name: self._param_shape(name[:name.index("_l")], k // D)
+            cached = self._shapes_for = (sizes, {name: self._param_shape(name[:name.rindex("_l")], k // D)
                                                  for k, names in enumerate(self._all_weights) for name in names})
         return cached[1]
 
@@ -190,9 +192,11 @@ class RNNBase(nn.Module):
         return CELLS[self.mode]
 
     def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size)
-        for weight in self.parameters():
-            init.uniform_(weight, -stdv, stdv)
+        # in registration order, as torch.nn draws them (its RNGs' sequence, so seeded models match)
+        declared = {p.name: p for p in self._cell.params}
+        with torch.no_grad():
+            for name, weight in self.named_parameters():
+                init_(declared[name[:name.rindex("_l")]], weight, self.hidden_size)
 
     def flatten_parameters(self) -> None:
         """No-op, kept for torch.nn compatibility (cuDNN weight flattening has no CPU meaning)."""
@@ -224,9 +228,7 @@ class RNNBase(nn.Module):
     # ----------------------------------------------------------------- shapes and checks
     def _state_sizes(self, batch: int) -> list[tuple]:
         """Expected (L*D, B, .) shape of each recurrent state tensor: h (then c for LSTM)."""
-        rows = self.num_layers * self._num_directions
-        h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
-        return [(rows, batch, h_out), (rows, batch, self.hidden_size)][: self._cell.state_size]
+        return list(self._cell.state_shapes(self._dims(0), self.num_layers * self._num_directions, batch))
 
     def _hidden_size_error(self, index: int) -> str:
         if self._cell.state_size == 1:
@@ -244,7 +246,7 @@ class RNNBase(nn.Module):
         got = ", ".join(f"{s.dim()}-D" for s in state)
         raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got ({got}) tensors")
 
-    def _layer_params(self, data: Tensor) -> list[LayerParams]:
+    def _layer_params(self, data: Tensor) -> list:
         """The parameters of every layer and direction, checked: parameters replaced by the user
         must still fit the layer (a wrong shape, a mix of dtypes or another device than the input
         would otherwise fail deep in the kernels). Runs at every call, so it reads the parameter
@@ -252,6 +254,8 @@ class RNNBase(nn.Module):
         getattr for names that left it (parametrizations, plain attributes)."""
         expected = self._expected_shapes()
         registered = self._parameters
+        record = self._cell.record
+        kinds = [p.name for p in self._cell.declared(self.bias, self.proj_size)]  # (the order of each names)
         device = data.device
         dtype = first_name = None
         params = []
@@ -280,9 +284,7 @@ class RNNBase(nn.Module):
                         f"{device} and parameter tensor at {w.device}"
                     )
                 found.append(w)
-            # names per layer-direction: weight_ih, weight_hh[, bias_ih, bias_hh][, weight_hr]
-            biases = (found[2], found[3]) if self.bias else (None, None)
-            params.append(LayerParams(found[0], found[1], *biases, found[-1] if self.proj_size > 0 else None))
+            params.append(record(**dict(zip(kinds, found))))
         return params
 
     # ------------------------------------- torch.nn.RNNBase's public checks (subclasses call them)
@@ -351,7 +353,7 @@ class RNNBase(nn.Module):
             batch = data.shape[0 if self.batch_first else 1]
 
         params = self._layer_params(data)
-        _check_dtype(data, params[0].w_ih)
+        _check_dtype(data, params[0].weight_ih)
         self._check_input_size(data.shape[-1])
         if hx is None:
             state = None  # zeros, made by whichever path runs the layers (see run_layers)
@@ -375,33 +377,18 @@ class RNNBase(nn.Module):
             if x.shape[0] == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
-        if _autocast(x):
-            # autocast decides dtypes op by op, which only torch ops follow: the reference runs.
-            # torch.nn's LSTM without projections on a dense CPU input runs oneDNN's LSTM,
-            # which autocast casts whole (input, states, weights) to its lower precision.
-            backend = _backend.reference()
-            if cell.mode == "LSTM" and self.proj_size == 0 and packing is None and x.device.type == "cpu" \
-                    and x.dtype != torch.float64 and torch.backends.mkldnn.is_available() \
-                    and torch._C._get_mkldnn_enabled():
-                low = torch.get_autocast_dtype("cpu")
-                x = x.to(low)
-                state = None if state is None else tuple(s.to(low) for s in state)
-                params = [LayerParams(*(None if t is None else t.to(low) for t in p)) for p in params]
-        else:
-            backend = _backend.backend_for(cell, x, params)
-        out, state_n = run_layers(
-            cell,
-            backend.layer,
-            x,
-            state,
-            params,
-            self.num_layers,
-            self._num_directions,
-            self.dropout,
-            self.training,
-            packing,
-            backend.stack,
-        )
+        if _autocast(x) and cell.mode == "LSTM" and self.proj_size == 0 and packing is None \
+                and x.device.type == "cpu" and x.dtype != torch.float64 and torch.backends.mkldnn.is_available() \
+                and torch._C._get_mkldnn_enabled():
+            # under autocast only the reference runs (see _plan.route); torch.nn's LSTM without
+            # projections on a dense CPU input runs oneDNN's LSTM, which autocast casts whole
+            # (input, states, weights) to its lower precision
+            low = torch.get_autocast_dtype("cpu")
+            x = x.to(low)
+            state = None if state is None else tuple(s.to(low) for s in state)
+            params = [type(p)(*(None if t is None else t.to(low) for t in p)) for p in params]
+        out, state_n = _run.run(cell, x, state, params, self.num_layers, self._num_directions, self.dropout,
+                                self.training, packing)
 
         if packing is not None:
             output = PackedSequence(packing.pack(out), batch_sizes, sorted_indices, unsorted_indices)
@@ -605,16 +592,16 @@ class RNNCellBase(nn.Module):
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
+        # the parameters the cell declares (rnnkit.cells.base), named as torch.nn's cells name
+        # them; an absent one (no bias) is registered as None, as torch.nn does
         factory = {"device": device, "dtype": dtype}
-        gate_size = CELLS[self._mode()].gates * hidden_size
-        self.weight_ih = Parameter(torch.empty((gate_size, input_size), **factory))
-        self.weight_hh = Parameter(torch.empty((gate_size, hidden_size), **factory))
-        if bias:
-            self.bias_ih = Parameter(torch.empty(gate_size, **factory))
-            self.bias_hh = Parameter(torch.empty(gate_size, **factory))
-        else:
-            self.register_parameter("bias_ih", None)
-            self.register_parameter("bias_hh", None)
+        cell = CELLS[self._mode()]
+        dims = Dims(input_size, hidden_size, 0, cell.gates)
+        for param in cell.params:
+            if param.present(bias, 0):
+                self.register_parameter(param.name, Parameter(torch.empty(param.shape(dims), **factory)))
+            elif param.when == "bias":
+                self.register_parameter(param.name, None)
         self.reset_parameters()
 
     def _mode(self) -> str:
@@ -630,9 +617,10 @@ class RNNCellBase(nn.Module):
         return s.format(**self.__dict__)
 
     def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size)
-        for weight in self.parameters():
-            init.uniform_(weight, -stdv, stdv)
+        declared = {p.name: p for p in CELLS[self._mode()].params}
+        with torch.no_grad():
+            for name, weight in self.named_parameters():
+                init_(declared[name], weight, self.hidden_size)
 
     def forward(self, input: Tensor, hx=None):
         cell = CELLS[self._mode()]
@@ -672,7 +660,7 @@ class RNNCellBase(nn.Module):
                     f"hidden{i} has inconsistent hidden_size: got {s.shape[1]}, expected {self.hidden_size}"
                 )
 
-        params = LayerParams(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        params = cell.record(**{p.name: getattr(self, p.name, None) for p in cell.params})
         new = cell.step(F.linear(x, self.weight_ih, self.bias_ih), state, params)
         if not batched:
             new = tuple(s.squeeze(0) for s in new)

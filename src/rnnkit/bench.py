@@ -28,14 +28,15 @@ import torch
 from torch import nn
 
 import rnnkit
-from rnnkit import _fused
+from rnnkit import _loops
+from rnnkit.cells import CELLS as REGISTRY
 from rnnkit.kernels import blas
 
 # (T, B, input, hidden, layers)
 GRID = [(100, 1, 32, 64, 1), (100, 32, 64, 128, 1), (200, 64, 128, 256, 2),
         (100, 64, 512, 512, 1), (50, 128, 1024, 1024, 1)]
-CELLS = {"rnn_tanh": ("RNN", {"nonlinearity": "tanh"}, 1), "rnn_relu": ("RNN", {"nonlinearity": "relu"}, 1),
-         "gru": ("GRU", {}, 3), "lstm": ("LSTM", {}, 4)}
+# --cells name -> (class name in torch.nn / rnnkit, extra constructor arguments, gates): the registry's cells
+CELLS = {cell.key: (cell.module, cell.module_kwargs, cell.gates) for cell in REGISTRY.values() if cell.key}
 IMPLEMENTATIONS: dict[str, Callable] = {
     "torch.nn": lambda cls: getattr(nn, cls),
     "rnnkit": lambda cls: getattr(rnnkit, cls),
@@ -188,7 +189,7 @@ def machine() -> dict:
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(unset)"),
         "rnnkit_backend": rnnkit.get_backend(),
         # which implementation computes the weight gradients (see kernels/blas.py)
-        "weight_grads": f"scipy OpenBLAS {blas.CORE}" if _fused.WEIGHT_GRADS_BY_BLAS else "rnnkit tiles",
+        "weight_grads": f"scipy OpenBLAS {blas.CORE}" if _loops.WEIGHT_GRADS_BY_BLAS else "rnnkit tiles",
     }
 
 

@@ -32,18 +32,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import rnnkit
+from rnnkit.cells import CELLS
 
 LOG2E = 1.0 / math.log(2.0)
 CHECKPOINT = "checkpoint.pt"
 DEFAULT_DATA = "pydoc_data.topics"  # CPython's own documentation text: no download needed
 
 # --cell name -> (class name in torch.nn / rnnkit, extra constructor arguments)
-CELL_TYPES: dict[str, tuple[str, dict]] = {
-    "rnn_tanh": ("RNN", {"nonlinearity": "tanh"}),
-    "rnn_relu": ("RNN", {"nonlinearity": "relu"}),
-    "gru": ("GRU", {}),
-    "lstm": ("LSTM", {}),
-}
+CELL_TYPES: dict[str, tuple[str, dict]] = {cell.key: (cell.module, cell.module_kwargs) for cell in CELLS.values()
+                                           if cell.key}
 IMPLS = ("rnnkit", "torch")
 
 # Config fields that a resumed run may change; every other field must match the checkpoint.

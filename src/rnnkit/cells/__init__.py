@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import elman, gru, lstm
-from .base import Cell, LayerParams
+from .base import Cell, Dims, Param, State, dims_of
 
 CELLS: dict[str, Cell] = {
     elman.TANH.mode: elman.TANH,
@@ -12,4 +12,13 @@ CELLS: dict[str, Cell] = {
     lstm.LSTM.mode: lstm.LSTM,
 }
 
-__all__ = ["CELLS", "Cell", "LayerParams"]
+
+def by_key(key: str) -> Cell:
+    """The cell the bench and the CLI call ``key`` (rnn_tanh, rnn_relu, gru, lstm, ...)."""
+    for cell in CELLS.values():
+        if cell.key == key:
+            return cell
+    raise KeyError(key)
+
+
+__all__ = ["CELLS", "Cell", "Dims", "Param", "State", "by_key", "dims_of"]

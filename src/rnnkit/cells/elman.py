@@ -5,15 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels.config import jit_inline
-from ..kernels.mathfn import tanh
-from .base import Cell, LayerParams
+from ..kernels.scalars import tanh
+from .base import Cell
 
 
 def _elman_step(act):
-    def step(xw, state, p: LayerParams):
+    def step(xw, state, p):
         (h,) = state
-        return (act(xw + F.linear(h, p.w_hh, p.b_hh)),)
+        return (act(xw + F.linear(h, p.weight_hh, p.bias_hh)),)
 
     return step
 
@@ -22,14 +21,12 @@ def _elman_step(act):
 # Nothing is saved: backward reads h_t itself. d_xw and d_hw are the same array for Elman.
 
 
-@jit_inline
-def _tanh_forward(xw, hw, h, c, saved):
+def _tanh_forward(xw, hw, h, c, saved, own):
     for j in range(h.shape[0]):
         h[j] = tanh(xw[j] + hw[j])
 
 
-@jit_inline
-def _tanh_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
+def _tanh_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw, own):
     for j in range(h.shape[0]):
         da = dh[j] * (1 - h[j] * h[j])
         dxw[j] = da
@@ -37,15 +34,13 @@ def _tanh_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
         dh[j] = 0
 
 
-@jit_inline
-def _relu_forward(xw, hw, h, c, saved):
+def _relu_forward(xw, hw, h, c, saved, own):
     for j in range(h.shape[0]):
         a = xw[j] + hw[j]
         h[j] = 0 if a < 0 else a  # relu(NaN) stays NaN, as in torch
 
 
-@jit_inline
-def _relu_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
+def _relu_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw, own):
     for j in range(h.shape[0]):
         da = 0 if h[j] <= 0 else dh[j]  # (a NaN output passes its gradient on, as torch's relu does)
         dxw[j] = da
@@ -53,7 +48,7 @@ def _relu_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
         dh[j] = 0
 
 
-TANH = Cell(mode="RNN_TANH", gates=1, step=_elman_step(torch.tanh),
-            kernels=(_tanh_forward, _tanh_backward))
-RELU = Cell(mode="RNN_RELU", gates=1, step=_elman_step(torch.relu),
-            kernels=(_relu_forward, _relu_backward))
+TANH = Cell(mode="RNN_TANH", gates=1, step=_elman_step(torch.tanh), kernels=(_tanh_forward, _tanh_backward),
+            module="RNN", module_kwargs={"nonlinearity": "tanh"}, key="rnn_tanh")
+RELU = Cell(mode="RNN_RELU", gates=1, step=_elman_step(torch.relu), kernels=(_relu_forward, _relu_backward),
+            module="RNN", module_kwargs={"nonlinearity": "relu"}, key="rnn_relu")

@@ -13,14 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels.config import jit_inline, specialise
-from ..kernels.mathfn import sigmoid, tanh
-from .base import Cell, LayerParams
+from ..kernels.scalars import sigmoid, tanh
+from ..kernels.templates import specialise
+from .base import Cell
 
 
-def _gru_step(xw, state, p: LayerParams):
+def _gru_step(xw, state, p):
     (h,) = state
-    hw = F.linear(h, p.w_hh, p.b_hh)
+    hw = F.linear(h, p.weight_hh, p.bias_hh)
     x_r, x_z, x_n = xw.chunk(3, -1)
     h_r, h_z, h_n = hw.chunk(3, -1)
     r = torch.sigmoid(x_r + h_r)
@@ -36,7 +36,7 @@ def _gru_step(xw, state, p: LayerParams):
 SAVE = True  # the template's switch, frozen per copy below
 
 
-def _gru_pointwise(xw, hw, h, c, saved):
+def _gru_pointwise(xw, hw, h, c, saved, own):
     H = h.shape[0]
     for j in range(H):
         r = sigmoid(xw[j] + hw[j])
@@ -53,12 +53,11 @@ def _gru_pointwise(xw, hw, h, c, saved):
 
 # One template, two copies: training saves the gates; inference writes nothing to ``saved``
 # (see "infer" in kernels/driver.py).
-_gru_forward = jit_inline(specialise(_gru_pointwise, "_gru_forward", SAVE=True))
-_gru_infer = jit_inline(specialise(_gru_pointwise, "_gru_infer", SAVE=False))
+_gru_forward = specialise(_gru_pointwise, "_gru_forward", SAVE=True)
+_gru_infer = specialise(_gru_pointwise, "_gru_infer", SAVE=False)
 
 
-@jit_inline
-def _gru_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
+def _gru_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw, own):
     H = h.shape[0]
     for j in range(H):
         r = saved[j]
@@ -79,4 +78,4 @@ def _gru_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
 
 
 GRU = Cell(mode="GRU", gates=3, step=_gru_step, label="GRU", saved=4,
-           kernels=(_gru_forward, _gru_backward, _gru_infer), separate_input_grad=True)
+           kernels=(_gru_forward, _gru_backward, _gru_infer), separate_input_grad=True, module="GRU", key="gru")

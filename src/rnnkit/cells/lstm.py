@@ -16,19 +16,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels.config import jit_inline, specialise
-from ..kernels.mathfn import sigmoid, tanh
-from .base import Cell, LayerParams
+from ..kernels.scalars import sigmoid, tanh
+from ..kernels.templates import specialise
+from .base import H_C_STATE, Cell
 
 
-def _lstm_step(xw, state, p: LayerParams):
+def _lstm_step(xw, state, p):
     h, c = state
-    gates = xw + F.linear(h, p.w_hh, p.b_hh)
+    gates = xw + F.linear(h, p.weight_hh, p.bias_hh)
     i, f, g, o = gates.chunk(4, -1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     h = torch.sigmoid(o) * torch.tanh(c)
-    if p.w_hr is not None:
-        h = F.linear(h, p.w_hr)
+    if p.weight_hr is not None:
+        h = F.linear(h, p.weight_hr)
     return (h, c)
 
 
@@ -43,7 +43,7 @@ def _lstm_step(xw, state, p: LayerParams):
 SAVE = True  # the template's switch, frozen per copy below
 
 
-def _lstm_pointwise(xw, hw, h, c, saved):
+def _lstm_pointwise(xw, hw, h, c, saved, own):
     H = h.shape[0]
     for j in range(H):
         i = sigmoid(xw[j] + hw[j])
@@ -63,12 +63,11 @@ def _lstm_pointwise(xw, hw, h, c, saved):
 
 # One template, two copies: training saves the gates; inference writes nothing to ``saved``
 # (see "infer" in kernels/driver.py: the saves cost more than the math at H = 128).
-_lstm_forward = jit_inline(specialise(_lstm_pointwise, "_lstm_forward", SAVE=True))
-_lstm_infer = jit_inline(specialise(_lstm_pointwise, "_lstm_infer", SAVE=False))
+_lstm_forward = specialise(_lstm_pointwise, "_lstm_forward", SAVE=True)
+_lstm_infer = specialise(_lstm_pointwise, "_lstm_infer", SAVE=False)
 
 
-@jit_inline
-def _lstm_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
+def _lstm_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw, own):
     H = h.shape[0]
     for j in range(H):
         i = saved[j]
@@ -85,5 +84,6 @@ def _lstm_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
         dh[j] = 0
 
 
-LSTM = Cell(mode="LSTM", gates=4, step=_lstm_step, state_size=2, label="LSTM", saved=4,
+LSTM = Cell(mode="LSTM", gates=4, step=_lstm_step, states=H_C_STATE, label="LSTM", saved=4, module="LSTM", key="lstm",
+            projections=True,
             kernels=(_lstm_forward, _lstm_backward, _lstm_infer))

@@ -17,11 +17,12 @@ import contextlib
 import hashlib
 import importlib.metadata
 import os
-import types
 from pathlib import Path
 
 import numba
 from numba.core import caching
+
+from .templates import specialise  # noqa: F401  (the kernels' templates, re-exported)
 
 FASTMATH = True  # allow reassociation/vectorised reductions; no NaN/Inf assumptions (see below)
 # 'fast' would also let LLVM assume no NaN/Inf, which changes how NaN inputs propagate.
@@ -123,11 +124,3 @@ def jit_inline(fn):
     return jit(fn, inline=True)
 
 
-def specialise(template, name: str, **constants):
-    """``template`` as a new function named ``name`` whose globals include ``constants``, which
-    numba freezes at compile time: ``if CONSTANT:`` branches fold away before LLVM vectorises
-    the loops, and each copy compiles and caches under its own name."""
-    scope = dict(template.__globals__, **constants)
-    fn = types.FunctionType(template.__code__, scope, name, template.__defaults__)
-    fn.__qualname__ = name
-    return fn

@@ -54,13 +54,15 @@ the cell's row functions frozen in as ``cell_forward`` / ``cell_infer`` / ``cell
 each cell's pointwise math is inlined into its own loops (the cells compile with
 ``config.jit_inline``: a call per row would cost more than the math) and each copy caches under
 its own name. A cell plugs in as pointwise row functions registered under an integer id:
-    forward(xw (GH,), hw (GH,), h (H,) in: h_prev, out: h_t, c (Hc,) likewise, saved (S,))
+    forward(xw (GH,), hw (GH,), h (H,) in: h_prev, out: h_t, c (Hc,) likewise, saved (S,), own)
     infer   (optional) forward's math without writing ``saved``, for loops that keep nothing
             for backward (inference): the saves are extra stores per element, and the GRU's
             and LSTM's cost more than their math at small H
     backward(dh (H,) in: dL/dh_t, out: the part of dL/dh_prev that bypasses W_hh,
              dc (Hc,) in: dL/dc_t, out: dL/dc_prev, saved (S,), h_prev (H,), c_prev (Hc,),
-             h (H,), dxw (GH,) out: dL/dxw_t, dhw (GH,) out: dL/d(h_prev W_hh^T + b_hh))
+             h (H,), dxw (GH,) out: dL/dxw_t, dhw (GH,) out: dL/d(h_prev W_hh^T + b_hh), own)
+where ``own`` is the tuple of the cell's own parameters for this layer-direction (those it
+declares beyond torch.nn's five, in declaration order, as arrays; ``()`` for cells without any).
 The driver owns everything else: reversal, per-sequence lengths (inactive rows keep their
 state, so the reverse direction starts each sequence at its own last step), the recurrent
 products, the optional projection, and row ranges [r0, r1) so threads can each take a slice of
@@ -84,6 +86,7 @@ from typing import NamedTuple
 
 from numba import prange
 
+from . import mathfn  # noqa: F401  (registers the compiled tanh / sigmoid the cells call)
 from .borrow import borrow
 from .config import jit, jit_inline, jit_parallel, specialise
 from .linalg import column_sums, linear, linear_any, linear_rows, matmul_acc, matmul_acc_columns, matmul_t
@@ -93,21 +96,23 @@ _CELLS: dict[int, tuple] = {}
 
 
 def register_cell(kind: int, forward, backward, infer=None) -> None:
-    """Make a cell's pointwise kernels available to the driver under the id ``kind``."""
-    _CELLS[kind] = (forward, backward, forward if infer is None else infer)
+    """Make a cell's pointwise row functions (plain Python, see rnnkit.cells) available to the
+    driver under the id ``kind``, compiled to be inlined into its loops."""
+    forward, backward = jit_inline(forward), jit_inline(backward)
+    _CELLS[kind] = (forward, backward, forward if infer is None else jit_inline(infer))
 
 
 # The cell's row functions inside the loops below: each compiled copy of the loops (see
 # ``kernels_for``) has its own cell's functions here, frozen at compile time and inlined.
-def cell_forward(xw, hw, h, c, saved):
+def cell_forward(xw, hw, h, c, saved, own):
     raise NotImplementedError
 
 
-def cell_infer(xw, hw, h, c, saved):
+def cell_infer(xw, hw, h, c, saved, own):
     raise NotImplementedError
 
 
-def cell_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw):
+def cell_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw, own):
     raise NotImplementedError
 
 
@@ -131,7 +136,7 @@ def _add(dst, src):
 
 
 def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
-                  m_seq, hw, i0, i1, r0, r1, col_threads):
+                  m_seq, hw, own, i0, i1, r0, r1, col_threads):
     """Run rows [r0, r1) through the steps i0 <= i < i1 in processing order (step i is time
     T-1-i when reverse, else i), continuing the state kept in h_n / c_n (started from h0 / c0
     when i0 == 0). xw holds the input projection of those steps only: xw[k] is time t_lo + k,
@@ -172,9 +177,9 @@ def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, o
             m = m_seq[t if keep_m else 0]
             for r in range(r0, n):
                 if keep:
-                    cell_forward(x_t[r], hw[r], m[r], c[r], saved[t, r])
+                    cell_forward(x_t[r], hw[r], m[r], c[r], saved[t, r], own)
                 else:
-                    cell_infer(x_t[r], hw[r], m[r], c[r], saved[0, 0])
+                    cell_infer(x_t[r], hw[r], m[r], c[r], saved[0, 0], own)
                 if keep_c:
                     _copy(c_seq[t, r], c[r])
                 h[r, :] = 0.0
@@ -187,9 +192,9 @@ def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, o
         else:
             for r in range(r0, n):
                 if keep:
-                    cell_forward(x_t[r], hw[r], h[r], c[r], saved[t, r])
+                    cell_forward(x_t[r], hw[r], h[r], c[r], saved[t, r], own)
                 else:
-                    cell_infer(x_t[r], hw[r], h[r], c[r], saved[0, 0])
+                    cell_infer(x_t[r], hw[r], h[r], c[r], saved[0, 0], own)
                 _copy(out[t, r], h[r])
                 if keep_c:
                     _copy(c_seq[t, r], c[r])
@@ -200,7 +205,7 @@ def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, o
 
 
 def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
-                   d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, i0, i1, r0, r1, col_threads):
+                   d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, i0, i1, r0, r1, col_threads):
     """BPTT for rows [r0, r1) over the steps i0 <= i < i1 of the reverse-time loop (step i is
     time i when reverse, else T-1-i), continuing the running gradient kept in d_h0 / d_c0
     (started from d_hn / d_cn when i0 == 0). Fills, for those steps only (index k is time
@@ -246,12 +251,12 @@ def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, 
             hp = h0[r] if first else out[tp, r]
             cp = c0[r] if first else c_seq[tp, r]
             if project:
-                cell_backward(dm[r], dc[r], saved[t, r], hp, cp, m_seq[t, r], d_xw[k, r], d_hw[k, r])
+                cell_backward(dm[r], dc[r], saved[t, r], hp, cp, m_seq[t, r], d_xw[k, r], d_hw[k, r], own)
                 dh[r, :] = 0.0  # no path from h_t to h_prev bypasses W_hh (see the legend)
             else:
                 dhr = dh[r]
                 _add(dhr, d_out[t if per_step else 0, r if per_row else 0])
-                cell_backward(dhr, dc[r], saved[t, r], hp, cp, out[t, r], d_xw[k, r], d_hw[k, r])
+                cell_backward(dhr, dc[r], saved[t, r], hp, cp, out[t, r], d_xw[k, r], d_hw[k, r], own)
             if first:
                 _copy(d_first[r], d_hw[k, r])
         for r in range(n, r1):
@@ -268,27 +273,27 @@ def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, 
 
 
 def _forward_chunks(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
-                    m_seq, hw, i0, i1, chunks):
+                    m_seq, hw, own, i0, i1, chunks):
     """_forward_rows over ``chunks`` slices of the batch, one thread each."""
     B = out.shape[1]
     size = (B + chunks - 1) // chunks
     for j in prange(chunks):
         r0 = j * size
         forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
-                     m_seq, hw, i0, i1, r0, min(r0 + size, B), 1)  # (1: no parallel region inside this one)
+                     m_seq, hw, own, i0, i1, r0, min(r0 + size, B), 1)  # (1: no parallel region inside this one)
 
 
 def _backward_chunks(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
-                     d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, i0, i1, chunks):
+                     d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, i0, i1, chunks):
     B = out.shape[1]
     size = (B + chunks - 1) // chunks
     for j in prange(chunks):
         r0 = j * size
         backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
-                      d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, i0, i1, r0, min(r0 + size, B), 1)
+                      d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, i0, i1, r0, min(r0 + size, B), 1)
 
 
-def _step_rows(x, w_ih, b_ih, weight_hh, b_hh, h0, c0, h, c, out, xw, hw, saved, keep):
+def _step_rows(x, w_ih, b_ih, weight_hh, b_hh, h0, c0, h, c, out, xw, hw, saved, keep, own):
     """One step of a layer without projections, for all rows of x (B, I), with W_ih and W_hh as
     stored (no packing: see linalg.linear_any): h, c = the cell of (x W_ih^T + b_ih, h0 W_hh^T
     + b_hh) from (h0, c0); out (B, H) a copy of h. xw, hw (B, GH) are scratch; saved is
@@ -306,14 +311,14 @@ def _step_rows(x, w_ih, b_ih, weight_hh, b_hh, h0, c0, h, c, out, xw, hw, saved,
         _copy(h[r], h0[r])
         _copy(c[r], c0[r])
         if keep:
-            cell_forward(xw[r], hw[r], h[r], c[r], saved[0, r])
+            cell_forward(xw[r], hw[r], h[r], c[r], saved[0, r], own)
         else:
-            cell_infer(xw[r], hw[r], h[r], c[r], saved[0, 0])
+            cell_infer(xw[r], hw[r], h[r], c[r], saved[0, 0], own)
         _copy(out[r], h[r])
 
 
 def _step_back_rows(dh, dc, saved, x, h0, c0, h, w_ih, weight_hh, d_xw, d_hw, need_dh, dx, dw_ih, dw_hh, db_ih,
-                    db_hh):
+                    db_hh, own):
     """Backward of _step_rows (keep) from its inputs x, h0, c0 and its h and saved: dh (B, H)
     in: dL/dh, out: dL/dh0 (only the part that bypasses W_hh unless ``need_dh``); dc likewise
     for c. Adds dL/dx to dx (B, I) and writes dL/dW_ih, dL/dW_hh (as stored), dL/db_ih and
@@ -324,7 +329,7 @@ def _step_back_rows(dh, dc, saved, x, h0, c0, h, w_ih, weight_hh, d_xw, d_hw, ne
             or h.shape[0] != B or d_xw.shape[0] != B or d_hw.shape[0] != B):
         raise ValueError("driver: rows of different counts")
     for r in range(B):
-        cell_backward(dh[r], dc[r], saved[0, r], h0[r], c0[r], h[r], d_xw[r], d_hw[r])
+        cell_backward(dh[r], dc[r], saved[0, r], h0[r], c0[r], h[r], d_xw[r], d_hw[r], own)
     if need_dh:
         matmul_acc(d_hw, weight_hh, dh, 0, B)  # dL/dh0 = the part bypassing W_hh + d_hw W_hh
     if dx.shape[0] > 0:
@@ -339,6 +344,111 @@ def _step_back_rows(dh, dc, saved, x, h0, c0, h, w_ih, weight_hh, d_xw, d_hw, ne
     if db_hh.shape[0] > 0:
         db_hh[:] = 0
         column_sums(d_hw, db_hh)
+
+
+# ---- the loops' arguments, by name. Callers build these bundles by field name and pass them
+# unpacked (``kernel(*args, i0, i1, ...)``): each field is the loop parameter of the same name and
+# position (tests/test_fused.py checks it). Passed as one NamedTuple instead, numba's dispatch
+# types every field in Python: 4-5 us per call against about 1 us for the same arrays as
+# arguments (measured, 6 arrays), which a streaming step cannot afford.
+# Absent arrays follow one convention: an empty array of the same dimensions (``absent``).
+
+
+class ForwardArgs(NamedTuple):
+    """_forward_rows / _forward_chunks (see the legend)."""
+
+    xw: object
+    w_hh_t: object
+    weight_hh: object
+    b_hh: object
+    w_hr_t: object
+    h0: object
+    c0: object
+    steps: object
+    reverse: bool
+    out: object
+    c_seq: object
+    h_n: object
+    c_n: object
+    saved: object
+    m_seq: object
+    hw: object
+    own: tuple
+
+
+class BackwardArgs(NamedTuple):
+    """_backward_rows / _backward_chunks (see the legend)."""
+
+    w_hh: object
+    weight_hh: object
+    w_hr: object
+    d_out: object
+    d_hn: object
+    d_cn: object
+    saved: object
+    out: object
+    c_seq: object
+    m_seq: object
+    h0: object
+    c0: object
+    steps: object
+    reverse: bool
+    d_xw: object
+    d_hw: object
+    d_h_seq: object
+    d_first: object
+    dm: object
+    d_h0: object
+    d_c0: object
+    own: tuple
+
+
+class StepArgs(NamedTuple):
+    """_step_rows."""
+
+    x: object
+    w_ih: object
+    b_ih: object
+    weight_hh: object
+    b_hh: object
+    h0: object
+    c0: object
+    h: object
+    c: object
+    out: object
+    xw: object
+    hw: object
+    saved: object
+    keep: bool
+    own: tuple
+
+
+class StepBackArgs(NamedTuple):
+    """_step_back_rows."""
+
+    dh: object
+    dc: object
+    saved: object
+    x: object
+    h0: object
+    c0: object
+    h: object
+    w_ih: object
+    weight_hh: object
+    d_xw: object
+    d_hw: object
+    need_dh: bool
+    dx: object
+    dw_ih: object
+    dw_hh: object
+    db_ih: object
+    db_hh: object
+    own: tuple
+
+
+# each template and the bundle its leading parameters are (the rest: row and step ranges, threads)
+BUNDLES = {"_forward_rows": ForwardArgs, "_forward_chunks": ForwardArgs, "_backward_rows": BackwardArgs,
+           "_backward_chunks": BackwardArgs, "_step_rows": StepArgs, "_step_back_rows": StepBackArgs}
 
 
 class CellKernels(NamedTuple):

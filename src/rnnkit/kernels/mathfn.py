@@ -26,6 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .config import jit_inline
+from .scalars import sigmoid, tanh
 
 _CLAMP = 9.0  # tanh(9) == 1 in float32
 _P = (0.999999992324803, 0.1257953319962659, 0.0024085822682210693, -9.02481739441783e-06,
@@ -101,14 +102,6 @@ def expm1_64(x):
     e = e if x > -708.0 else -1.0
     e = e if x < 709.0 else math.inf
     return x if x != x else e
-
-
-def tanh(x):
-    return math.tanh(x)
-
-
-def sigmoid(x):
-    return 1.0 / (1.0 + math.exp(-x))
 
 
 @overload(tanh)

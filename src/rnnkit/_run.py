@@ -1,0 +1,63 @@
+"""The one entry from the modules to the recurrence: describe the call, route it, run it."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _backend, _plan
+from ._driver import Packing, layer_dims, reference_layer, run_layers
+from .cells import Cell
+
+
+def describe(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, num_layers: int, directions: int,
+             dropout: bool) -> _plan.Call:
+    """The ``Call`` of a layer call on the time-major input ``x`` (T, B, I)."""
+    grad_mode = torch.is_grad_enabled()
+    dtype = x.dtype
+    grad = grad_mode and x.requires_grad
+    mixed = False
+    for p in params:
+        for t in p:
+            if t is not None:
+                grad = grad or (grad_mode and t.requires_grad)
+                mixed = mixed or t.dtype != dtype
+    for s in state or ():
+        grad = grad or (grad_mode and s.requires_grad)
+        mixed = mixed or s.dtype != dtype
+    if torch.is_autocast_enabled(x.device.type):
+        special = "autocast"
+    elif torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
+        special = "transform"  # (torch.func's transforms and forward-mode AD see through torch ops only)
+    elif mixed:
+        special = "mixed dtypes"
+    else:
+        special = ""
+    return _plan.Call(cell, num_layers, directions, x.shape[0], x.shape[1], layer_dims(cell, params[0]), dtype,
+                      x.device.type, grad_mode, grad, dropout, _backend.get_backend(), special,
+                      torch.compiler.is_compiling())
+
+
+def run(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, num_layers: int, directions: int,
+        dropout: float, training: bool, packing: Optional[Packing]) -> tuple:
+    """(output (T, B, D * H_out), state_n) of a stack, by the route ``_plan.route`` picks."""
+    call = describe(cell, x, state, params, num_layers, directions, dropout > 0 and training and num_layers > 1)
+    route = _plan.route(call)
+    reverses = (False, True)[:directions]
+    if route.path == "reference":
+        layer = reference_layer
+    elif route.path == "compiled":
+        from . import _op
+
+        layer = _op.layer
+    else:
+        from . import _nodes
+
+        if not route.by_layer:
+            steps = _nodes.steps_of(call.steps, call.batch, None if packing is None else packing.batch_sizes)
+            plan = _nodes.Plan(cell, steps, num_layers, reverses, route.path == "step")
+            return _nodes.run_stack(plan, x, state, list(params), call.grad)
+        layer = _nodes.layer_fn(route.path == "step", call.grad)
+    return run_layers(cell, layer, x, state, params, num_layers, reverses, dropout, training, packing)
