@@ -36,8 +36,10 @@ def _check_int(name: str, value, positive: bool = True) -> int:
 
 def _autocast(input: Tensor) -> bool:
     """Whether autocast is on for the input's device: torch ops then pick their own dtypes, so
-    a mismatch of input, state and weight dtypes is autocast's to resolve (as in torch.nn)."""
-    return torch.is_autocast_enabled(input.device.type)
+    a mismatch of input, state and weight dtypes is autocast's to resolve (as in torch.nn).
+    The meta device has no autocast (torch raises when asked): meta tensors take the plain path,
+    which gives them the reference's torch ops (no kernel supports them), so shapes come out."""
+    return not input.is_meta and torch.is_autocast_enabled(input.device.type)
 
 
 def _check_dtype(input: Tensor, weight: Tensor, error: type = ValueError) -> None:
