@@ -662,10 +662,9 @@ class RNNCellBase(nn.Module):
         elif not batched:
             state = tuple(s.unsqueeze(0) for s in state)
 
-        _check_dtype(x, self.weight_ih, RuntimeError)
+        # torch.nn's order (its cell ops check sizes, then the matrix products meet the dtypes)
         if x.shape[1] != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {x.shape[1]} expected {self.input_size}")
-        _check_state_like(state, x)
         for i, s in enumerate(state):
             if s.shape[0] != x.shape[0]:
                 raise RuntimeError(f"Input batch size {x.shape[0]} doesn't match hidden{i} batch size {s.shape[0]}")
@@ -673,6 +672,8 @@ class RNNCellBase(nn.Module):
                 raise RuntimeError(
                     f"hidden{i} has inconsistent hidden_size: got {s.shape[1]}, expected {self.hidden_size}"
                 )
+        _check_dtype(x, self.weight_ih, RuntimeError)
+        _check_state_like(state, x)
 
         params = LayerParams(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         new = cell.step(F.linear(x, self.weight_ih, self.bias_ih), state, params)
