@@ -394,6 +394,29 @@ def test_torchscript_trace_of_exported_layer(kind):
     _assert_close_all(flat(loaded(other)), flat(ours(other)), F32)
 
 
+
+def _scriptables():
+    """Every rnnkit layer and cell, and a model holding one, with an example input."""
+    torch.manual_seed(6)
+    layers = [(_layer(rnnkit, kind, input_size=3, hidden_size=4), torch.randn(5, 2, 3)) for kind in LAYER_KINDS]
+    cells = [(getattr(rnnkit, cls)(3, 4), torch.randn(2, 3)) for cls in CELL_CLASSES]
+    model = nn.Sequential(nn.Linear(3, 3), rnnkit.GRU(3, 4))
+    return layers + cells + [(model, torch.randn(5, 2, 3))]
+
+
+# torch.jit.script / trace cannot follow rnnkit's forward: both refuse at once, name the way out
+# (rnnkit.to_torch) and warn nothing (a TracerWarning would be an error here).
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("module, x", _scriptables(), ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "")
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_refused_with_the_way_out(module, x, how):
+    with rnnkit.use_backend("reference"), pytest.raises(RuntimeError) as info:
+        torch.jit.script(module) if how == "script" else torch.jit.trace(module, (x,))
+    message = str(info.value)
+    assert f"torch.jit.{how} does not support rnnkit." in message
+    assert "rnnkit.to_torch(module)" in message
+
+
 # torch.export warns about torch.nn.RNNBase itself (its _flat_weights list), whoever built it.
 @pytest.mark.filterwarnings("ignore:The tensor attributes self._flat_weights.*were assigned during export:UserWarning")
 @pytest.mark.parametrize("kind", LAYER_KINDS)

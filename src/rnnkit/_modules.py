@@ -42,6 +42,18 @@ def _autocast(input: Tensor) -> bool:
     return not input.is_meta and torch.is_autocast_enabled(input.device.type)
 
 
+def _refuse_torchscript(module: nn.Module, how: str) -> None:
+    """TorchScript cannot follow rnnkit's forward (Python around numba kernels): say so before
+    it fails somewhere obscure (or, tracing, warns and records a graph of the wrong ops), and
+    name the ways out."""
+    raise RuntimeError(
+        f"torch.jit.{how} does not support rnnkit.{type(module).__name__}: convert it to torch.nn "
+        "first and trace that, torch.jit.trace(rnnkit.to_torch(module), example_inputs) (in a model, "
+        "swap each rnnkit layer or cell for its rnnkit.to_torch twin); or use torch.export.export or "
+        "torch.compile, which take rnnkit's modules as they are"
+    )
+
+
 def _check_dtype(input: Tensor, weight: Tensor, error: type = ValueError) -> None:
     """``error``: the type torch.nn raises there (the layers ValueError, the cells, failing in
     their matrix product, RuntimeError), so callers' except clauses work unchanged."""
@@ -199,6 +211,9 @@ class RNNBase(nn.Module):
     def flatten_parameters(self) -> None:
         """No-op, kept for torch.nn compatibility (cuDNN weight flattening has no CPU meaning)."""
 
+    def __prepare_scriptable__(self):  # torch.jit.script calls it on every submodule first
+        _refuse_torchscript(self, "script")
+
     @property
     def _flat_weights(self) -> list[Tensor]:
         return [getattr(self, name) for name in self._flat_weights_names]
@@ -331,6 +346,8 @@ class RNNBase(nn.Module):
 
     # ------------------------------------------------------------------------ forward
     def forward(self, input, hx=None):
+        if torch.jit.is_tracing():
+            _refuse_torchscript(self, "trace")
         cell = self._cell
         packing: Optional[Packing] = None
         batched = True
@@ -636,7 +653,12 @@ class RNNCellBase(nn.Module):
         for weight in self.parameters():
             init.uniform_(weight, -stdv, stdv)
 
+    def __prepare_scriptable__(self):  # torch.jit.script calls it on every submodule first
+        _refuse_torchscript(self, "script")
+
     def forward(self, input: Tensor, hx=None):
+        if torch.jit.is_tracing():
+            _refuse_torchscript(self, "trace")
         cell = CELLS[self._mode()]
         name = type(self).__name__
         if not isinstance(input, Tensor):
