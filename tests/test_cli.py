@@ -7,11 +7,13 @@ import math
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
 import rnnkit
+import rnnkit.cli
 from rnnkit import charlm
 from rnnkit.cli import main
 
@@ -240,6 +242,42 @@ def test_python_dash_m_rnnkit_help():
                           timeout=60)
     assert done.returncode == 0
     assert all(cmd in done.stdout for cmd in ("train", "sample", "bench"))
+
+
+def test_rnnkit_alone_prints_help(capsys):
+    assert run() == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: rnnkit") and all(cmd in out for cmd in ("train", "sample", "bench"))
+    assert "required" not in out + err
+
+
+def test_version(capsys):
+    assert run("--version") == 0
+    assert capsys.readouterr().out.strip() == f"rnnkit {rnnkit.__version__}"
+
+
+def test_cli_module_imports_nothing_heavy():
+    """rnnkit.cli (help, version, argument errors) loads no torch, numpy, numba or plotting:
+    checked in a fresh process on cli.py itself (a bare parent package stands in for rnnkit's
+    __init__, which loads torch and the kernels for the library)."""
+    src = Path(rnnkit.cli.__file__).parent
+    code = f"""
+import sys, types
+package = types.ModuleType("rnnkit")
+package.__path__ = [{str(src)!r}]
+sys.modules["rnnkit"] = package
+import rnnkit.cli
+for argv in (["--help"], ["--version"], ["train", "--help"], ["train", "--cell", "x"], ["sample", "--help"], []):
+    try:
+        rnnkit.cli.main(argv)
+    except SystemExit:
+        pass
+heavy = {{"torch", "numpy", "numba", "scipy", "matplotlib", "tqdm"}}
+print(sorted({{name.split(".")[0] for name in sys.modules}} & heavy))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def _write(path, text):

@@ -12,6 +12,7 @@ from torch.nn.utils.rnn import (
 from ._backend import available_backends, get_backend, set_backend, use_backend
 from ._convert import from_torch, to_torch
 from ._modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell, RNNCellBase
+from ._version import __version__
 
 # A whole model saved with torch.save(model) loads with torch.load's default weights_only=True:
 # beyond torch's own allowlist, the pickle of an rnnkit module names only its class. Each is
@@ -20,8 +21,6 @@ from ._modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell, RNNCe
 torch.serialization.add_safe_globals(
     [(cls, f"{cls.__module__}.{cls.__qualname__}") for cls in (RNNBase, RNN, GRU, LSTM, RNNCell, GRUCell, LSTMCell)]
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "RNNBase", "RNNCellBase",

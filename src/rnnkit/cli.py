@@ -2,7 +2,12 @@
 :mod:`rnnkit.charlm` and :mod:`rnnkit.bench`).
 
 Exit codes: 0 done, 2 user error (one line on stderr, no traceback), 130 interrupted (Ctrl-C
-during training saves a checkpoint first).
+during training saves a checkpoint first; during the benchmark, the rows measured so far are
+printed and written).
+
+This module imports nothing heavy (no torch, numpy, numba, nor the rnnkit modules that load
+them): ``--help``, ``--version`` and argument errors need none of it, and each command imports
+what it uses.
 """
 
 from __future__ import annotations
@@ -13,23 +18,27 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import charlm
-from .charlm import CELL_TYPES, IMPLS, LOG2E, CharLMError, TrainConfig
+from ._charlm_config import CELL_TYPES, CHECKPOINT, IMPLS, LOG2E, CharLMError, TrainConfig
+from ._version import __version__
 
 USER_ERROR = 2
 INTERRUPTED = 130
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not usage + message
+class Parser(argparse.ArgumentParser):
+    """argparse with errors on one line (not usage + message), exit code 2."""
+
+    def error(self, message: str):
         self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
-    parser = _Parser(prog="rnnkit", description="rnnkit: a character-level language model on rnnkit "
-                     "layers (train, sample) and the layer benchmark (bench).")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="rnnkit", description="rnnkit: a character-level language model on rnnkit "
+                    "layers (train, sample) and the layer benchmark (bench).")
+    parser.add_argument("--version", action="version", version=f"rnnkit {__version__}")
+    # (not required: `rnnkit` alone prints this help)
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND", parser_class=Parser)
 
     # Every train option defaults to None: "not given", so --resume can tell what was asked for.
     tr = sub.add_parser("train", help="train a character-level language model",
@@ -73,7 +82,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     sa.add_argument("--impl", choices=IMPLS, default="rnnkit", help="layer implementation (default rnnkit)")
 
-    sub.add_parser("bench", help="benchmark rnnkit against torch.nn (arguments go to rnnkit.bench)",
+    sub.add_parser("bench", help="benchmark rnnkit against torch.nn (rnnkit bench --help: its options)",
                    add_help=False)
     return parser
 
@@ -82,7 +91,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # everything after "bench" belongs to the benchmark's own parser
         return _bench(argv[1:])
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     try:
         return _train(args) if args.command == "train" else _sample(args)
     except CharLMError as e:
@@ -91,6 +104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from . import charlm
+
     if args.bidirectional:
         raise CharLMError("--bidirectional is not meaningful for a language model: the backward "
                           "direction would read the very characters it has to predict")
@@ -105,7 +120,7 @@ def _train(args: argparse.Namespace) -> int:
         config = TrainConfig(**given)
         config.validate()
         run_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.cell}")
-        if (run_dir / charlm.CHECKPOINT).exists():
+        if (run_dir / CHECKPOINT).exists():
             raise CharLMError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
     result = charlm.train(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
     if result.interrupted:
@@ -115,7 +130,7 @@ def _train(args: argparse.Namespace) -> int:
     u, v = result.unigram, result.val_loss
     if result.stopped_by_time:
         print(f"stopped by --time-limit {config.time_limit:g}s at step {result.step} of {config.steps}")
-    print(f"run: {run_dir}  (config.json, metrics.csv, metrics.json, {charlm.CHECKPOINT}, loss.png)")
+    print(f"run: {run_dir}  (config.json, metrics.csv, metrics.json, {CHECKPOINT}, loss.png)")
     print(f"step {result.step}: validation loss {v:.3f} nats/char = {v * LOG2E:.3f} bits/char; "
           f"unigram baseline {u:.3f} nats/char = {u * LOG2E:.3f} bits/char")
     print(f"sample: {result.sample!r}")
@@ -126,7 +141,9 @@ def _train(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
-    path = Path(args.run) / charlm.CHECKPOINT if args.run else Path(args.checkpoint)
+    from . import charlm
+
+    path = Path(args.run) / CHECKPOINT if args.run else Path(args.checkpoint)
     model, _, vocab = charlm.model_from_checkpoint(charlm.load_checkpoint(path), impl=args.impl)
     generator = torch.Generator()
     if args.seed is None:
