@@ -280,6 +280,66 @@ print(sorted({{name.split(".")[0] for name in sys.modules}} & heavy))
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.parametrize("shape, message", [
+    ("1,2,3", "needs 5 numbers, got 3"),
+    ("0,1,1,1,1", "must be positive"),
+    ("4,1,-2,8,1", "must be positive"),
+    ("a,b", "must be integers"),
+    ("10,1,4,8,1.5", "must be integers"),
+])
+def test_bench_bad_shape_is_one_line_and_exit_2(capsys, shape, message):
+    assert run("bench", "--shapes", "10,1,4,8,1", shape) == 2
+    err = capsys.readouterr().err
+    assert f"argument --shapes: {shape!r} is not a shape T,B,I,H,L: its numbers {message}" in err \
+        or f"argument --shapes: {shape!r} is not a shape T,B,I,H,L: it {message}" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bench_options_have_help_and_defaults():
+    from rnnkit import bench
+
+    actions = [a for a in bench.build_parser()._actions if a.dest != "help"]
+    assert len(actions) >= 13
+    for action in actions:
+        assert action.help and "default" in action.help, action.dest
+
+
+def _fake_row(interrupt_at):
+    from rnnkit import bench
+
+    calls = []
+
+    def measure(cell, shape, mode, *args, **kwargs):
+        calls.append((cell, shape, mode))
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return bench.Row(cell, shape, mode, seconds={"torch.nn": 2e-3, "rnnkit": 1e-3}, iqr={"torch.nn": 0, "rnnkit": 0},
+                         gflops={"torch.nn": 1.0, "rnnkit": 2.0}, ratio=2.0)
+    return measure
+
+
+def test_bench_shows_progress_and_ctrl_c_keeps_the_rows_measured(monkeypatch, tmp_path, capsys):
+    from rnnkit import bench
+
+    monkeypatch.setattr(bench, "measure", _fake_row(interrupt_at=3))
+    monkeypatch.setattr(bench, "machine", lambda: {"cores": 2})
+    out = tmp_path / "bench.json"
+    assert run("bench", "--cells", "gru", "--shapes", "10,1,4,8,1", "20,1,4,8,1", "--no-memory",
+               "--json", out) == 130
+    printed, err = capsys.readouterr()
+    progress = [line for line in err.splitlines() if line.startswith("[")]
+    assert [line.split()[0] for line in progress] == ["[1/4]", "[2/4]", "[3/4]"]
+    assert "estimate after the first row" in progress[0] and "left)" in progress[1]
+    assert "interrupted: 2 of 4 rows measured" in err
+    table = printed.split("\n\n")[-1]
+    assert "(10, 1, 4, 8, 1)         forward" in table and "(10, 1, 4, 8, 1)         train" in table
+    assert "(20, 1, 4, 8, 1)" not in table
+    saved = json.loads(out.read_text())
+    assert saved["interrupted"] and saved["rows_planned"] == 4
+    assert [(r["shape"], r["mode"]) for r in saved["rows"]] == [([10, 1, 4, 8, 1], "forward"),
+                                                               ([10, 1, 4, 8, 1], "train")]
+
+
 def _write(path, text):
     path.write_text(text, encoding="utf-8")
     return path
