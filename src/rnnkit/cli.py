@@ -68,7 +68,8 @@ def _build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--impl", choices=IMPLS, help="rnnkit layers, or torch.nn's for comparison "
                     f"(same initial weights for the same seed; default {defaults.impl})")
     tr.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<timestamp>-<cell>)")
-    tr.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    tr.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint "
+                    "(a run that has trained all its steps needs a larger --steps)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sa = sub.add_parser("sample", help="generate text from a trained model",
@@ -130,7 +131,8 @@ def _train(args: argparse.Namespace) -> int:
     u, v = result.unigram, result.val_loss
     if result.stopped_by_time:
         print(f"stopped by --time-limit {config.time_limit:g}s at step {result.step} of {config.steps}")
-    print(f"run: {run_dir}  (config.json, metrics.csv, metrics.json, {CHECKPOINT}, loss.png)")
+    files = ["config.json", "metrics.csv", "metrics.json", CHECKPOINT] + (["loss.png"] if result.plot else [])
+    print(f"run: {run_dir}  ({', '.join(files)})")
     print(f"step {result.step}: validation loss {v:.3f} nats/char = {v * LOG2E:.3f} bits/char; "
           f"unigram baseline {u:.3f} nats/char = {u * LOG2E:.3f} bits/char")
     print(f"sample: {result.sample!r}")
@@ -150,6 +152,7 @@ def _sample(args: argparse.Namespace) -> int:
         generator.seed()
     else:
         generator.manual_seed(args.seed)
+    # (checks the prompt before anything is printed)
     chars = charlm.generate(model, vocab, args.prompt, args.length, args.temperature, generator)
     out = sys.stdout
     out.write(args.prompt)
