@@ -266,7 +266,8 @@ LSTM_CELL_FAULTS = {
 }
 
 
-@pytest.mark.parametrize("cls, faults", [(cls, f) for cls in ("RNNCell", "GRUCell", "LSTMCell") for f in SEVERAL_CELL_FAULTS]
+@pytest.mark.parametrize("cls, faults",
+                         [(cls, f) for cls in ("RNNCell", "GRUCell", "LSTMCell") for f in SEVERAL_CELL_FAULTS]
                          + [("LSTMCell", f) for f in LSTM_CELL_FAULTS])
 def test_cell_with_several_faults_reports_torchs_first(cls, faults):
     args = _cell_args(cls, **{**SEVERAL_CELL_FAULTS, **LSTM_CELL_FAULTS}[faults])
