@@ -7,11 +7,13 @@ import math
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
 import rnnkit
+import rnnkit.cli
 from rnnkit import charlm
 from rnnkit.cli import main
 
@@ -63,7 +65,9 @@ def test_train_lowers_loss_and_writes_the_run(corpus, tmp_path, capsys):
     assert summary["unigram_bits"] == pytest.approx(summary["unigram_nats"] / math.log(2))
     assert len((out / "metrics.csv").read_text().splitlines()) == 1 + len(hist)
     printed = capsys.readouterr().out
-    assert "bits/char" in printed and "unigram baseline" in printed and "sample: 'The " in printed
+    assert "bits/char" in printed and "unigram baseline" in printed
+    # TEXT has no "T": the sample's prompt is the start of the training text
+    assert "sample: 'the " in printed and "loss.png" in printed
 
 
 def test_checkpoint_loads_with_weights_only(corpus, tmp_path):
@@ -173,6 +177,7 @@ def test_same_seed_same_run_other_seed_other_run(corpus, tmp_path):
     (lambda c, t: ["train", "--data", c, "--hidden", "0"], "--hidden must be a positive integer"),
     (lambda c, t: ["train", "--data", c, "--dropout", "1.5"], "--dropout must be in [0, 1)"),
     (lambda c, t: ["train", "--data", c, "--lr", "nan"], "--lr must be a positive number"),
+    (lambda c, t: ["train", "--data", c, "--cell", "transformer"], "--cell must be one of rnn_tanh, rnn_relu, gru"),
     (lambda c, t: ["train", "--resume", t / "nowhere"], "checkpoint not found"),
     (lambda c, t: ["sample", "--checkpoint", _write(t / "x.pt", "junk")], "cannot read checkpoint"),
 ])
@@ -184,7 +189,7 @@ def test_bad_input_is_one_line_and_exit_2(corpus, tmp_path, capsys, make_args, m
 
 
 def test_bad_argparse_value_is_one_line_and_exit_2(capsys):
-    assert run("train", "--cell", "transformer") == 2
+    assert run("train", "--impl", "keras") == 2
     err = capsys.readouterr().err.strip()
     assert "invalid choice" in err and len(err.splitlines()) == 1
 
@@ -221,7 +226,7 @@ def test_checkpoint_with_wrong_shapes_or_vocab_is_refused(trained, corpus, tmp_p
     ckpt = torch.load(trained / "checkpoint.pt", weights_only=True)
     ckpt["vocab"] = ckpt["vocab"][:-1]
     torch.save(ckpt, trained / "checkpoint.pt")
-    assert run("train", "--resume", trained, "--no-progress") == 2
+    assert run("train", "--resume", trained, "--steps", "20", "--no-progress") == 2
     assert "another vocabulary" in capsys.readouterr().err
 
 
@@ -240,6 +245,211 @@ def test_python_dash_m_rnnkit_help():
                           timeout=60)
     assert done.returncode == 0
     assert all(cmd in done.stdout for cmd in ("train", "sample", "bench"))
+
+
+# ------------------------------------------------------------------ first use: rough edges (issue 24)
+@pytest.fixture
+def reference():
+    """Tiny runs on the torch-ops reference: no kernel compile or kernel work in these tests."""
+    with rnnkit.use_backend("reference"):
+        yield
+
+
+def test_rnnkit_alone_prints_help(capsys):
+    assert run() == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: rnnkit") and all(cmd in out for cmd in ("train", "sample", "bench"))
+    assert "required" not in out + err
+
+
+def test_version(capsys):
+    assert run("--version") == 0
+    assert capsys.readouterr().out.strip() == f"rnnkit {rnnkit.__version__}"
+
+
+def test_cli_module_imports_nothing_heavy():
+    """rnnkit.cli (help, version, argument errors) loads no torch, numpy, numba or plotting:
+    checked in a fresh process on cli.py itself (a bare parent package stands in for rnnkit's
+    __init__, which loads torch and the kernels for the library)."""
+    src = Path(rnnkit.cli.__file__).parent
+    code = f"""
+import sys, types
+package = types.ModuleType("rnnkit")
+package.__path__ = [{str(src)!r}]
+sys.modules["rnnkit"] = package
+import rnnkit.cli
+for argv in (["--help"], ["--version"], ["train", "--help"], ["train", "--impl", "x"], ["sample", "--help"], []):
+    try:
+        rnnkit.cli.main(argv)
+    except SystemExit:
+        pass
+heavy = {{"torch", "numpy", "numba", "scipy", "matplotlib", "tqdm"}}
+print(sorted({{name.split(".")[0] for name in sys.modules}} & heavy))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("shape, message", [
+    ("1,2,3", "it needs 5 numbers, got 3"),
+    ("0,1,1,1,1", "its numbers must be positive"),
+    ("4,1,-2,8,1", "its numbers must be positive"),
+    ("a,b", "its numbers must be integers"),
+    ("10,1,4,8,1.5", "its numbers must be integers"),
+])
+def test_bench_bad_shape_is_one_line_and_exit_2(capsys, shape, message):
+    assert run("bench", "--shapes", "10,1,4,8,1", shape) == 2
+    err = capsys.readouterr().err
+    assert f"argument --shapes: {shape!r} is not a shape T,B,I,H,L: {message}" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bench_options_have_help_and_defaults():
+    from rnnkit import bench
+
+    actions = [a for a in bench.build_parser()._actions if a.dest != "help"]
+    assert len(actions) >= 13
+    for action in actions:
+        assert action.help and "default" in action.help, action.dest
+
+
+def _fake_row(interrupt_at):
+    from rnnkit import bench
+
+    calls = []
+
+    def measure(cell, shape, mode, *args, **kwargs):
+        calls.append((cell, shape, mode))
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return bench.Row(cell, shape, mode, seconds={"torch.nn": 2e-3, "rnnkit": 1e-3},
+                         iqr={"torch.nn": 0, "rnnkit": 0}, gflops={"torch.nn": 1.0, "rnnkit": 2.0}, ratio=2.0)
+    return measure
+
+
+def test_bench_shows_progress_and_ctrl_c_keeps_the_rows_measured(monkeypatch, tmp_path, capsys):
+    from rnnkit import bench
+
+    monkeypatch.setattr(bench, "measure", _fake_row(interrupt_at=3))
+    monkeypatch.setattr(bench, "machine", lambda: {"cores": 2})
+    out = tmp_path / "bench.json"
+    assert run("bench", "--cells", "gru", "--shapes", "10,1,4,8,1", "20,1,4,8,1", "--no-memory",
+               "--json", out) == 130
+    printed, err = capsys.readouterr()
+    progress = [line for line in err.splitlines() if line.startswith("[")]
+    assert [line.split()[0] for line in progress] == ["[1/4]", "[2/4]", "[3/4]"]
+    assert "estimate after the first row" in progress[0] and "left)" in progress[1]
+    assert "interrupted: 2 of 4 rows measured" in err
+    table = printed.split("\n\n")[-1]
+    assert "(10, 1, 4, 8, 1)         forward" in table and "(10, 1, 4, 8, 1)         train" in table
+    assert "(20, 1, 4, 8, 1)" not in table
+    saved = json.loads(out.read_text())
+    assert saved["interrupted"] and saved["rows_planned"] == 4
+    assert [(r["shape"], r["mode"]) for r in saved["rows"]] == [([10, 1, 4, 8, 1], "forward"),
+                                                               ([10, 1, 4, 8, 1], "train")]
+
+
+def test_sample_refuses_a_prompt_outside_the_vocabulary_before_printing(trained, capsys):
+    capsys.readouterr()
+    assert run("sample", "--run", trained, "--prompt", "the QUIZ", "--length", "5") == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "not in the model's vocabulary" in err and "'I', 'Q', 'U', 'Z'" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_end_of_run_sample_prompt_is_made_of_the_data():
+    vocab = charlm.Vocab.from_text(TEXT)
+    ids = vocab.encode(TEXT)
+    assert charlm.sample_prompt(vocab, ids) == "the "  # TEXT has no "T": its own first characters
+    with_the = charlm.Vocab.from_text("A cat. The cat.")
+    assert charlm.sample_prompt(with_the, with_the.encode("A cat")) == "The "
+
+
+def test_resuming_a_finished_run_says_so(trained, capsys):
+    capsys.readouterr()
+    assert run("train", "--resume", trained, "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "has trained 10 steps of --steps 10" in err and "--steps 20" in err
+    assert len(err.strip().splitlines()) == 1
+    assert torch.load(trained / "checkpoint.pt", weights_only=True)["step"] == 10
+
+
+def test_short_run_loss_plot_is_lines_with_markers(corpus, tmp_path, reference):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = tmp_path / "run"
+    assert train(corpus, out, "--steps", "5", "--eval-interval", "1000") == 0  # one evaluation only
+    summary = json.loads((out / "metrics.json").read_text())
+    assert [h["step"] for h in summary["history"]] == [5]
+    assert [s for s, _ in summary["step_losses"]] == [1, 2, 3, 4, 5]
+    fig = charlm.loss_figure(plt, summary["history"], summary["step_losses"], summary["unigram_nats"])
+    try:
+        each, mean, val = fig.axes[0].lines[:3]
+        for line in (each, mean):
+            assert list(line.get_xdata()) == [1, 2, 3, 4, 5] and line.get_linestyle() == "-"
+        assert each.get_marker() == "." and val.get_marker() == "o" and val.get_linestyle() == "-"
+        losses = [v for _, v in summary["step_losses"]]
+        assert list(mean.get_ydata()) == pytest.approx([sum(losses[:i + 1]) / (i + 1) for i in range(5)])
+    finally:
+        plt.close(fig)
+    assert (out / "loss.png").stat().st_size > 0
+
+
+class _Bar:
+    """Stands in for tqdm's bar: keeps every postfix."""
+
+    def __init__(self):
+        self.postfixes = []
+
+    def update(self, n):
+        pass
+
+    def set_postfix_str(self, text, refresh=True):
+        self.postfixes.append(text)
+
+    @staticmethod
+    def format_interval(seconds):
+        return f"{seconds:.0f}s"
+
+    def close(self):
+        pass
+
+
+def test_progress_loss_is_always_the_labelled_running_mean(corpus, tmp_path, monkeypatch, reference):
+    bar = _Bar()
+    monkeypatch.setattr(charlm, "_progress_bar", lambda total, initial, log: bar)
+    args = [a for a in TINY if a != "--no-progress"]
+    assert run("train", "--data", corpus, "--out", tmp_path / "run", *args, "--steps", "25") == 0
+    losses = [v for _, v in history_file(tmp_path / "run")["step_losses"]]
+    assert len(bar.postfixes) == 25
+    window = charlm.LOSS_WINDOW
+    for k, text in enumerate(bar.postfixes):
+        last = losses[max(0, k + 1 - window):k + 1]
+        assert text.startswith(f"loss {sum(last) / len(last):.3f} (mean of last {len(last)} steps), val ")
+
+
+def test_without_tqdm_and_matplotlib_train_degrades(corpus, tmp_path, monkeypatch, capsys, reference):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # (None in sys.modules: the import fails)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    args = [a for a in TINY if a != "--no-progress"]
+    out = tmp_path / "run"
+    assert run("train", "--data", corpus, "--out", out, *args, "--steps", "20") == 0
+    printed = capsys.readouterr().out
+    assert "tqdm is not installed (pip install 'rnnkit[cli]')" in printed
+    assert "matplotlib is not installed (pip install 'rnnkit[cli]')" in printed
+    assert "step 10/20: loss " in printed and "step 20/20: loss " in printed  # plain progress lines
+    assert not (out / "loss.png").exists()
+    assert "(config.json, metrics.csv, metrics.json, checkpoint.pt)" in printed
+    assert (out / "checkpoint.pt").exists()
+
+
+def history_file(run_dir) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def _write(path, text):

@@ -408,6 +408,29 @@ def test_torchscript_trace_of_exported_layer(kind):
     _assert_close_all(flat(loaded(other)), flat(ours(other)), F32)
 
 
+
+def _scriptables():
+    """Every rnnkit layer and cell, and a model holding one, with an example input."""
+    torch.manual_seed(6)
+    layers = [(_layer(rnnkit, kind, input_size=3, hidden_size=4), torch.randn(5, 2, 3)) for kind in LAYER_KINDS]
+    cells = [(getattr(rnnkit, cls)(3, 4), torch.randn(2, 3)) for cls in CELL_CLASSES]
+    model = nn.Sequential(nn.Linear(3, 3), rnnkit.GRU(3, 4))
+    return layers + cells + [(model, torch.randn(5, 2, 3))]
+
+
+# torch.jit.script / trace cannot follow rnnkit's forward: both refuse at once, name the way out
+# (rnnkit.to_torch) and warn nothing (a TracerWarning would be an error here).
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("module, x", _scriptables(), ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "")
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_refused_with_the_way_out(module, x, how):
+    with rnnkit.use_backend("reference"), pytest.raises(RuntimeError) as info:
+        torch.jit.script(module) if how == "script" else torch.jit.trace(module, (x,))
+    message = str(info.value)
+    assert f"torch.jit.{how} does not support rnnkit." in message
+    assert "rnnkit.to_torch(module)" in message
+
+
 # torch.export warns about torch.nn.RNNBase itself (its _flat_weights list), whoever built it.
 @pytest.mark.filterwarnings("ignore:The tensor attributes self._flat_weights.*were assigned during export:UserWarning")
 @pytest.mark.parametrize("kind", LAYER_KINDS)
@@ -483,3 +506,40 @@ def test_whole_module_pickle_and_torch_save(module, tmp_path):
         assert type(copy) is type(module) and not copy.training
         assert repr(copy) == repr(module)
         _assert_close_all(_call(copy), expected, F32)
+
+
+# A whole model saved with torch.save(model) loads with torch.load's default (weights_only=True):
+# importing rnnkit allowlists its classes, and nothing else in their pickles needs it.
+def _module_ids(m):
+    return type(m).__name__ + getattr(m, "mode", "") + ("-proj" if getattr(m, "proj_size", 0) else "")
+
+
+@pytest.mark.parametrize("module", _all_modules(), ids=_module_ids)
+def test_whole_module_loads_with_weights_only_by_default(module, tmp_path):
+    module.eval()
+    with rnnkit.use_backend("reference"):
+        expected = _call(module)
+        torch.save(module, tmp_path / "module.pt")
+        copy = torch.load(tmp_path / "module.pt")
+        assert type(copy) is type(module) and repr(copy) == repr(module) and not copy.training
+        _assert_close_all(_call(copy), expected, F32)
+
+
+def test_model_holding_rnnkit_modules_loads_with_torchs_safe_globals(tmp_path):
+    """A model of torch containers and rnnkit layers: the user lists torch's classes as torch
+    asks (rnnkit's are listed already); listing rnnkit's too does not unlist them afterwards."""
+    model = nn.ModuleDict({"rnn": rnnkit.LSTM(3, 4, proj_size=2), "cell": rnnkit.GRUCell(3, 4),
+                           "stack": nn.Sequential(rnnkit.RNN(3, 4), rnnkit.RNNCell(4, 2))}).eval()
+    x = torch.randn(5, 2, 3)
+    with rnnkit.use_backend("reference"):
+        expected = [flat(model["rnn"](x)), model["cell"](x[0]), model["stack"][1](model["stack"][0](x)[0][-1])]
+    torch.save(model, tmp_path / "model.pt")
+    with pytest.raises(Exception, match="ModuleDict"):  # torch's own containers are the user's call
+        torch.load(tmp_path / "model.pt")
+    with torch.serialization.safe_globals([nn.ModuleDict, nn.Sequential, nn.GRU, rnnkit.GRU, rnnkit.LSTM]):
+        copy = torch.load(tmp_path / "model.pt")
+    with rnnkit.use_backend("reference"):
+        got = [flat(copy["rnn"](x)), copy["cell"](x[0]), copy["stack"][1](copy["stack"][0](x)[0][-1])]
+    _assert_close_all(got, expected, F32)
+    torch.save(rnnkit.LSTM(3, 4), tmp_path / "lstm.pt")
+    assert type(torch.load(tmp_path / "lstm.pt")) is rnnkit.LSTM  # still listed after the block

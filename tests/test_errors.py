@@ -226,3 +226,50 @@ def test_empty_batch_like_torch():
     out, h = ours(torch.randn(3, 0, 4))
     ref_out, ref_h = ref(torch.randn(3, 0, 4))
     assert out.shape == ref_out.shape and h.shape == ref_h.shape
+
+
+# A cell given several faults reports the one torch.nn reports: sizes (input, then each state's
+# batch and width, h before c) come before dtypes, as in torch.nn's cell ops.
+_F64 = torch.float64
+
+
+def _cell_args(cls, width=4, batch=3, h_batch=3, h_size=5, dtype=torch.float32, h_dtype=torch.float32,
+               c_batch=3, c_size=5, c_dtype=torch.float32):
+    x = torch.randn(batch, width).to(dtype)
+    h = torch.randn(h_batch, h_size, dtype=h_dtype)
+    return x, ((h, torch.randn(c_batch, c_size, dtype=c_dtype)) if cls == "LSTMCell" else h)
+
+
+SEVERAL_CELL_FAULTS = {
+    "width and input dtype": dict(width=7, dtype=_F64),
+    "width and integer input": dict(width=7, dtype=torch.int64),
+    "width and hidden dtype": dict(width=7, h_dtype=_F64),
+    "hidden batch and input dtype": dict(h_batch=2, dtype=_F64),
+    "hidden size and input dtype": dict(h_size=6, dtype=_F64),
+    "hidden batch and hidden dtype": dict(h_batch=2, h_dtype=_F64),
+    "hidden size and hidden dtype": dict(h_size=6, h_dtype=_F64),
+    "width, hidden size and both dtypes": dict(width=7, h_size=6, dtype=_F64, h_dtype=_F64),
+}
+LSTM_CELL_FAULTS = {
+    "c size and h dtype": dict(c_size=6, h_dtype=_F64),
+    "c batch and h dtype": dict(c_batch=2, h_dtype=_F64),
+    "h size and c dtype": dict(h_size=6, c_dtype=_F64),
+    "c size and input dtype": dict(c_size=6, dtype=_F64),
+}
+
+
+@pytest.mark.parametrize("cls, faults",
+                         [(cls, f) for cls in ("RNNCell", "GRUCell", "LSTMCell") for f in SEVERAL_CELL_FAULTS]
+                         + [("LSTMCell", f) for f in LSTM_CELL_FAULTS])
+def test_cell_with_several_faults_reports_torchs_first(cls, faults):
+    args = _cell_args(cls, **{**SEVERAL_CELL_FAULTS, **LSTM_CELL_FAULTS}[faults])
+    expected = _raised(lambda m: getattr(m, cls)(4, 5)(*args), nn)
+    got = _raised(lambda m: getattr(m, cls)(4, 5)(*args), rnnkit)
+    assert got.type is expected.type
+    assert str(got.value) == str(expected.value)
+
+
+def test_cell_wrong_width_and_dtype_example():
+    h = torch.randn(3, 20)
+    with pytest.raises(RuntimeError, match="^input has inconsistent input_size: got 11 expected 10$"):
+        rnnkit.RNNCell(10, 20)(torch.randn(3, 11, dtype=torch.float64), h)

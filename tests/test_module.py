@@ -330,3 +330,48 @@ def test_gradcheck(kind, packed):
         return (out.data if packed else out), *(h if isinstance(h, tuple) else (h,))
 
     assert torch.autograd.gradcheck(f, (x, *states, *params))
+
+
+# torch.nn's layers and cells run on the meta device (shapes without data: model sizing,
+# deferred initialisation); rnnkit's run its torch-ops reference there and give the same shapes.
+def _meta_shapes(result) -> list:
+    """(shape, dtype, device type) of every tensor of a result, nested tuples flattened."""
+    if isinstance(result, torch.Tensor):
+        return [(tuple(result.shape), result.dtype, result.device.type)]
+    return [leaf for part in result for leaf in _meta_shapes(part)]
+
+
+@pytest.mark.parametrize("kind", CELL_KINDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("give_h", [False, True])
+def test_meta_device_layers_give_torchs_shapes(kind, batch_first, bidirectional, batched, give_h):
+    cls, extra = CELL_KINDS[kind]
+    kwargs = dict(input_size=4, hidden_size=5, num_layers=2, batch_first=batch_first,
+                  bidirectional=bidirectional, device="meta", **extra)
+    ref, ours = getattr(nn, cls)(**kwargs), getattr(rnnkit, cls)(**kwargs)
+    T, B = 3, 2
+    x = torch.empty(((B, T) if batch_first else (T, B)) + (4,) if batched else (T, 4), device="meta")
+    hx = None
+    if give_h:
+        rows = 2 * (2 if bidirectional else 1)
+        states = [torch.empty((rows, B, f) if batched else (rows, f), device="meta") for f in state_features(ref)]
+        hx = as_hx(states)
+    got, expected = _meta_shapes(ours(x, hx)), _meta_shapes(ref(x, hx))
+    assert got == expected
+    assert all(device == "meta" for _, _, device in got)
+
+
+@pytest.mark.parametrize("cls", ["RNNCell", "GRUCell", "LSTMCell"])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("give_h", [False, True])
+def test_meta_device_cells_give_torchs_shapes(cls, batched, give_h):
+    ref, ours = getattr(nn, cls)(4, 5, device="meta"), getattr(rnnkit, cls)(4, 5, device="meta")
+    x = torch.empty((2, 4) if batched else (4,), device="meta")
+    hx = None
+    if give_h:
+        h = torch.empty((2, 5) if batched else (5,), device="meta")
+        hx = (h, h) if cls == "LSTMCell" else h
+    got, expected = _meta_shapes(ours(x, hx)), _meta_shapes(ref(x, hx))
+    assert got == expected and got[0][2] == "meta"

@@ -1,5 +1,6 @@
 """rnnkit: drop-in replacements for torch.nn's recurrent layers, with fused CPU kernels."""
 
+import torch
 from torch.nn.utils.rnn import (
     PackedSequence,
     pack_padded_sequence,
@@ -11,8 +12,15 @@ from torch.nn.utils.rnn import (
 from ._backend import available_backends, get_backend, set_backend, use_backend
 from ._convert import from_torch, to_torch
 from ._modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell, RNNCellBase
+from ._version import __version__
 
-__version__ = "0.1.0"
+# A whole model saved with torch.save(model) loads with torch.load's default weights_only=True:
+# beyond torch's own allowlist, the pickle of an rnnkit module names only its class. Each is
+# registered under its pickled path (the (class, name) form), so that a user's
+# `with torch.serialization.safe_globals([rnnkit.GRU])` does not unlist it on exit.
+torch.serialization.add_safe_globals(
+    [(cls, f"{cls.__module__}.{cls.__qualname__}") for cls in (RNNBase, RNN, GRU, LSTM, RNNCell, GRUCell, LSTMCell)]
+)
 
 __all__ = [
     "RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "RNNBase", "RNNCellBase",

@@ -34,10 +34,19 @@ def _check_int(name: str, value, positive: bool = True) -> int:
     return int(value)
 
 
-def _autocast(input: Tensor) -> bool:
-    """Whether autocast is on for the input's device: torch ops then pick their own dtypes, so
-    a mismatch of input, state and weight dtypes is autocast's to resolve (as in torch.nn)."""
-    return torch.is_autocast_enabled(input.device.type)
+_autocast = _run.autocast_on
+
+
+def _refuse_torchscript(module: nn.Module, how: str) -> None:
+    """TorchScript cannot follow rnnkit's forward (Python around numba kernels): say so before
+    it fails somewhere obscure (or, tracing, warns and records a graph of the wrong ops), and
+    name the ways out."""
+    raise RuntimeError(
+        f"torch.jit.{how} does not support rnnkit.{type(module).__name__}: convert it to torch.nn "
+        "first and trace that, torch.jit.trace(rnnkit.to_torch(module), example_inputs) (in a model, "
+        "swap each rnnkit layer or cell for its rnnkit.to_torch twin); or use torch.export.export or "
+        "torch.compile, which take rnnkit's modules as they are"
+    )
 
 
 def _check_dtype(input: Tensor, weight: Tensor, error: type = ValueError) -> None:
@@ -201,6 +210,9 @@ class RNNBase(nn.Module):
     def flatten_parameters(self) -> None:
         """No-op, kept for torch.nn compatibility (cuDNN weight flattening has no CPU meaning)."""
 
+    def __prepare_scriptable__(self):  # torch.jit.script calls it on every submodule first
+        _refuse_torchscript(self, "script")
+
     @property
     def _flat_weights(self) -> list[Tensor]:
         return [getattr(self, name) for name in self._flat_weights_names]
@@ -331,6 +343,8 @@ class RNNBase(nn.Module):
 
     # ------------------------------------------------------------------------ forward
     def forward(self, input, hx=None):
+        if torch.jit.is_tracing():
+            _refuse_torchscript(self, "trace")
         cell = self._cell
         packing: Optional[Packing] = None
         batched = True
@@ -622,7 +636,12 @@ class RNNCellBase(nn.Module):
             for name, weight in self.named_parameters():
                 init_(declared[name], weight, self.hidden_size)
 
+    def __prepare_scriptable__(self):  # torch.jit.script calls it on every submodule first
+        _refuse_torchscript(self, "script")
+
     def forward(self, input: Tensor, hx=None):
+        if torch.jit.is_tracing():
+            _refuse_torchscript(self, "trace")
         cell = CELLS[self._mode()]
         name = type(self).__name__
         if not isinstance(input, Tensor):
@@ -648,10 +667,9 @@ class RNNCellBase(nn.Module):
         elif not batched:
             state = tuple(s.unsqueeze(0) for s in state)
 
-        _check_dtype(x, self.weight_ih, RuntimeError)
+        # torch.nn's order (its cell ops check sizes, then the matrix products meet the dtypes)
         if x.shape[1] != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {x.shape[1]} expected {self.input_size}")
-        _check_state_like(state, x)
         for i, s in enumerate(state):
             if s.shape[0] != x.shape[0]:
                 raise RuntimeError(f"Input batch size {x.shape[0]} doesn't match hidden{i} batch size {s.shape[0]}")
@@ -659,6 +677,8 @@ class RNNCellBase(nn.Module):
                 raise RuntimeError(
                     f"hidden{i} has inconsistent hidden_size: got {s.shape[1]}, expected {self.hidden_size}"
                 )
+        _check_dtype(x, self.weight_ih, RuntimeError)
+        _check_state_like(state, x)
 
         params = cell.record(**{p.name: getattr(self, p.name, None) for p in cell.params})
         new = cell.step(F.linear(x, self.weight_ih, self.bias_ih), state, params)

@@ -12,6 +12,14 @@ from ._driver import Packing, layer_dims, reference_layer, run_layers
 from .cells import Cell
 
 
+def autocast_on(input: Tensor) -> bool:
+    """Whether autocast is on for the input's device: torch ops then pick their own dtypes, so
+    a mismatch of input, state and weight dtypes is autocast's to resolve (as in torch.nn).
+    The meta device has no autocast (torch raises when asked): meta tensors take the plain path,
+    which routes them to the reference's torch ops (no kernel supports them), so shapes come out."""
+    return not input.is_meta and torch.is_autocast_enabled(input.device.type)
+
+
 def describe(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, num_layers: int, directions: int,
              dropout: bool) -> _plan.Call:
     """The ``Call`` of a layer call on the time-major input ``x`` (T, B, I)."""
@@ -27,7 +35,7 @@ def describe(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, nu
     for s in state or ():
         grad = grad or (grad_mode and s.requires_grad)
         mixed = mixed or s.dtype != dtype
-    if torch.is_autocast_enabled(x.device.type):
+    if autocast_on(x):
         special = "autocast"
     elif torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
         special = "transform"  # (torch.func's transforms and forward-mode AD see through torch ops only)

@@ -14,6 +14,7 @@ a fresh process. When an implementation's repetitions disagree widely (interquar
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -30,6 +31,7 @@ from torch import nn
 import rnnkit
 from rnnkit import _loops
 from rnnkit.cells import CELLS as REGISTRY
+from rnnkit.cli import Parser
 from rnnkit.kernels import blas
 
 # (T, B, input, hidden, layers)
@@ -230,37 +232,112 @@ def plot(rows: list, path: str) -> None:
     plt.close(fig)
 
 
+def _shape(text: str) -> tuple:
+    """--shapes' type: T,B,I,H,L, five positive integers."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape T,B,I,H,L: its numbers must be integers") from None
+    if len(shape) != 5:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape T,B,I,H,L: it needs 5 numbers, got {len(shape)}")
+    if min(shape) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape T,B,I,H,L: its numbers must be positive")
+    return shape
+
+
+def _number(kind: type, low: float, inclusive: bool = True) -> Callable[[str], float]:
+    """An argparse type: a ``kind`` (int or float) of at least ``low`` (above it if not inclusive)."""
+    what = "an integer" if kind is int else "a number"
+    bound = f"at least {low}" if inclusive else f"above {low}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {bound}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    available = [c for c in CELLS if hasattr(rnnkit, CELLS[c][0])]
+    grid = " ".join(",".join(map(str, shape)) for shape in GRID)
+    parser = Parser(prog="rnnkit bench", description=__doc__.split("\n\n")[0])  # (one-line errors)
+    parser.add_argument("--cells", nargs="+", default=available, choices=list(CELLS), metavar="CELL",
+                        help=f"cells to measure, of {', '.join(CELLS)} (default: {' '.join(available)})")
+    parser.add_argument("--shapes", nargs="+", type=_shape, default=GRID, metavar="T,B,I,H,L",
+                        help="shapes: sequence length, batch, input size, hidden size, layers "
+                        f"(default: the standard grid, {grid})")
+    parser.add_argument("--modes", nargs="+", default=["forward", "train"], choices=["forward", "train"],
+                        help="forward (under no_grad) and/or train (forward + backward) (default: forward train)")
+    parser.add_argument("--reps", type=_number(int, 1), default=11,
+                        help="alternating repetitions, of which the median is reported (default: %(default)s)")
+    parser.add_argument("--warmup", type=_number(int, 0), default=3,
+                        help="untimed calls of each implementation first (default: %(default)s)")
+    parser.add_argument("--min-time", type=_number(float, 0, inclusive=False), default=0.05, metavar="SECONDS",
+                        help="seconds per repetition: calls are batched to last this long (default: %(default)s)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="parameter and input dtype (default: %(default)s)")
+    parser.add_argument("--packed", action="store_true",
+                        help="PackedSequence input, lengths drawn in [T/2, T] (default: dense input)")
+    parser.add_argument("--bidirectional", action="store_true", help="bidirectional layers (default: off)")
+    parser.add_argument("--proj-size", type=_number(int, 0), default=0, metavar="P",
+                        help="LSTM projections of this size, below every hidden size; GFLOP/s then omit "
+                        "W_hr (default: 0, none)")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the peak-memory measurement of training rows, two fresh processes a "
+                        "row (default: measured, on the default variant)")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON here (default: not written)")
+    parser.add_argument("--plot", metavar="FILE",
+                        help="write a bar chart of the ratios (PNG) here; needs matplotlib (default: not drawn)")
+    return parser
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _progress(done: int, total: int, what: str, elapsed: float) -> str:
+    """'[k/n] what' with the time so far and a rough estimate of the rest (rows take roughly
+    alike: each is timed for about reps x min_time per implementation)."""
+    eta = f"about {_duration(elapsed / done * (total - done))} left" if done else "estimate after the first row"
+    return f"[{done + 1}/{total}] {what}  ({_duration(elapsed)} so far, {eta})"
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="rnnkit bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cells", nargs="+", default=[c for c in CELLS if hasattr(rnnkit, CELLS[c][0])],
-                        choices=list(CELLS))
-    parser.add_argument("--shapes", nargs="+", default=None,
-                        help="shapes as T,B,I,H,L (default: the standard grid)")
-    parser.add_argument("--modes", nargs="+", default=["forward", "train"], choices=["forward", "train"])
-    parser.add_argument("--reps", type=int, default=11, help="alternating repetitions (median)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--min-time", type=float, default=0.05, help="seconds per repetition")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--packed", action="store_true", help="PackedSequence input, lengths in [T/2, T]")
-    parser.add_argument("--bidirectional", action="store_true")
-    parser.add_argument("--proj-size", type=int, default=0, help="LSTM projections (GFLOP/s then omit W_hr)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--json", help="write the results as JSON here")
-    parser.add_argument("--plot", help="write a bar chart of the ratios (PNG) here")
+    parser = build_parser()
     args = parser.parse_args(argv)
-    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else GRID
+    if args.proj_size:
+        if args.cells != ["lstm"]:
+            parser.error("--proj-size needs --cells lstm (projections are an LSTM feature)")
+        if any(args.proj_size >= shape[3] for shape in args.shapes):
+            parser.error(f"--proj-size {args.proj_size} must be below every shape's hidden size H")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot needs matplotlib, which is not installed: pip install 'rnnkit[cli]'")
     info = machine()
     print("machine:", ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    plan = [(cell, shape, mode) for cell in args.cells for shape in args.shapes for mode in args.modes]
     rows = []
-    for cell in args.cells:
-        for shape in shapes:
-            for mode in args.modes:
-                row = measure(cell, shape, mode, args.reps, args.warmup, args.min_time,
-                              getattr(torch, args.dtype), args.packed, args.bidirectional, args.proj_size)
-                if mode == "train" and not args.no_memory and not row.variant:  # memory: default grid only
-                    row.peak_mib = {name: peak_memory_mib(name, cell, shape) for name in IMPLEMENTATIONS}
-                rows.append(row)
-                print(format_table([row]).splitlines()[-1], flush=True)
+    interrupted = False
+    start = time.perf_counter()
+    print(format_table([]), flush=True)  # the header; each row follows as it is measured
+    try:
+        for done, (cell, shape, mode) in enumerate(plan):
+            print(_progress(done, len(plan), f"{cell} {shape} {mode}", time.perf_counter() - start),
+                  file=sys.stderr, flush=True)
+            row = measure(cell, shape, mode, args.reps, args.warmup, args.min_time,
+                          getattr(torch, args.dtype), args.packed, args.bidirectional, args.proj_size)
+            if mode == "train" and not args.no_memory and not row.variant:  # memory: default grid only
+                row.peak_mib = {name: peak_memory_mib(name, cell, shape) for name in IMPLEMENTATIONS}
+            rows.append(row)
+            print(format_table([row]).splitlines()[-1], flush=True)
+    except KeyboardInterrupt:  # keep what was measured: report and write it
+        interrupted = True
+        print(f"\ninterrupted: {len(rows)} of {len(plan)} rows measured; reporting those", file=sys.stderr)
     print()
     print(format_table(rows))
     if any(r.noisy for r in rows):
@@ -268,11 +345,12 @@ def main(argv=None) -> int:
               "close other programs and re-run.")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "command": " ".join(sys.argv),
+            json.dump({"machine": info, "command": " ".join(sys.argv), "interrupted": interrupted,
+                       "rows_planned": len(plan),
                        "rows": [dict(asdict(r), ratio=r.ratio, noisy=r.noisy) for r in rows]}, f, indent=1)
-    if args.plot:
+    if args.plot and rows:
         plot(rows, args.plot)
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ in under three minutes on a 2-core CPU, and are retuned there when the kernels g
 from __future__ import annotations
 
 import csv
-import dataclasses
+import importlib
 import json
 import math
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -32,73 +33,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import rnnkit
-from rnnkit.cells import CELLS
 
-LOG2E = 1.0 / math.log(2.0)
-CHECKPOINT = "checkpoint.pt"
-DEFAULT_DATA = "pydoc_data.topics"  # CPython's own documentation text: no download needed
+# The config, its defaults and choices, and the user-error type live in a module without torch
+# (the command line reads them before it loads anything heavy); they are this module's too.
+from ._charlm_config import (
+    CHECKPOINT, DEFAULT_DATA, IMPLS, LOG2E, RESUME_OVERRIDES, CharLMError, TrainConfig, cell_types,
+)
 
-# --cell name -> (class name in torch.nn / rnnkit, extra constructor arguments)
-CELL_TYPES: dict[str, tuple[str, dict]] = {cell.key: (cell.module, cell.module_kwargs) for cell in CELLS.values()
-                                           if cell.key}
-IMPLS = ("rnnkit", "torch")
-
-# Config fields that a resumed run may change; every other field must match the checkpoint.
-RESUME_OVERRIDES = ("steps", "time_limit", "eval_interval", "impl")
-
-
-class CharLMError(Exception):
-    """A user error (bad data, bad value, mismatched checkpoint): one line, no traceback."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run. The defaults are the default ``rnnkit train``."""
-
-    data: Optional[str] = None  # UTF-8 text file; None: CPython's pydoc_data.topics
-    val_fraction: float = 0.1  # held-out tail of the text
-    cell: str = "gru"
-    layers: int = 1
-    hidden: int = 256
-    embed: int = 64
-    dropout: float = 0.0  # between recurrent layers and before the output layer
-    seq_len: int = 64  # truncated-BPTT chunk length
-    batch_size: int = 64  # parallel streams
-    lr: float = 3e-3  # Adam; cosine decay to lr/10 over `steps`
-    clip: float = 1.0  # gradient-norm clipping
-    steps: int = 1500
-    time_limit: float = 140.0  # seconds of training; stops early if reached before `steps`
-    eval_interval: int = 100
-    seed: int = 0
-    impl: str = "rnnkit"
-
-    def validate(self) -> None:
-        positive_ints = ("layers", "hidden", "embed", "seq_len", "batch_size", "steps", "eval_interval")
-        for name in positive_ints:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise CharLMError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.cell not in CELL_TYPES:
-            raise CharLMError(f"--cell must be one of {', '.join(CELL_TYPES)}, got {self.cell!r}")
-        if self.impl not in IMPLS:
-            raise CharLMError(f"--impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise CharLMError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise CharLMError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        for name in ("lr", "clip", "time_limit"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise CharLMError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
+CELL_TYPES = cell_types()
 
 # ----------------------------------------------------------------------------------------- data
 
@@ -369,6 +311,11 @@ def lr_at(config: TrainConfig, step: int, time_used: float = 0.0) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+# The training loss the progress bar shows and loss.png draws beside each step's: the mean over
+# the last LOSS_WINDOW steps (fewer at the start of a run or of a resumed one).
+LOSS_WINDOW = 10
+
+
 @dataclass
 class Result:
     step: int
@@ -376,9 +323,10 @@ class Result:
     unigram: float  # nats/char
     interrupted: bool
     stopped_by_time: bool
-    sample: str
+    sample: str  # the end-of-run sample, its prompt included
     run_dir: Path
     history: list
+    plot: Optional[Path] = None  # loss.png; None when matplotlib is not installed
 
 
 def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True,
@@ -386,16 +334,23 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
     """Train (or resume) a run in ``run_dir``; writes config.json, metrics, checkpoint, loss.png.
 
     A KeyboardInterrupt stops training after saving a checkpoint (``Result.interrupted``).
+    Resuming a run that has already trained ``config.steps`` steps is a CharLMError.
     """
     config.validate()
+    ckpt_path = run_dir / CHECKPOINT
+    ckpt = load_checkpoint(ckpt_path) if resume else None
+    if ckpt is not None and ckpt["step"] >= config.steps:
+        raise CharLMError(
+            f"nothing to resume: the run in {run_dir} has trained {ckpt['step']} steps of --steps "
+            f"{config.steps}; to train it longer, raise --steps (e.g. rnnkit train --resume {run_dir} "
+            f"--steps {2 * ckpt['step']})"
+        )
     corpus = Corpus.load(config.data, config.val_fraction)
     vocab = corpus.vocab
     model = build_model(config, len(vocab))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    ckpt_path = run_dir / CHECKPOINT
-    start_step, state, history = 0, None, []
-    if resume:
-        ckpt = load_checkpoint(ckpt_path)
+    start_step, state, history, step_losses = 0, None, [], []
+    if ckpt is not None:
         if ckpt["vocab"] != vocab.chars:
             raise CharLMError(f"checkpoint {ckpt_path} was trained on another vocabulary than this data")
         load_weights(model, ckpt["state_dict"])
@@ -403,7 +358,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
             optimizer.load_state_dict(ckpt["optimizer"])
         start_step = ckpt["step"]
         state = _state_from_list(ckpt.get("train_state"), config.cell)
-        history = _read_history(run_dir)
+        history, step_losses = _read_metrics(run_dir, start_step)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -424,11 +379,13 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
     step = start_step
     interrupted = stopped_by_time = False
     last_val = history[-1]["val_loss"] if history else float("nan")
-    losses: list[float] = []
+    losses: list[float] = []  # since the last record: history's train_loss
+    recent: deque = deque(maxlen=LOSS_WINDOW)
     chars = 0
     elapsed_before = history[-1]["elapsed_s"] if history else 0.0
     t0 = time.perf_counter()
-    bar = _progress_bar(config.steps, start_step, progress)
+    bar = _progress_bar(config.steps, start_step, log) if progress else None
+    plain = progress and bar is None  # asked for progress, no tqdm: a line per record instead
 
     def record() -> None:
         nonlocal last_val, losses, chars
@@ -444,7 +401,9 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
         })
         losses = []
         save_checkpoint(ckpt_path, model, config, vocab, step, optimizer, state)
-        _write_metrics(run_dir, history, unigram)
+        _write_metrics(run_dir, history, step_losses, unigram)
+        if plain:
+            log(f"step {step}/{config.steps}: {_progress_text(recent, last_val, chars / max(elapsed, 1e-9))}")
 
     try:
         model.train()
@@ -463,7 +422,10 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
             nn.utils.clip_grad_norm_(model.parameters(), config.clip)
             optimizer.step()
             step += 1
-            losses.append(loss.item())
+            value = loss.item()
+            losses.append(value)
+            recent.append(value)
+            step_losses.append([step, value])
             chars += y.numel()
             elapsed = time.perf_counter() - t0
             out_of_time = elapsed >= config.time_limit
@@ -473,12 +435,8 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
                 bar.update(1)
                 done = step - start_step
                 eta = min(elapsed / done * (config.steps - step), max(0.0, config.time_limit - elapsed))
-                val = f"{last_val:.3f} ({last_val * LOG2E:.2f} bits)" if math.isfinite(last_val) else "-"
-                bar.set_postfix_str(
-                    f"loss {losses[-1] if losses else history[-1]['train_loss']:.3f}, val {val}, "
-                    f"{chars / max(elapsed, 1e-9):,.0f} chars/s, ETA {bar.format_interval(eta)}",
-                    refresh=False,
-                )
+                bar.set_postfix_str(f"{_progress_text(recent, last_val, chars / max(elapsed, 1e-9))}, "
+                                    f"ETA {bar.format_interval(eta)}", refresh=False)
             if out_of_time and step < config.steps:
                 stopped_by_time = True
                 break
@@ -489,28 +447,54 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
             bar.close()
     if interrupted:
         save_checkpoint(ckpt_path, model, config, vocab, step, optimizer, state)
-        _write_metrics(run_dir, history, unigram)
+        _write_metrics(run_dir, history, step_losses, unigram)
         return Result(step, last_val, unigram, True, False, "", run_dir, history)
     if not history or history[-1]["step"] != step:
         record()
-    plot_losses(run_dir, history, unigram)
-    prompt = "The "
-    text = "".join(generate(model, vocab, prompt if set(prompt) <= vocab.index.keys() else "",
-                            200, 0.8, torch.Generator().manual_seed(config.seed)))
+    plot = plot_losses(run_dir, history, step_losses, unigram)
+    if plot is None:
+        log("no loss.png: matplotlib is not installed (pip install 'rnnkit[cli]')")
+    prompt = sample_prompt(vocab, corpus.train)
+    text = "".join(generate(model, vocab, prompt, 200, 0.8, torch.Generator().manual_seed(config.seed)))
     final = history[-1]["val_loss"]
-    _write_metrics(run_dir, history, unigram, final={"step": step, "val_loss": final,
-                                                      "val_bpc": final * LOG2E})
-    return Result(step, final, unigram, False, stopped_by_time, prompt + text, run_dir, history)
+    _write_metrics(run_dir, history, step_losses, unigram,
+                   final={"step": step, "val_loss": final, "val_bpc": final * LOG2E})
+    return Result(step, final, unigram, False, stopped_by_time, prompt + text, run_dir, history, plot)
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
+def sample_prompt(vocab: Vocab, train_ids: Tensor) -> str:
+    """The prompt of the end-of-run sample: ``"The "`` when the data has those characters, else
+    the first characters of the training text (a prompt made of the data's own characters)."""
+    if set("The ") <= vocab.index.keys():
+        return "The "
+    return vocab.decode(train_ids[:4].tolist())
+
+
+def _progress_text(recent: deque, val: float, chars_per_s: float) -> str:
+    """The progress report: the training loss always as the mean of the last steps (labelled),
+    the latest validation loss, the speed."""
+    train = f"loss {sum(recent) / len(recent):.3f} (mean of last {len(recent)} steps)" if recent else "loss -"
+    val_text = f"{val:.3f} ({val * LOG2E:.2f} bits)" if math.isfinite(val) else "-"
+    return f"{train}, val {val_text}, {chars_per_s:,.0f} chars/s"
+
+
+def _optional(name: str):
+    """An optional dependency of the command line (the ``cli`` extra: tqdm, matplotlib), or None
+    when it is not installed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
         return None
-    from tqdm import tqdm
 
+
+def _progress_bar(total: int, initial: int, log: Callable[[str], None]):
+    tqdm = _optional("tqdm")
+    if tqdm is None:
+        log("no progress bar: tqdm is not installed (pip install 'rnnkit[cli]'); a line per evaluation instead")
+        return None
     # tqdm's own remaining time ignores --time-limit: the postfix carries the real ETA.
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=0.5,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+    return tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=0.5,
+                     bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
 
 
 # -------------------------------------------------------------------------------------- metrics
@@ -518,35 +502,71 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 METRIC_FIELDS = ("step", "train_loss", "val_loss", "val_bpc", "elapsed_s", "chars_per_s")
 
 
-def _write_metrics(run_dir: Path, history: list, unigram: float, final: Optional[dict] = None) -> None:
+def _write_metrics(run_dir: Path, history: list, step_losses: list, unigram: float,
+                   final: Optional[dict] = None) -> None:
+    """metrics.csv: a row per evaluation; metrics.json: the same, the unigram baseline, every
+    step's training loss ([step, loss] pairs) and, at the end, the final figures."""
     with open(run_dir / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
         writer.writeheader()
         writer.writerows(history)
-    summary = {"unigram_nats": unigram, "unigram_bits": unigram * LOG2E, "history": history}
+    summary = {"unigram_nats": unigram, "unigram_bits": unigram * LOG2E, "history": history,
+               "step_losses": step_losses}
     if final is not None:
         summary["final"] = final
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def _read_history(run_dir: Path) -> list:
+def _read_metrics(run_dir: Path, step: int) -> tuple[list, list]:
+    """The history and step losses of a run up to ``step`` (its checkpoint's)."""
     path = run_dir / "metrics.json"
     if not path.is_file():
-        return []
-    return json.loads(path.read_text()).get("history", [])
+        return [], []
+    summary = json.loads(path.read_text())
+    return ([h for h in summary.get("history", []) if h["step"] <= step],
+            [s for s in summary.get("step_losses", []) if s[0] <= step])
 
 
-def plot_losses(run_dir: Path, history: list, unigram: float) -> Path:
-    """loss.png: training and validation loss (nats/char) against step, with the unigram line."""
-    import matplotlib
+def running_mean(values: list, window: int) -> list:
+    """The mean of the last ``window`` values (fewer at the start) at each position."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
 
+
+def plot_losses(run_dir: Path, history: list, step_losses: list, unigram: float) -> Optional[Path]:
+    """loss.png (see :func:`loss_figure`); None, and no file, when matplotlib is not installed."""
+    matplotlib = _optional("matplotlib")
+    if matplotlib is None:
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [h["step"] for h in history]
+    fig = loss_figure(plt, history, step_losses, unigram)
+    path = run_dir / "loss.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def loss_figure(plt, history: list, step_losses: list, unigram: float):
+    """Training loss at every step and its running mean, validation loss at every evaluation
+    (markers and lines), nats/char against step, with the unigram line. Every step is drawn, so
+    a short or time-limited run with one evaluation still has a training curve."""
+    steps = [s for s, _ in step_losses]
+    losses = [v for _, v in step_losses]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(steps, [h["train_loss"] for h in history], label="train", marker=".")
-    ax.plot(steps, [h["val_loss"] for h in history], label="validation", marker=".")
+    few = len(steps) <= 100
+    ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=0.8, marker="." if few else None,
+            label="train, each step")
+    ax.plot(steps, running_mean(losses, LOSS_WINDOW), color="tab:blue",
+            label=f"train, mean of last {LOSS_WINDOW} steps")
+    ax.plot([h["step"] for h in history], [h["val_loss"] for h in history], color="tab:orange",
+            marker="o", label="validation")
     ax.axhline(unigram, color="grey", linestyle="--", label=f"unigram baseline ({unigram:.2f})")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/char)")
@@ -554,30 +574,37 @@ def plot_losses(run_dir: Path, history: list, unigram: float) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = run_dir / "loss.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
 # ------------------------------------------------------------------------------------- sampling
 
 
-@torch.no_grad()
 def generate(model: CharLM, vocab: Vocab, prompt: str, length: int, temperature: float,
              generator: Optional[torch.Generator] = None) -> Iterator[str]:
-    """Yield ``length`` characters one at a time: the prompt is fed once, then each sampled
-    character is fed back with the carried state. An empty prompt starts from a newline (or
-    the first character of the vocabulary)."""
+    """An iterator over ``length`` generated characters: the prompt is fed once, then each
+    sampled character is fed back with the carried state. An empty prompt starts from a newline
+    (or the first character of the vocabulary). The arguments are checked here, when called
+    (a prompt with characters the vocabulary lacks is a CharLMError naming them), so that a
+    caller printing the prompt first never prints one that is then refused."""
     if temperature <= 0 or not math.isfinite(temperature):
         raise CharLMError(f"--temperature must be a positive number, got {temperature}")
     if length < 0:
         raise CharLMError(f"--length must be zero or more, got {length}")
-    model.eval()
+    missing = sorted(set(prompt) - vocab.index.keys())
+    if missing:
+        raise CharLMError(f"the prompt has characters not in the model's vocabulary (the characters of "
+                          f"its training text): {', '.join(map(repr, missing))}")
     if not prompt:
         prompt = "\n" if "\n" in vocab.index else vocab.chars[0]
-    ids = vocab.encode(prompt).unsqueeze(1)  # (T, 1)
-    logits, state = model(ids)
+    return _generate(model, vocab, vocab.encode(prompt).unsqueeze(1), length, temperature, generator)
+
+
+@torch.no_grad()
+def _generate(model: CharLM, vocab: Vocab, ids: Tensor, length: int, temperature: float,
+              generator: Optional[torch.Generator]) -> Iterator[str]:
+    model.eval()
+    logits, state = model(ids)  # ids: (T, 1)
     for _ in range(length):
         probs = torch.softmax(logits[-1, 0] / temperature, dim=-1)
         nxt = int(torch.multinomial(probs, 1, generator=generator))

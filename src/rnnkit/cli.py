@@ -2,7 +2,12 @@
 :mod:`rnnkit.charlm` and :mod:`rnnkit.bench`).
 
 Exit codes: 0 done, 2 user error (one line on stderr, no traceback), 130 interrupted (Ctrl-C
-during training saves a checkpoint first).
+during training saves a checkpoint first; during the benchmark, the rows measured so far are
+printed and written).
+
+This module imports nothing heavy (no torch, numpy, numba, nor the rnnkit modules that load
+them): ``--help``, ``--version`` and argument errors need none of it, and each command imports
+what it uses.
 """
 
 from __future__ import annotations
@@ -13,23 +18,27 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import charlm
-from .charlm import CELL_TYPES, IMPLS, LOG2E, CharLMError, TrainConfig
+from ._charlm_config import CHECKPOINT, IMPLS, LOG2E, CharLMError, TrainConfig
+from ._version import __version__
 
 USER_ERROR = 2
 INTERRUPTED = 130
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not usage + message
+class Parser(argparse.ArgumentParser):
+    """argparse with errors on one line (not usage + message), exit code 2."""
+
+    def error(self, message: str):
         self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
-    parser = _Parser(prog="rnnkit", description="rnnkit: a character-level language model on rnnkit "
-                     "layers (train, sample) and the layer benchmark (bench).")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="rnnkit", description="rnnkit: a character-level language model on rnnkit "
+                    "layers (train, sample) and the layer benchmark (bench).")
+    parser.add_argument("--version", action="version", version=f"rnnkit {__version__}")
+    # (not required: `rnnkit` alone prints this help)
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND", parser_class=Parser)
 
     # Every train option defaults to None: "not given", so --resume can tell what was asked for.
     tr = sub.add_parser("train", help="train a character-level language model",
@@ -38,7 +47,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         "Defaults finish in about 2.5 minutes on a 2-core CPU.")
     tr.add_argument("--data", metavar="FILE", help="UTF-8 text file (default: CPython's own "
                     "documentation text, pydoc_data.topics)")
-    tr.add_argument("--cell", choices=list(CELL_TYPES), help=f"recurrent cell (default {defaults.cell})")
+    tr.add_argument("--cell", help=f"recurrent cell: rnn_tanh, rnn_relu, gru, lstm or any other registered in "
+                    f"rnnkit.cells (default {defaults.cell})")
     tr.add_argument("--layers", type=int, help=f"recurrent layers (default {defaults.layers})")
     tr.add_argument("--hidden", type=int, help=f"hidden size (default {defaults.hidden})")
     tr.add_argument("--embed", type=int, help=f"embedding size (default {defaults.embed})")
@@ -59,7 +69,8 @@ def _build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--impl", choices=IMPLS, help="rnnkit layers, or torch.nn's for comparison "
                     f"(same initial weights for the same seed; default {defaults.impl})")
     tr.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<timestamp>-<cell>)")
-    tr.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    tr.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint "
+                    "(a run that has trained all its steps needs a larger --steps)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sa = sub.add_parser("sample", help="generate text from a trained model",
@@ -73,7 +84,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     sa.add_argument("--impl", choices=IMPLS, default="rnnkit", help="layer implementation (default rnnkit)")
 
-    sub.add_parser("bench", help="benchmark rnnkit against torch.nn (arguments go to rnnkit.bench)",
+    sub.add_parser("bench", help="benchmark rnnkit against torch.nn (rnnkit bench --help: its options)",
                    add_help=False)
     return parser
 
@@ -82,7 +93,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # everything after "bench" belongs to the benchmark's own parser
         return _bench(argv[1:])
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     try:
         return _train(args) if args.command == "train" else _sample(args)
     except CharLMError as e:
@@ -91,6 +106,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from . import charlm
+
     if args.bidirectional:
         raise CharLMError("--bidirectional is not meaningful for a language model: the backward "
                           "direction would read the very characters it has to predict")
@@ -105,7 +122,7 @@ def _train(args: argparse.Namespace) -> int:
         config = TrainConfig(**given)
         config.validate()
         run_dir = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.cell}")
-        if (run_dir / charlm.CHECKPOINT).exists():
+        if (run_dir / CHECKPOINT).exists():
             raise CharLMError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
     result = charlm.train(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
     if result.interrupted:
@@ -115,7 +132,8 @@ def _train(args: argparse.Namespace) -> int:
     u, v = result.unigram, result.val_loss
     if result.stopped_by_time:
         print(f"stopped by --time-limit {config.time_limit:g}s at step {result.step} of {config.steps}")
-    print(f"run: {run_dir}  (config.json, metrics.csv, metrics.json, {charlm.CHECKPOINT}, loss.png)")
+    files = ["config.json", "metrics.csv", "metrics.json", CHECKPOINT] + (["loss.png"] if result.plot else [])
+    print(f"run: {run_dir}  ({', '.join(files)})")
     print(f"step {result.step}: validation loss {v:.3f} nats/char = {v * LOG2E:.3f} bits/char; "
           f"unigram baseline {u:.3f} nats/char = {u * LOG2E:.3f} bits/char")
     print(f"sample: {result.sample!r}")
@@ -126,13 +144,16 @@ def _train(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
-    path = Path(args.run) / charlm.CHECKPOINT if args.run else Path(args.checkpoint)
+    from . import charlm
+
+    path = Path(args.run) / CHECKPOINT if args.run else Path(args.checkpoint)
     model, _, vocab = charlm.model_from_checkpoint(charlm.load_checkpoint(path), impl=args.impl)
     generator = torch.Generator()
     if args.seed is None:
         generator.seed()
     else:
         generator.manual_seed(args.seed)
+    # (checks the prompt before anything is printed)
     chars = charlm.generate(model, vocab, args.prompt, args.length, args.temperature, generator)
     out = sys.stdout
     out.write(args.prompt)

@@ -348,7 +348,7 @@ def _step_back_rows(dh, dc, saved, x, h0, c0, h, w_ih, weight_hh, d_xw, d_hw, ne
 
 # ---- the loops' arguments, by name. Callers build these bundles by field name and pass them
 # unpacked (``kernel(*args, i0, i1, ...)``): each field is the loop parameter of the same name and
-# position (tests/test_fused.py checks it). Passed as one NamedTuple instead, numba's dispatch
+# position (tests/test_plan.py checks it). Passed as one NamedTuple instead, numba's dispatch
 # types every field in Python: 4-5 us per call against about 1 us for the same arrays as
 # arguments (measured, 6 arrays), which a streaming step cannot afford.
 # Absent arrays follow one convention: an empty array of the same dimensions (``absent``).

@@ -302,7 +302,7 @@ def _tile_typer(typingctx, a, bp, out, r, s, rows, strips, start, trans):
         # Transposed (the weight gradients): every sum starts from zero and is added to out only
         # after the k loop, so a long sum split into calls (K-blocks of rows) is summed block by
         # block rather than in one running order: float32's rounding then stays at OpenBLAS's
-        # (see _K_BLOCK in rnnkit/_fused.py). Otherwise the sums start from out or start: the
+        # (see k_block in rnnkit/_plan.py). Otherwise the sums start from out or start: the
         # time loops' products, one call of K = H each, where the order changes only the last
         # bits, and where starting from zero measured 10-20% slower in the LSTM's two-thread
         # loop (for reasons not found).
