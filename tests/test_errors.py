@@ -263,8 +263,8 @@ LSTM_CELL_FAULTS = {
                          + [("LSTMCell", f) for f in LSTM_CELL_FAULTS])
 def test_cell_with_several_faults_reports_torchs_first(cls, faults):
     args = _cell_args(cls, **{**SEVERAL_CELL_FAULTS, **LSTM_CELL_FAULTS}[faults])
-    expected = _raised(lambda m: getattr(m, cls)(4, 5)(*args), nn)
-    got = _raised(lambda m: getattr(m, cls)(4, 5)(*args), rnnkit)
+    expected = raised(lambda m: getattr(m, cls)(4, 5)(*args), nn)
+    got = raised(lambda m: getattr(m, cls)(4, 5)(*args), rnnkit)
     assert got.type is expected.type
     assert str(got.value) == str(expected.value)
 
