@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import rnnkit
-from oracle import assert_same_error
+from oracle import assert_same_error, raised
 
 pack = nn.utils.rnn.pack_sequence
 
