@@ -1,4 +1,4 @@
-"""Compiling ahead (``rnnkit.compile_kernels``) and the notice of an on-demand compile. A real
+"""Compiling ahead (``rnnkit.compile_kernels``, ``rnnkit compile``) and the notice of an on-demand compile. A real
 cold compile takes minutes: these tests check what the drive covers, run its small calls, and
 exercise the notice on a probe function."""
 
@@ -14,6 +14,7 @@ from numba.core import caching
 import rnnkit
 from rnnkit import _warmup
 from rnnkit.cells import CELLS
+from rnnkit.cli import main
 
 
 def test_the_drive_covers_every_registered_cell_and_every_single_step_cell():
@@ -100,3 +101,15 @@ def test_cache_writes_are_serialised_and_then_restored(tmp_path, monkeypatch):
         numba.njit(_as_module(_probe, "probe"), cache=True)(2)
     assert caching.IndexDataCacheFile.save is save
     assert list((tmp_path / "cache").rglob("*.nbi")) and (tmp_path / "lock").exists()
+
+
+def test_compile_command_help_and_bad_jobs(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["compile", "--help"])
+    assert done.value.code == 0
+    assert "into the on-disk cache" in " ".join(capsys.readouterr().out.split())
+    assert main(["compile", "--jobs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--jobs must be a positive integer" in err
+    with pytest.raises(ValueError, match="jobs"):
+        rnnkit.compile_kernels(jobs=0)

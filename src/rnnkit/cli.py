@@ -1,5 +1,5 @@
-"""The ``rnnkit`` command: ``train``, ``sample`` and ``bench`` (argparse only; the work is in
-:mod:`rnnkit.charlm` and :mod:`rnnkit.bench`).
+"""The ``rnnkit`` command: ``train``, ``sample``, ``bench`` and ``compile`` (argparse only; the
+work is in :mod:`rnnkit.charlm`, :mod:`rnnkit.bench` and :mod:`rnnkit._warmup`).
 
 Exit codes: 0 done, 2 user error (one line on stderr, no traceback), 130 interrupted (Ctrl-C
 during training saves a checkpoint first).
@@ -28,7 +28,8 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     parser = _Parser(prog="rnnkit", description="rnnkit: a character-level language model on rnnkit "
-                     "layers (train, sample) and the layer benchmark (bench).")
+                     "layers (train, sample), the layer benchmark (bench) and the kernels' compilation "
+                     "ahead of use (compile).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     # Every train option defaults to None: "not given", so --resume can tell what was asked for.
@@ -75,6 +76,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="benchmark rnnkit against torch.nn (arguments go to rnnkit.bench)",
                    add_help=False)
+
+    co = sub.add_parser("compile", help="compile every kernel ahead of its first use (once per machine)",
+                        description="Compile every kernel rnnkit's layers and cells can run, float32 and "
+                        "float64, into the on-disk cache, so that no later call compiles (numba compiles "
+                        "a kernel on its first call otherwise). Takes minutes the first time on a machine; "
+                        "seconds once cached.")
+    co.add_argument("--jobs", type=int, help="processes compiling at once (default: 2 on 2 CPUs or more)")
     return parser
 
 
@@ -83,6 +91,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[:1] == ["bench"]:  # everything after "bench" belongs to the benchmark's own parser
         return _bench(argv[1:])
     args = _build_parser().parse_args(argv)
+    if args.command == "compile":
+        return _compile(args)
     try:
         return _train(args) if args.command == "train" else _sample(args)
     except CharLMError as e:
@@ -140,6 +150,18 @@ def _sample(args: argparse.Namespace) -> int:
         out.write(c)
         out.flush()
     out.write("\n")
+    return 0
+
+
+def _compile(args: argparse.Namespace) -> int:
+    if args.jobs is not None and args.jobs < 1:
+        print(f"rnnkit compile: error: --jobs must be a positive integer, got {args.jobs}", file=sys.stderr)
+        return USER_ERROR
+    from ._warmup import compile_kernels
+
+    report = compile_kernels(jobs=args.jobs)
+    done = f"{report.compiled} kernels compiled" if report.compiled else "every kernel was already compiled"
+    print(f"rnnkit compile: {done} ({report.seconds:.0f} s); cache: {report.cache_dir}")
     return 0
 
 
