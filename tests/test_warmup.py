@@ -1,6 +1,6 @@
-"""Compiling ahead (``rnnkit.compile_kernels``, ``rnnkit compile``) and the notice of an on-demand compile. A real
-cold compile takes minutes: these tests check what the drive covers, run its small calls, and
-exercise the notice on a probe function."""
+"""Compiling ahead (``rnnkit.compile_kernels``, ``rnnkit compile``), the notice of an on-demand
+compile, and ``rnnkit train``'s warm-up. A real cold compile takes minutes: these tests check
+what the drive covers, run its small calls, and exercise the notice on a probe function."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from numba.core import caching
 
 import rnnkit
-from rnnkit import _warmup
+from rnnkit import _warmup, charlm
 from rnnkit.cells import CELLS
 from rnnkit.cli import main
 
@@ -113,3 +113,26 @@ def test_compile_command_help_and_bad_jobs(capsys):
     assert err.count("\n") == 1 and "--jobs must be a positive integer" in err
     with pytest.raises(ValueError, match="jobs"):
         rnnkit.compile_kernels(jobs=0)
+
+
+TEXT = "the quick brown fox jumps over the lazy dog. a stitch in time saves nine.\n" * 20
+
+
+def test_train_warm_up_leaves_a_seeded_run_unchanged(tmp_path, monkeypatch):
+    data = tmp_path / "corpus.txt"
+    data.write_text(TEXT, encoding="utf-8")
+
+    def run(name):
+        config = charlm.TrainConfig(data=str(data), hidden=16, embed=8, layers=2, dropout=0.3, batch_size=4,
+                                    seq_len=12, steps=12, eval_interval=6, time_limit=1e5)
+        result = charlm.train(config, tmp_path / name, progress=False, log=lambda line: None)
+        state = torch.load(tmp_path / name / charlm.CHECKPOINT, weights_only=True)["state_dict"]
+        return [(h["train_loss"], h["val_loss"]) for h in result.history], state, result.sample
+
+    warmed = run("warmed")
+    monkeypatch.setattr(charlm, "warm_up", lambda *args: 0.0)
+    cold = run("cold")
+    assert warmed[0] == cold[0] and warmed[2] == cold[2]
+    assert warmed[1].keys() == cold[1].keys()
+    for name, tensor in warmed[1].items():
+        assert torch.equal(tensor, cold[1][name]), name

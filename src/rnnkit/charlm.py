@@ -36,6 +36,7 @@ import rnnkit
 LOG2E = 1.0 / math.log(2.0)
 CHECKPOINT = "checkpoint.pt"
 DEFAULT_DATA = "pydoc_data.topics"  # CPython's own documentation text: no download needed
+SAMPLE_PROMPT = "The "  # the sample at the end of a run starts here (when the text has these characters)
 
 # --cell name -> (class name in torch.nn / rnnkit, extra constructor arguments)
 CELL_TYPES: dict[str, tuple[str, dict]] = {
@@ -372,6 +373,27 @@ def lr_at(config: TrainConfig, step: int, time_used: float = 0.0) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def warm_up(model: CharLM, vocab: Vocab, train_data: Tensor, val_data: Tensor, seq_len: int) -> float:
+    """Run each kind of call that training makes once: a training step's forward and backward,
+    an evaluation chunk and the sampling at the end (a prompt, then single steps), so that the
+    kernels they need are compiled, or loaded from the cache, before the clock and the
+    learning-rate schedule start. The model's weights, its training mode and the random
+    generators are left as they were and its gradients unset: the run trains exactly as it would
+    without this. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        model.train()
+        x, y = chunk(train_data, 0, seq_len)
+        logits, _ = model(x)
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
+        model.zero_grad(set_to_none=True)
+        evaluate(model, val_data[:seq_len + 1], seq_len)
+        prompt = SAMPLE_PROMPT if set(SAMPLE_PROMPT) <= vocab.index.keys() else ""
+        list(generate(model, vocab, prompt, 2, 1.0, torch.Generator().manual_seed(0)))
+    model.train()
+    return time.perf_counter() - t0
+
+
 @dataclass
 class Result:
     step: int
@@ -423,6 +445,9 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
     )
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {config.cell} {config.layers}x{config.hidden} ({config.impl}), {n_params:,} parameters")
+    log("warm-up: one call of each kind before the clock starts (on a machine's first run this "
+        "compiles the kernels, unless `rnnkit compile` did)")
+    log(f"warm-up: {warm_up(model, vocab, train_data, val_data, config.seq_len):.1f} s")
 
     step = start_step
     interrupted = stopped_by_time = False
@@ -497,7 +522,7 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
     if not history or history[-1]["step"] != step:
         record()
     plot_losses(run_dir, history, unigram)
-    prompt = "The "
+    prompt = SAMPLE_PROMPT
     text = "".join(generate(model, vocab, prompt if set(prompt) <= vocab.index.keys() else "",
                             200, 0.8, torch.Generator().manual_seed(config.seed)))
     final = history[-1]["val_loss"]
