@@ -60,35 +60,36 @@ def _probe(x):
     return x + 1
 
 
-def _as_module(fn, module: str):
-    """``fn`` as if defined in ``module`` (the watch knows rnnkit's kernels by their module)."""
-    return types.FunctionType(fn.__code__, {"__name__": module}, fn.__name__)
+def _in_rnnkit(fn):
+    """``fn`` as if defined in an rnnkit module (the watch knows rnnkit's kernels by their module;
+    numba imports a function's module when it builds its environment, so a real one)."""
+    return types.FunctionType(fn.__code__, vars(_warmup), fn.__name__)
 
 
 def test_the_first_compile_of_a_kernel_prints_one_notice(watch, capsys):
     compiled = watch.compiled
-    kernel = numba.njit(_as_module(_probe, "rnnkit.kernels.probe"))
+    kernel = numba.njit(_in_rnnkit(_probe))
     kernel(1)
     kernel(1.0)  # another signature: compiles again, no second notice
     assert capsys.readouterr().err == _warmup.NOTICE + "\n"
     assert watch.compiled == compiled + 2
-    numba.njit(_as_module(_probe, "someone_else"))(1)
+    numba.njit(_probe)(1)  # not rnnkit's
     assert capsys.readouterr().err == ""
 
 
 def test_no_notice_while_compile_kernels_runs(watch, capsys, monkeypatch):
     monkeypatch.setattr(watch, "quiet", 1)
-    numba.njit(_as_module(_probe, "rnnkit.kernels.probe"))(1)
+    numba.njit(_in_rnnkit(_probe))(1)
     assert capsys.readouterr().err == ""
 
 
 def test_no_notice_when_the_kernel_loads_from_the_cache(watch, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path))
-    numba.njit(_as_module(_probe, "rnnkit.kernels.probe"), cache=True)(1)  # compiles, saves
+    numba.njit(_in_rnnkit(_probe), cache=True)(1)  # compiles, saves
     assert capsys.readouterr().err == _warmup.NOTICE + "\n"
     watch.noticed = False
     compiled = watch.compiled
-    numba.njit(_as_module(_probe, "rnnkit.kernels.probe"), cache=True)(1)  # a new dispatcher: loads
+    numba.njit(_in_rnnkit(_probe), cache=True)(1)  # a new dispatcher: loads
     assert capsys.readouterr().err == ""
     assert watch.compiled == compiled
 
@@ -98,7 +99,7 @@ def test_cache_writes_are_serialised_and_then_restored(tmp_path, monkeypatch):
     save = caching.IndexDataCacheFile.save
     with _warmup._serialised_cache_writes(str(tmp_path / "lock")):
         assert caching.IndexDataCacheFile.save is not save
-        numba.njit(_as_module(_probe, "probe"), cache=True)(2)
+        numba.njit(_probe, cache=True)(2)
     assert caching.IndexDataCacheFile.save is save
     assert list((tmp_path / "cache").rglob("*.nbi")) and (tmp_path / "lock").exists()
 
