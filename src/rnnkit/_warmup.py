@@ -232,7 +232,8 @@ def _serialised_cache_writes(lock_path: str) -> Iterator[None]:
     """numba saves a cache entry by reading the function's index, adding the entry (numbering a
     new data file after the entries it saw) and writing both back: two processes saving at once
     can lose an entry or write two signatures' code under one file name. Here each save holds an
-    exclusive lock on ``lock_path`` (numba/core/caching.py, ``IndexDataCacheFile.save``)."""
+    exclusive lock on ``lock_path`` (numba/core/caching.py, ``IndexDataCacheFile.save``; numba's
+    maintainers proposed such a lock for the same race in numba/numba#10128)."""
     import fcntl
 
     from numba.core import caching
