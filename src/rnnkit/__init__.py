@@ -14,7 +14,7 @@ __all__ = [
     "RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "RNNBase", "RNNCellBase",
     "PackedSequence", "pack_padded_sequence", "pad_packed_sequence", "pack_sequence", "pad_sequence",
     "set_backend", "get_backend", "use_backend", "available_backends",
-    "to_torch", "from_torch",
+    "to_torch", "from_torch", "compile_kernels",
 ]
 
 
@@ -33,7 +33,7 @@ def _load() -> None:
     from ._modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell, RNNCellBase
 
     names = dict(locals())
-    globals().update({name: names[name] for name in __all__})
+    globals().update({name: names[name] for name in __all__ if name in names})
     # A whole model saved with torch.save(model) loads with torch.load's default weights_only=True:
     # beyond torch's own allowlist, the pickle of an rnnkit module names only its class. Each is
     # registered under its pickled path (the (class, name) form), so that a user's
@@ -45,6 +45,11 @@ def _load() -> None:
 
 
 def __getattr__(name: str):
+    if name == "compile_kernels":  # (with numba: loaded when asked for)
+        from ._warmup import compile_kernels
+
+        globals()[name] = compile_kernels
+        return compile_kernels
     if name in __all__:
         _load()
         return globals()[name]

@@ -39,6 +39,7 @@ import rnnkit
 from ._charlm_config import (
     CHECKPOINT, DEFAULT_DATA, IMPLS, LOG2E, RESUME_OVERRIDES, CharLMError, TrainConfig, cell_types,
 )
+SAMPLE_PROMPT = "The "  # the sample at the end of a run starts here (when the text has these characters)
 
 CELL_TYPES = cell_types()
 
@@ -311,6 +312,27 @@ def lr_at(config: TrainConfig, step: int, time_used: float = 0.0) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def warm_up(model: CharLM, vocab: Vocab, train_data: Tensor, val_data: Tensor, seq_len: int) -> float:
+    """Run each kind of call that training makes once: a training step's forward and backward,
+    an evaluation chunk and the sampling at the end (a prompt, then single steps), so that the
+    kernels they need are compiled, or loaded from the cache, before the clock and the
+    learning-rate schedule start. The model's weights, its training mode and the random
+    generators are left as they were and its gradients unset: the run trains exactly as it would
+    without this. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        model.train()
+        x, y = chunk(train_data, 0, seq_len)
+        logits, _ = model(x)
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
+        model.zero_grad(set_to_none=True)
+        evaluate(model, val_data[:seq_len + 1], seq_len)
+        prompt = SAMPLE_PROMPT if set(SAMPLE_PROMPT) <= vocab.index.keys() else ""
+        list(generate(model, vocab, prompt, 2, 1.0, torch.Generator().manual_seed(0)))
+    model.train()
+    return time.perf_counter() - t0
+
+
 # The training loss the progress bar shows and loss.png draws beside each step's: the mean over
 # the last LOSS_WINDOW steps (fewer at the start of a run or of a resumed one).
 LOSS_WINDOW = 10
@@ -375,6 +397,9 @@ def train(config: TrainConfig, run_dir: Path, resume: bool = False, progress: bo
     )
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {config.cell} {config.layers}x{config.hidden} ({config.impl}), {n_params:,} parameters")
+    log("warm-up: one call of each kind before the clock starts (on a machine's first run this "
+        "compiles the kernels, unless `rnnkit compile` did)")
+    log(f"warm-up: {warm_up(model, vocab, train_data, val_data, config.seq_len):.1f} s")
 
     step = start_step
     interrupted = stopped_by_time = False

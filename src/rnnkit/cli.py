@@ -1,5 +1,5 @@
-"""The ``rnnkit`` command: ``train``, ``sample`` and ``bench`` (argparse only; the work is in
-:mod:`rnnkit.charlm` and :mod:`rnnkit.bench`).
+"""The ``rnnkit`` command: ``train``, ``sample``, ``bench`` and ``compile`` (argparse only; the
+work is in :mod:`rnnkit.charlm`, :mod:`rnnkit.bench` and :mod:`rnnkit._warmup`).
 
 Exit codes: 0 done, 2 user error (one line on stderr, no traceback), 130 interrupted (Ctrl-C
 during training saves a checkpoint first; during the benchmark, the rows measured so far are
@@ -35,7 +35,8 @@ class Parser(argparse.ArgumentParser):
 def _build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     parser = Parser(prog="rnnkit", description="rnnkit: a character-level language model on rnnkit "
-                    "layers (train, sample) and the layer benchmark (bench).")
+                    "layers (train, sample), the layer benchmark (bench) and the kernels' compilation "
+                    "ahead of use (compile).")
     parser.add_argument("--version", action="version", version=f"rnnkit {__version__}")
     # (not required: `rnnkit` alone prints this help)
     sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND", parser_class=Parser)
@@ -86,6 +87,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="benchmark rnnkit against torch.nn (rnnkit bench --help: its options)",
                    add_help=False)
+
+    co = sub.add_parser("compile", help="compile every kernel ahead of its first use (once per machine)",
+                        description="Compile every kernel rnnkit's layers and cells can run, float32 and "
+                        "float64, into the on-disk cache, so that no later call compiles (numba compiles "
+                        "a kernel on its first call otherwise). Takes minutes the first time on a machine; "
+                        "seconds once cached.")
+    co.add_argument("--jobs", type=int, help="processes compiling at once (default: 2 on 2 CPUs or more)")
     return parser
 
 
@@ -98,6 +106,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "compile":
+        return _compile(args)
     try:
         return _train(args) if args.command == "train" else _sample(args)
     except CharLMError as e:
@@ -161,6 +171,18 @@ def _sample(args: argparse.Namespace) -> int:
         out.write(c)
         out.flush()
     out.write("\n")
+    return 0
+
+
+def _compile(args: argparse.Namespace) -> int:
+    if args.jobs is not None and args.jobs < 1:
+        print(f"rnnkit compile: error: --jobs must be a positive integer, got {args.jobs}", file=sys.stderr)
+        return USER_ERROR
+    from ._warmup import compile_kernels
+
+    report = compile_kernels(jobs=args.jobs)
+    done = f"{report.compiled} kernels compiled" if report.compiled else "every kernel was already compiled"
+    print(f"rnnkit compile: {done} ({report.seconds:.0f} s); cache: {report.cache_dir}")
     return 0
 
 
