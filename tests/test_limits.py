@@ -95,7 +95,7 @@ def test_training_memory_grows_linearly_with_sequence_length(backend):
     if not supports(backend, "gru"):
         pytest.skip(f"backend {backend} does not run gru")
     # The fused path runs long sequences in chunks of time whose buffers have a floor (see
-    # _fused._chunk_steps): compare lengths that are both past it, where memory is linear in T.
+    # rnnkit._loops.chunk_steps): compare lengths that are both past it, where memory is linear in T.
     short, long = (8_000, 32_000) if backend == "fused" else (2_000, 8_000)
     result = _measure_in_subprocess("gru", backend, 1, short, long)
     assert result["finite"] == [True, True]

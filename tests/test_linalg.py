@@ -255,9 +255,9 @@ def test_transposed_tiles_match_numpy(K, N, r0, r1, dtype):
 def test_long_float32_sums_stay_close_to_float64(monkeypatch):
     """The weight and bias gradients sum over every row of a layer (T * B): the bias sums run in
     float64 and round once, and the weight gradients' tiles sum each K-block of rows from zero
-    before adding it (rnnkit._fused._K_BLOCK), so float32 stays near float64 where one running
+    before adding it (rnnkit._plan.LIMITS.k_block), so float32 stays near float64 where one running
     sum drifts (positive terms, the worst case: 8e-6 and 2.7e-6 relative)."""
-    from rnnkit import _fused
+    from rnnkit import _loops
 
     rng = np.random.default_rng(4)
     a = rng.random((50000, 37)).astype(np.float32)
@@ -267,10 +267,10 @@ def test_long_float32_sums_stay_close_to_float64(monkeypatch):
     assert (np.abs(out - exact) / exact).max() < 2e-7
     with pytest.raises(ValueError, match="column_sums"):
         linalg.column_sums(a, np.zeros(36, np.float32))
-    monkeypatch.setattr(_fused, "WEIGHT_GRADS_BY_BLAS", False)  # rnnkit's tiles, not BLAS's
+    monkeypatch.setattr(_loops, "WEIGHT_GRADS_BY_BLAS", False)  # rnnkit's tiles, not BLAS's
     a, b = rng.random((4096, 16)).astype(np.float32), rng.random((4096, 24)).astype(np.float32)
     out = np.zeros((16, 24), np.float32)
-    _fused._matmul_t(a, b, out)
+    _loops.matmul_t(a, b, out)
     exact = a.astype(np.float64).T @ b.astype(np.float64)
     assert (np.abs(out - exact) / exact).max() < 6e-7
 
