@@ -83,6 +83,20 @@ def _as_state(hx, state_size: int, name: str) -> tuple:
     return tuple(hx)
 
 
+_RECORD_INDEX: dict = {}
+
+
+def _record_index(cell: Cell, bias, proj: int) -> tuple:
+    """For each field of the cell's parameter record, the position of that parameter among a
+    layer-direction's registered ones (``cell.declared``), or -1 where it is absent."""
+    key = (cell.mode, bool(bias), proj > 0)
+    index = _RECORD_INDEX.get(key)
+    if index is None:
+        names = [p.name for p in cell.declared(bias, proj)]
+        index = _RECORD_INDEX[key] = tuple(names.index(f) if f in names else -1 for f in cell.record._fields)
+    return index
+
+
 class RNNBase(nn.Module):
     """Base class of the multi-layer recurrent layers (see :class:`RNN`, :class:`GRU`, :class:`LSTM`)."""
 
@@ -267,7 +281,7 @@ class RNNBase(nn.Module):
         expected = self._expected_shapes()
         registered = self._parameters
         record = self._cell.record
-        kinds = [p.name for p in self._cell.declared(self.bias, self.proj_size)]  # (the order of each names)
+        index = _record_index(self._cell, self.bias, self.proj_size)
         device = data.device
         dtype = first_name = None
         params = []
@@ -296,7 +310,7 @@ class RNNBase(nn.Module):
                         f"{device} and parameter tensor at {w.device}"
                     )
                 found.append(w)
-            params.append(record(**dict(zip(kinds, found))))
+            params.append(record._make([None if i < 0 else found[i] for i in index]))
         return params
 
     # ------------------------------------- torch.nn.RNNBase's public checks (subclasses call them)
@@ -391,8 +405,8 @@ class RNNBase(nn.Module):
             if x.shape[0] == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
-        if _autocast(x) and cell.mode == "LSTM" and self.proj_size == 0 and packing is None \
-                and x.device.type == "cpu" and x.dtype != torch.float64 and torch.backends.mkldnn.is_available() \
+        if cell.mode == "LSTM" and self.proj_size == 0 and packing is None and x.is_cpu and _autocast(x) \
+                and x.dtype != torch.float64 and torch.backends.mkldnn.is_available() \
                 and torch._C._get_mkldnn_enabled():
             # under autocast only the reference runs (see _plan.route); torch.nn's LSTM without
             # projections on a dense CPU input runs oneDNN's LSTM, which autocast casts whole

@@ -18,7 +18,7 @@ from . import _stack
 from ._arrays import NP_DTYPE, array, output_grad, tensors, weight_arrays
 from ._driver import Packing, reference_layer, run_layers
 from ._stack import Needs, Plan
-from .cells import Cell
+from .cells import Cell, dims_of
 
 
 # ---- parameter records <-> the flat tensor list an autograd.Function takes
@@ -36,14 +36,22 @@ def unflatten(cell: Cell, flat: Sequence) -> list:
 
 def _states(cell: Cell, x: np.ndarray, params: list, rows: int, h0: Optional[Tensor], c0: Optional[Tensor]) -> tuple:
     """The stack's (h0, c0) arrays (c0 None but for cells with a cell state): zeros where a
-    state is None."""
+    state is None (shared, read-only: the kernels copy a state before they change it)."""
     if h0 is not None:
         return array(h0), None if c0 is None else array(c0)
-    from ._driver import layer_dims
+    p = params[0]
+    key = (cell, p.weight_ih.shape, p.weight_hh.shape, rows, x.shape[1], x.dtype)
+    zeros = _ZEROS.get(key)
+    if zeros is None:
+        if len(_ZEROS) > 64:
+            _ZEROS.clear()
+        shapes = cell.state_shapes(dims_of(cell, p.weight_ih.shape, p.weight_hh.shape), rows, x.shape[1])
+        zeros = [np.zeros(shape, x.dtype) for shape in shapes]  # (writeable: numba types a read-only array apart)
+        zeros = _ZEROS[key] = (zeros[0], zeros[1] if cell.state_size == 2 else None)
+    return zeros
 
-    shapes = cell.state_shapes(layer_dims(cell, params[0]), rows, x.shape[1])
-    zeros = [np.zeros(shape, x.dtype) for shape in shapes]
-    return zeros[0], zeros[1] if cell.state_size == 2 else None
+
+_ZEROS: dict = {}  # zero states by cell, sizes and dtype
 
 
 def steps_of(T: int, B: int, batch_sizes: Optional[Sequence[int]]) -> np.ndarray:

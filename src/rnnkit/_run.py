@@ -17,7 +17,12 @@ def autocast_on(input: Tensor) -> bool:
     a mismatch of input, state and weight dtypes is autocast's to resolve (as in torch.nn).
     The meta device has no autocast (torch raises when asked): meta tensors take the plain path,
     which routes them to the reference's torch ops (no kernel supports them), so shapes come out."""
+    if input.is_cpu:  # (without making a device object: this runs at every call)
+        return torch.is_autocast_enabled("cpu")
     return not input.is_meta and torch.is_autocast_enabled(input.device.type)
+
+
+_DIMS: dict = {}  # (cell, weight shapes) -> Dims
 
 
 def describe(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, num_layers: int, directions: int,
@@ -43,7 +48,14 @@ def describe(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, nu
         special = "mixed dtypes"
     else:
         special = ""
-    return _plan.Call(cell, num_layers, directions, x.shape[0], x.shape[1], layer_dims(cell, params[0]), dtype,
+    p = params[0]
+    key = (cell, p.weight_ih.shape, p.weight_hh.shape)
+    dims = _DIMS.get(key)
+    if dims is None:
+        dims = _DIMS[key] = layer_dims(cell, p)
+        if len(_DIMS) > 256:
+            _DIMS.clear()
+    return _plan.Call(cell, num_layers, directions, x.shape[0], x.shape[1], dims, dtype,
                       x.device.type, grad_mode, grad, dropout, _backend.get_backend(), special,
                       torch.compiler.is_compiling())
 
