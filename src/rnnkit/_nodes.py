@@ -40,7 +40,7 @@ def _states(cell: Cell, x: np.ndarray, params: list, rows: int, h0: Optional[Ten
     if h0 is not None:
         return array(h0), None if c0 is None else array(c0)
     p = params[0]
-    key = (cell, p.weight_ih.shape, p.weight_hh.shape, rows, x.shape[1], x.dtype)
+    key = (cell.mode, p.weight_ih.shape, p.weight_hh.shape, rows, x.shape[1], x.dtype)
     zeros = _ZEROS.get(key)
     if zeros is None:
         if len(_ZEROS) > 64:

@@ -22,7 +22,7 @@ def autocast_on(input: Tensor) -> bool:
     return not input.is_meta and torch.is_autocast_enabled(input.device.type)
 
 
-_DIMS: dict = {}  # (cell, weight shapes) -> Dims
+_DIMS: dict = {}  # (cell mode, weight shapes) -> Dims
 
 
 def describe(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, num_layers: int, directions: int,
@@ -49,7 +49,7 @@ def describe(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, nu
     else:
         special = ""
     p = params[0]
-    key = (cell, p.weight_ih.shape, p.weight_hh.shape)
+    key = (cell.mode, p.weight_ih.shape, p.weight_hh.shape)
     dims = _DIMS.get(key)
     if dims is None:
         dims = _DIMS[key] = layer_dims(cell, p)
