@@ -36,11 +36,6 @@ def array(t: Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def arrays(record):
-    """A record of tensors (a cell's parameter record, or any tuple) as arrays, None kept."""
-    return type(record)(*(None if t is None else array(t) for t in record))
-
-
 def tensors(*arrays_):
     return tuple([None if a is None else torch.from_numpy(a) for a in arrays_])
 

@@ -21,7 +21,7 @@ import numba
 import numpy as np
 import torch
 
-from . import _plan, _warmup  # (_warmup: the one-line notice when a kernel compiles on demand)
+from . import _plan, _warmup  # noqa: F401  (_warmup: the one-line notice when a kernel compiles on demand)
 from ._arrays import absent, or_absent
 from ._plan import chunks
 from .cells import CELLS, Cell

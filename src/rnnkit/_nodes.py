@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _stack
-from ._arrays import NP_DTYPE, array, output_grad, tensors, weight_arrays
+from ._arrays import array, output_grad, tensors, weight_arrays
 from ._driver import Packing, reference_layer, run_layers
 from ._stack import Needs, Plan
 from .cells import Cell, dims_of
@@ -67,11 +67,6 @@ def steps_of(T: int, B: int, batch_sizes: Optional[Sequence[int]]) -> np.ndarray
 
 
 _FULL_STEPS: dict = {}  # (T, B) -> steps of a batch without padding (the kernels never write it)
-
-
-def batch_sizes_of(steps: np.ndarray) -> Optional[list]:
-    """The reference layer's batch_sizes for the kernels' ``steps``: None when unpadded."""
-    return None if len(steps) == 0 or steps[-1] == steps[0] else steps.tolist()
 
 
 def run_stack(plan: Plan, x: Tensor, state0: Optional[tuple], params: list, grad: bool) -> tuple:
@@ -214,4 +209,4 @@ def reference_grads(plan: Plan, x, h0, c0, flat, grad_outputs, needs) -> list:
     return result
 
 
-__all__ = ["run_stack", "layer_fn", "reference_grads", "flatten", "unflatten", "steps_of", "NP_DTYPE"]
+__all__ = ["run_stack", "layer_fn", "reference_grads", "flatten", "unflatten", "steps_of"]

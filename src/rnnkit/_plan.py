@@ -169,18 +169,21 @@ def route(call: Call) -> Route:
         return Route("reference")
     if call.compiling:
         return Route("compiled", by_layer=True)
-    if call.backend == "auto" and not _fused_pays(call):
+    step = call.steps == 1 and step_fits(call, call.grad)
+    if call.backend == "auto" and not _fused_pays(call, step):
         return Route("reference")
-    return Route("step" if call.steps == 1 and step_fits(call, call.grad) else "sequence", by_layer=call.dropout)
+    return Route("step" if step else "sequence", by_layer=call.dropout)
 
 
-def _fused_pays(call: Call) -> bool:
+def _fused_pays(call: Call, step: bool) -> bool:
     """"auto": whether the kernels run this call faster than torch ops (see LIMITS, single steps)."""
     if call.steps != 1 or call.cell.state_size != 1:
         return True
     w_hh = call.dims.gate_rows * call.dims.out
     if call.grad_mode:
-        return step_fits(call, True) or (call.cell.mode == "GRU" and w_hh < LIMITS.min_column_work)
+        # (``step`` answers step_fits(call, True) already when gradients are needed)
+        fits = step if call.grad else step_fits(call, True)
+        return fits or (call.cell.mode == "GRU" and w_hh < LIMITS.min_column_work)
     if call.cell.mode == "GRU" or call.batch > LIMITS.elman_step_max_rows:
         return True
     return call.batch <= LIMITS.step_max_rows or w_hh >= LIMITS.elman_step_min_weights

@@ -18,12 +18,12 @@ reads, a flat tuple of arrays (the autograd node saves each once).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
 from . import _loops
-from ._arrays import absent
+from ._arrays import absent, or_absent
 from ._driver import walk, walk_back
 from .cells import Cell
 from .kernels.driver import StepArgs, StepBackArgs
@@ -191,8 +191,9 @@ def _step_backward(plan: Plan, kept: tuple, needs: Needs, d_out, d_hn, d_cn, h0,
                     bias_hh=np.empty(GH, dtype) if g.bias_hh else None)
         back(*StepBackArgs(dh=d_h0[k], dc=d_c0[k], saved=saved[k], x=inp, h0=h0[k], c0=c0[k], h=hs[k],
                            w_ih=p.weight_ih, weight_hh=p.weight_hh, d_xw=d_xw, d_hw=d_hw, need_dh=needs.h0,
-                           dx=_or2(dx, dtype), dw_ih=_or2(d.weight_ih, dtype), dw_hh=_or2(d.weight_hh, dtype),
-                           db_ih=_or1(d.bias_ih, dtype), db_hh=_or1(d.bias_hh, dtype), own=_loops.own(cell, p)))
+                           dx=or_absent(dx, dtype, 2), dw_ih=or_absent(d.weight_ih, dtype, 2),
+                           dw_hh=or_absent(d.weight_hh, dtype, 2), db_ih=or_absent(d.bias_ih, dtype, 1),
+                           db_hh=or_absent(d.bias_hh, dtype, 1), own=_loops.own(cell, p)))
         grads[k] = d
         return dx
 
@@ -201,10 +202,3 @@ def _step_backward(plan: Plan, kept: tuple, needs: Needs, d_out, d_hn, d_cn, h0,
     return (dx.reshape(1, B, dx.shape[-1]) if needs.x else None, d_h0 if needs.h0 else None,
             d_c0 if needs.c0 else None, grads)
 
-
-def _or1(a: Optional[np.ndarray], dtype) -> np.ndarray:
-    return absent(dtype, 1) if a is None else a
-
-
-def _or2(a: Optional[np.ndarray], dtype) -> np.ndarray:
-    return absent(dtype, 2) if a is None else a
