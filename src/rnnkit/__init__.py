@@ -14,7 +14,7 @@ __all__ = [
     "RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "RNNBase", "RNNCellBase",
     "PackedSequence", "pack_padded_sequence", "pad_packed_sequence", "pack_sequence", "pad_sequence",
     "set_backend", "get_backend", "use_backend", "available_backends",
-    "to_torch", "from_torch", "compile_kernels",
+    "to_torch", "from_torch", "compile_kernels", "Stream",
 ]
 
 
@@ -31,6 +31,7 @@ def _load() -> None:
     from ._backend import available_backends, get_backend, set_backend, use_backend
     from ._convert import from_torch, to_torch
     from ._modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell, RNNCellBase
+    from ._stream import Stream
 
     names = dict(locals())
     globals().update({name: names[name] for name in __all__ if name in names})

@@ -346,6 +346,46 @@ def _step_back_rows(dh, dc, saved, x, h0, c0, h, w_ih, weight_hh, d_xw, d_hw, ne
         column_sums(d_hw, db_hh)
 
 
+def _stream_rows(x, w_ih, b_ih, weight_hh, b_hh, w_hr, own, h, c, out, xw, hw, m, saved):
+    """Inference steps of a stack of layers of one direction (the streaming API): every layer's
+    state, h (L, B, Ho) and c (L, B, Hc), carried in place over the T steps of x (T * B, I), the
+    B rows of each step one after another, and out (T * B, Ho) the top layer's h at each step.
+    w_ih, b_ih, weight_hh, b_hh, w_hr and own hold one entry per layer (w_hr (P, H), or (0, 0)
+    when not projecting; biases (0,) when absent; own the cell's own parameters). Weights as
+    stored (no packing: a step's products on a few rows, see linalg.linear_any). xw, hw (B, GH),
+    m (B, H) (projecting; else unread) and saved (1, 1, S) are scratch. The caller checks the
+    weights' shapes against one another."""
+    x, h, c, out, xw, hw, m, saved = borrow(x), borrow(h), borrow(c), borrow(out), borrow(xw), borrow(hw), \
+        borrow(m), borrow(saved)
+    L, B, Ho = h.shape
+    GH = xw.shape[1]
+    if (len(w_ih) != L or len(b_ih) != L or len(weight_hh) != L or len(b_hh) != L or len(w_hr) != L
+            or len(own) != L or B == 0 or x.shape[0] % B != 0 or c.shape[0] != L or c.shape[1] != B
+            or out.shape[0] != x.shape[0] or out.shape[1] != Ho or xw.shape[0] != B or hw.shape[0] != B
+            or hw.shape[1] != GH):
+        raise ValueError("driver: stream arrays do not fit")
+    for k in range(L):
+        if weight_hh[k].shape[0] != GH or weight_hh[k].shape[1] != Ho or w_ih[k].shape[0] != GH:
+            raise ValueError("driver: stream weights do not fit")
+        if w_hr[k].shape[0] > 0 and (w_hr[k].shape[0] != Ho or m.shape[0] != B or m.shape[1] != w_hr[k].shape[1]):
+            raise ValueError("driver: stream projection does not fit")
+    for t in range(x.shape[0] // B):
+        for k in range(L):
+            inp = x[t * B:(t + 1) * B] if k == 0 else h[k - 1]
+            linear_any(inp, w_ih[k], b_ih[k], xw, 0, B)
+            linear_any(h[k], weight_hh[k], b_hh[k], hw, 0, B)
+            hk, ck = h[k], c[k]
+            if w_hr[k].shape[0] > 0:
+                for r in range(B):
+                    cell_infer(xw[r], hw[r], m[r], ck[r], saved[0, 0], own[k])
+                linear_any(m, w_hr[k], b_hh[k][:0], hk, 0, B)  # h = m W_hr^T
+            else:
+                for r in range(B):
+                    cell_infer(xw[r], hw[r], hk[r], ck[r], saved[0, 0], own[k])
+        top = h[L - 1]
+        for r in range(B):
+            _copy(out[t * B + r], top[r])
+
 # ---- the loops' arguments, by name. Callers build these bundles by field name and pass them
 # unpacked (``kernel(*args, i0, i1, ...)``): each field is the loop parameter of the same name and
 # position (tests/test_plan.py checks it). Passed as one NamedTuple instead, numba's dispatch
@@ -446,14 +486,35 @@ class StepBackArgs(NamedTuple):
     own: tuple
 
 
+class StreamArgs(NamedTuple):
+    """_stream_rows (tuples: one entry per layer)."""
+
+    x: object
+    w_ih: tuple
+    b_ih: tuple
+    weight_hh: tuple
+    b_hh: tuple
+    w_hr: tuple
+    own: tuple
+    h: object
+    c: object
+    out: object
+    xw: object
+    hw: object
+    m: object
+    saved: object
+
+
 # each template and the bundle its leading parameters are (the rest: row and step ranges, threads)
 BUNDLES = {"_forward_rows": ForwardArgs, "_forward_chunks": ForwardArgs, "_backward_rows": BackwardArgs,
-           "_backward_chunks": BackwardArgs, "_step_rows": StepArgs, "_step_back_rows": StepBackArgs}
+           "_backward_chunks": BackwardArgs, "_step_rows": StepArgs, "_step_back_rows": StepBackArgs,
+           "_stream_rows": StreamArgs}
 
 
 class CellKernels(NamedTuple):
     """One cell's compiled loops: serial over a row range, and threaded over batch chunks; and
-    its single step of a few rows with that step's backward."""
+    its single step of a few rows with that step's backward; and a stack's inference steps with
+    the state carried in place (rnnkit.Stream)."""
 
     forward_rows: object
     backward_rows: object
@@ -461,6 +522,7 @@ class CellKernels(NamedTuple):
     backward_chunks: object
     step_rows: object
     step_back_rows: object
+    stream_rows: object
 
 
 def kernels_for(kind: int, name: str) -> CellKernels:
@@ -476,4 +538,5 @@ def kernels_for(kind: int, name: str) -> CellKernels:
         jit_parallel(specialise(_backward_chunks, f"backward_chunks_{name}", forward_rows=fwd, backward_rows=bwd)),
         jit(specialise(_step_rows, f"step_rows_{name}", **cell)),
         jit(specialise(_step_back_rows, f"step_back_rows_{name}", **cell)),
+        jit(specialise(_stream_rows, f"stream_rows_{name}", **cell)),
     )
