@@ -125,6 +125,21 @@ def run_layers(
     return out, state_n
 
 
+def contract(outputs: Sequence, grad_outputs: Sequence, inputs: Sequence, needs: Sequence) -> list:
+    """d(outputs)/d(inputs) contracted with grad_outputs (a graph of its own when grad mode is on:
+    double backward): None where ``needs`` says no, an input or its output gradient is None, or
+    it does not reach the outputs. The fused nodes' differentiable fallback ends here."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and g is not None]
+    wanted = [i for i, (t, n) in enumerate(zip(inputs, needs)) if n and t is not None and t.requires_grad]
+    result: list = [None] * len(inputs)
+    if pairs and wanted:
+        grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                    create_graph=torch.is_grad_enabled(), allow_unused=True)
+        for i, g in zip(wanted, grads):
+            result[i] = g
+    return result
+
+
 def layer_dims(cell: Cell, p) -> Dims:
     """A layer-direction's sizes from its parameter record."""
     return dims_of(cell, p.weight_ih.shape, p.weight_hh.shape)

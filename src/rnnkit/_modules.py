@@ -13,12 +13,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import Parameter
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _run
+from . import _cell, _run
 from ._driver import Packing
 from .cells import CELLS, Cell, Dims
 from .cells.base import init_
@@ -68,7 +67,7 @@ def _check_state_like(state: tuple, input: Tensor) -> None:
                 f"hx dtype ({s.dtype}) does not match input dtype ({input.dtype}); "
                 f"convert it: hx.to({input.dtype})"
             )
-        if s.device != input.device:
+        if not (s.is_cpu and input.is_cpu) and s.device != input.device:  # (a device object costs a microsecond)
             raise RuntimeError(
                 f"hx is on {s.device} but input is on {input.device}; move them to one device"
             )
@@ -607,6 +606,9 @@ class LSTM(RNNBase):
         return self._state_sizes(self._batch(input, batch_sizes))[1]
 
 
+_CELL_SHAPES: dict = {}  # (mode, input size, hidden size) -> a cell module's parameter shapes
+
+
 class RNNCellBase(nn.Module):
     """Base class of the single-step cells: one step of a registered cell's math."""
 
@@ -635,6 +637,32 @@ class RNNCellBase(nn.Module):
     def _mode(self) -> str:
         """The registered cell this module steps (subclasses say which)."""
         raise NotImplementedError
+
+    def _params(self, cell: Cell):
+        """The cell's parameter record, checked: a parameter replaced by the user must still fit
+        (the kernels would otherwise read past it). Reads the parameter dict directly
+        (Module.__getattr__ costs more than the checks)."""
+        registered = self._parameters
+        key = (cell.mode, self.input_size, self.hidden_size)
+        shapes = _CELL_SHAPES.get(key)
+        if shapes is None:
+            dims = Dims(self.input_size, self.hidden_size, 0, cell.gates)
+            shapes = _CELL_SHAPES[key] = [param.shape(dims) for param in cell.params]
+        found = []
+        for param, shape in zip(cell.params, shapes):
+            name = param.name
+            if name in registered:
+                w = registered[name]
+            else:  # (a parametrization, a plain attribute; weight_hr, which cells never have)
+                w = None if param.when == "proj" else getattr(self, name, None)
+            if w is not None:
+                if not isinstance(w, Tensor):
+                    raise TypeError(f"{type(self).__name__}: parameter {name} must be a Tensor, got {type(w).__name__}")
+                if w.shape != shape:
+                    raise RuntimeError(f"{type(self).__name__}: parameter {name} has shape {tuple(w.shape)}, "
+                                       f"expected {shape}")
+            found.append(w)
+        return cell.record(*found)
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
@@ -675,27 +703,24 @@ class RNNCellBase(nn.Module):
                     )
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
-        if state is None:
-            zeros = x.new_zeros(x.shape[0], self.hidden_size)
-            state = (zeros,) * cell.state_size
-        elif not batched:
+        if state is not None and not batched:
             state = tuple(s.unsqueeze(0) for s in state)
 
         # torch.nn's order (its cell ops check sizes, then the matrix products meet the dtypes)
         if x.shape[1] != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {x.shape[1]} expected {self.input_size}")
-        for i, s in enumerate(state):
+        for i, s in enumerate(state or ()):
             if s.shape[0] != x.shape[0]:
                 raise RuntimeError(f"Input batch size {x.shape[0]} doesn't match hidden{i} batch size {s.shape[0]}")
             if s.shape[1] != self.hidden_size:
                 raise RuntimeError(
                     f"hidden{i} has inconsistent hidden_size: got {s.shape[1]}, expected {self.hidden_size}"
                 )
-        _check_dtype(x, self.weight_ih, RuntimeError)
-        _check_state_like(state, x)
-
-        params = cell.record(**{p.name: getattr(self, p.name, None) for p in cell.params})
-        new = cell.step(F.linear(x, self.weight_ih, self.bias_ih), state, params)
+        params = self._params(cell)
+        _check_dtype(x, params.weight_ih, RuntimeError)
+        if state is not None:
+            _check_state_like(state, x)
+        new = _cell.run(cell, x, state, params)
         if not batched:
             new = tuple(s.squeeze(0) for s in new)
         return new[0] if cell.state_size == 1 else new

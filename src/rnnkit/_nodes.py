@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import _stack
 from ._arrays import array, output_grad, tensors, weight_arrays
-from ._driver import Packing, reference_layer, run_layers
+from ._driver import Packing, contract, reference_layer, run_layers
 from ._stack import Needs, Plan
 from .cells import Cell, dims_of
 
@@ -197,16 +197,7 @@ def reference_grads(plan: Plan, x, h0, c0, flat, grad_outputs, needs) -> list:
         out, state_n = run_layers(cell, reference_layer, x, state0, params, plan.num_layers, plan.reverses, 0.0,
                                   False, packing)
     outputs = (out, state_n[0], state_n[1] if cell.state_size == 2 else None)
-    inputs = (x, h0, c0, *flat)
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and g is not None]
-    wanted = [i for i, (t, n) in enumerate(zip(inputs, needs)) if n and t is not None and t.requires_grad]
-    result: list = [None] * len(inputs)
-    if pairs and wanted:
-        grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
-                                    create_graph=torch.is_grad_enabled(), allow_unused=True)
-        for i, g in zip(wanted, grads):
-            result[i] = g
-    return result
+    return contract(outputs, grad_outputs, (x, h0, c0, *flat), needs)
 
 
 __all__ = ["run_stack", "layer_fn", "reference_grads", "flatten", "unflatten", "steps_of"]

@@ -14,6 +14,10 @@ Routes:
                one autograd node for the whole stack)
     step       one step (T = 1) of a stack without projections: one kernel call per
                layer-direction each way, weights as stored (no packing, no time chunks)
+Cell modules (RNNCell, GRUCell, LSTMCell; ``Call.module == "cell"``; rnnkit._cell):
+    cell       the kernels: one call each way (training: one autograd node)
+    native     torch.nn's own cell op (torch._VF), where the kernels do not pay or apply
+    reference  as above (the torch-ops step)
 ``by_layer``: inter-layer dropout is active (training, dropout > 0, more than one layer): the
 layers then run one by one with torch's dropout between them (so a seeded run drops what
 torch.nn drops), each layer-direction on the route's kernels.
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -47,6 +51,7 @@ class Call(NamedTuple):
     backend: str  # the user's choice: "auto", "fused" or "reference"
     special: str = ""  # what only torch ops can run: "autocast", "transform", "mixed dtypes"
     compiling: bool = False
+    module: str = "layer"  # "layer" (RNN, GRU, LSTM) or "cell" (a cell module's one step)
 
     def layer_dims(self, layer: int) -> Dims:
         if layer == 0:
@@ -133,6 +138,11 @@ class Limits:
     # - LSTM steps always fused (torch.nn's oneDNN LSTM costs more there).
     elman_step_min_weights: int = 512 * 512
     elman_step_max_rows: int = 8
+    # ---- cell modules (one step of RNNCell, GRUCell, LSTMCell). The kernels' step runs its
+    # products on one thread; torch.nn's cell op on torch's threads. With more than one thread
+    # allowed, steps of more multiply-adds than these (B * G*H * (I + H)) run torch.nn's op.
+    cell_max_infer_work: int = 1 << 24
+    cell_max_train_work: int = 1 << 24
 
 
 LIMITS = Limits()
@@ -144,10 +154,27 @@ def limits(**changes) -> Iterator[Limits]:
     global LIMITS
     previous = LIMITS
     LIMITS = dataclasses.replace(previous, **changes)
+    _ROUTES.clear()
     try:
         yield LIMITS
     finally:
         LIMITS = previous
+        _ROUTES.clear()
+
+
+def route_of(key: tuple, call: Callable[[], Call]) -> Route:
+    """``route(call())``, remembered under ``key``, which must determine the call (for callers
+    whose glue is counted in microseconds: a cell module stepped in a loop)."""
+    found = _ROUTES.get(key)
+    if found is None:
+        found = route(call())
+        if len(_ROUTES) > 256:
+            _ROUTES.clear()
+        _ROUTES[key] = found
+    return found
+
+
+_ROUTES: dict = {}  # (cleared when the limits change)
 
 
 def supported(cell: Cell, dtype: torch.dtype, device_type: str) -> bool:
@@ -161,18 +188,35 @@ def route(call: Call) -> Route:
         # (autocast, torch.func transforms, mixed dtypes: only torch ops follow them, whatever
         # the choice)
         return Route("reference")
+    cell_module = call.module == "cell"
+    native = Route("native" if cell_module and call.cell.mode in NATIVE_CELLS else "reference")
     if not supported(call.cell, call.dtype, call.device_type):
         if call.backend == "fused":
             raise RuntimeError(
                 f"rnnkit backend 'fused' does not support {call.cell.mode} with {call.dtype} tensors on "
                 f"{call.device_type}; use rnnkit.set_backend('auto') or 'reference'")
-        return Route("reference")
-    if call.compiling:
-        return Route("compiled", by_layer=True)
+        return native
+    if call.compiling:  # (a cell's torch ops trace as they are)
+        return Route("reference") if cell_module else Route("compiled", by_layer=True)
+    if cell_module:
+        return Route("cell") if call.backend == "fused" or _cell_pays(call) else native
     step = call.steps == 1 and step_fits(call, call.grad)
     if call.backend == "auto" and not _fused_pays(call, step):
         return Route("reference")
     return Route("step" if step else "sequence", by_layer=call.dropout)
+
+
+NATIVE_CELLS = ("RNN_TANH", "RNN_RELU", "GRU", "LSTM")  # the cells torch has an op of its own for
+
+
+def _cell_pays(call: Call) -> bool:
+    """"auto", a cell module's step: whether the kernels run it faster than torch.nn's cell op
+    (see LIMITS, cell modules)."""
+    dims = call.dims
+    work = call.batch * dims.gate_rows * (dims.input + dims.hidden)
+    if threads() < 2:
+        return True
+    return work <= (LIMITS.cell_max_train_work if call.grad else LIMITS.cell_max_infer_work)
 
 
 def _fused_pays(call: Call, step: bool) -> bool:

@@ -1,0 +1,263 @@
+"""One step of a cell module (``RNNCell``, ``GRUCell``, ``LSTMCell``), by the route
+``_plan.route`` picks for it:
+
+    cell       the kernels: inference is one call of ``step_rows`` (both products and the
+               pointwise update; nothing allocated but the results); training is one autograd
+               node, one kernel call each way (``step_rows`` keeping what ``step_back_rows``
+               reads)
+    native     torch.nn's own cell op (``torch._VF.*_cell``, what torch.nn's cells run): where
+               the kernels do not pay (large products, which torch's threaded BLAS runs faster)
+               or do not apply (another dtype or device)
+    reference  the cell's torch-ops step (rnnkit.cells): the oracle, and what follows autocast,
+               torch.func transforms and torch.compile
+
+A cell called in a Python loop (attention decoders, RL agents) pays its glue at every step, so
+this path is kept short: the route is cached per kind of call, zero states and scratch arrays are
+shared per size (the kernels hold the GIL: one call at a time), weights are cached views.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _backend, _plan
+from ._arrays import absent, array, weight_array
+from ._driver import contract
+from ._run import autocast_on
+from .cells import Cell, Dims
+
+_NATIVE = {"RNN_TANH": torch._VF.rnn_tanh_cell, "RNN_RELU": torch._VF.rnn_relu_cell, "GRU": torch._VF.gru_cell,
+           "LSTM": torch._VF.lstm_cell}
+_SCRATCH: dict = {}  # (B, G*H, H, dtype, cell) -> (xw, hw, saved, zero h, zero c) for inference
+
+
+def route(cell: Cell, x: Tensor, state, params) -> _plan.Route:
+    """The route of a cell call (``_plan.route`` of its ``Call``, remembered per kind of call)."""
+    grad_mode = torch.is_grad_enabled()
+    dtype = x.dtype
+    grad = grad_mode and x.requires_grad
+    mixed = False
+    for t in params:
+        if t is not None:
+            grad = grad or (grad_mode and t.requires_grad)
+            mixed = mixed or t.dtype is not dtype
+    for t in state or ():
+        grad = grad or (grad_mode and t.requires_grad)
+        mixed = mixed or t.dtype is not dtype
+    if torch._C._is_any_autocast_enabled() and autocast_on(x):
+        special = "autocast"
+    elif torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
+        special = "transform"
+    else:
+        special = "mixed dtypes" if mixed else ""
+    hidden = params.weight_hh.shape[1]
+    key = (cell.mode, x.shape[0], x.shape[1], hidden, dtype, "cpu" if x.is_cpu else x.device.type, grad_mode,
+           grad, _backend.get_backend(), special, torch.compiler.is_compiling(), torch.get_num_threads())
+    return _plan.route_of(key, lambda: _plan.Call(cell, 1, 1, 1, key[1], Dims(key[2], hidden, 0, cell.gates), dtype,
+                                                  key[5], grad_mode, grad, False, key[8], special, key[10], "cell"))
+
+
+def run(cell: Cell, x: Tensor, state, params) -> tuple:
+    """The new state of a cell module's step: x (B, I), state a tuple of (B, H) tensors or None
+    (zeros), params the cell's parameter record of tensors."""
+    if x.is_cpu != params.weight_ih.is_cpu:  # (torch's op says which devices differ, as in torch.nn)
+        path = "native"
+    else:
+        path = route(cell, x, state, params).path
+    if path == "cell":
+        if torch.is_grad_enabled():
+            zeros = state is None
+            h0, c0 = (None, None) if zeros else (state[0], state[1] if len(state) == 2 else None)
+            new = _CellNode.apply(cell, x, h0, c0, *params)
+            return new if isinstance(new, tuple) else (new,)
+        return _infer(cell, x, state, params)
+    if state is None:
+        zeros = x.new_zeros(x.shape[0], params.weight_hh.shape[1])
+        state = (zeros,) * cell.state_size
+    if path == "native":
+        new = _NATIVE[cell.mode](x, state if cell.state_size == 2 else state[0], params.weight_ih,
+                                 params.weight_hh, params.bias_ih, params.bias_hh)
+        return new if isinstance(new, tuple) else (new,)
+    from torch.nn import functional as F
+
+    return tuple(cell.step(F.linear(x, params.weight_ih, params.bias_ih), state, params))
+
+
+def _scratch(cell: Cell, B: int, GH: int, H: int, dtype) -> tuple:
+    key = (cell.mode, B, GH, H, dtype)
+    found = _SCRATCH.get(key)
+    if found is None:
+        if len(_SCRATCH) > 64:
+            _SCRATCH.clear()
+        zero_c = np.zeros((B, H if cell.state_size == 2 else 0), dtype)
+        found = _SCRATCH[key] = (np.empty((B, GH), dtype), np.empty((B, GH), dtype),
+                                 np.empty((1, 1, max(1, cell.saved) * H), dtype), np.zeros((B, H), dtype), zero_c)
+    return found
+
+
+def _weights(cell: Cell, params) -> tuple:
+    """(w_ih, b_ih, w_hh, b_hh, own) as the kernels take them: views of the parameters, cached
+    per record (the same tensors at the same addresses; a view holds its tensor, whose id then
+    cannot be reused), so in-place updates show through."""
+    key = tuple(map(id, params))
+    found = _WEIGHTS.get(key)
+    present = [t for t in params if t is not None]
+    addresses = tuple(map(_data_ptr, present))
+    if found is not None and found[0] == addresses:
+        return found[1]
+    w_ih, w_hh = weight_array(params.weight_ih), weight_array(params.weight_hh)
+    b_ih, b_hh = params.bias_ih, params.bias_hh
+    b_ih = absent(w_ih.dtype, 1) if b_ih is None else weight_array(b_ih)
+    b_hh = absent(w_ih.dtype, 1) if b_hh is None else weight_array(b_hh)
+    own = tuple(weight_array(getattr(params, n)) for n in cell.own_params)
+    arrays = (w_ih, b_ih, w_hh, b_hh, own)
+    if all(t.is_contiguous() for t in present):  # (else the arrays are copies: stale after an update)
+        if len(_WEIGHTS) > 64:
+            _WEIGHTS.clear()
+        _WEIGHTS[key] = (addresses, arrays)
+    return arrays
+
+
+_WEIGHTS: dict = {}  # ids of a parameter record -> (their addresses, their arrays)
+_data_ptr = Tensor.data_ptr
+
+
+def state_array(t: Tensor) -> np.ndarray:
+    """A state tensor's values as an array; for a state this module returned (a loop's previous
+    step), the array it was made from, found by identity (a tensor's numpy view costs more than
+    the kernel's step on small sizes)."""
+    found = _RETURNED.get(id(t))
+    if found is not None and found[0]() is t:
+        return found[1]
+    return array(t)
+
+
+def returned(a: np.ndarray) -> Tensor:
+    """The tensor of a result array, remembered for ``state_array``."""
+    t = torch.from_numpy(a)
+    if len(_RETURNED) > 32:
+        _RETURNED.clear()
+    _RETURNED[id(t)] = (weakref.ref(t), a)
+    return t
+
+
+_RETURNED: dict = {}  # id of a returned tensor -> (weak reference to it, its array)
+
+
+def _infer(cell: Cell, x: Tensor, state, params) -> tuple:
+    w_ih, b_ih, w_hh, b_hh, own = _weights(cell, params)
+    x_np = array(x)
+    B, (GH, H) = x_np.shape[0], w_hh.shape
+    dtype = x_np.dtype
+    xw, hw, saved, zero_h, zero_c = _scratch(cell, B, GH, H, dtype)
+    if state is None:
+        h0, c0 = zero_h, zero_c
+    else:
+        h0, c0 = state_array(state[0]), state_array(state[1]) if cell.state_size == 2 else zero_c
+    h = np.empty((B, H), dtype)
+    c = np.empty(zero_c.shape, dtype)
+    _kernels(cell).step_rows(x_np, w_ih, b_ih, w_hh, b_hh, h0, c0, h, c, h, xw, hw, saved, False, own)
+    return (returned(h), returned(c)) if cell.state_size == 2 else (returned(h),)
+
+
+def _kernels(cell: Cell):
+    if not _KERNELS:
+        from . import _loops  # (numba loads with the first kernel call)
+
+        _KERNELS.update(_loops.KERNELS)
+    return _KERNELS[cell.mode]
+
+
+_KERNELS: dict = {}
+
+class _CellNode(torch.autograd.Function):
+    """A training step of a cell module as one autograd node: ``step_rows`` forward (keeping the
+    gates), ``step_back_rows`` backward. Inputs: cell, x, h0, c0 (None: zeros; c0 None but for
+    cells with a cell state), then the parameter record's tensors."""
+
+    @staticmethod
+    def forward(ctx, cell: Cell, x, h0, c0, *params):
+        ctx.set_materialize_grads(False)  # (an output without a gradient costs no zeros)
+        record = cell.record(*params)
+        w_ih, b_ih, w_hh, b_hh, own = _weights(cell, record)
+        x_np = array(x)
+        B, (GH, H) = x_np.shape[0], w_hh.shape
+        dtype = x_np.dtype
+        xw, hw, _, zero_h, zero_c = _scratch(cell, B, GH, H, dtype)
+        h0_np = zero_h if h0 is None else state_array(h0)
+        c0_np = zero_c if c0 is None else state_array(c0)
+        h, out = np.empty((B, H), dtype), np.empty((B, H), dtype)
+        c = np.empty(zero_c.shape, dtype)
+        saved = np.empty((1, B, cell.saved * H), dtype)
+        _kernels(cell).step_rows(x_np, w_ih, b_ih, w_hh, b_hh, h0_np, c0_np, h, c, out, xw, hw, saved, True, own)
+        # what backward reads goes through save_for_backward (an in-place change of it then
+        # raises, as in torch.nn); backward reads the arrays themselves (their views)
+        ctx.save_for_backward(x, h0, c0, *params)
+        ctx.cell = cell
+        ctx.arrays = (x_np, h0_np, c0_np, h, saved, w_ih, w_hh, own)
+        # the caller gets ``out``, a copy of h, which it may change in place (h is backward's)
+        if cell.state_size == 2:
+            return returned(out), returned(c)
+        return returned(out)
+
+    @staticmethod
+    def backward(ctx, d_h, d_c=None):
+        cell = ctx.cell
+        saved_tensors = ctx.saved_tensors  # (checks that nothing was changed in place)
+        needs = ctx.needs_input_grad  # (cell, x, h0, c0, *params)
+        x, h0, c0, h, saved, w_ih, w_hh, own = ctx.arrays
+        B, (GH, H) = x.shape[0], w_hh.shape
+        dtype = x.dtype
+        dh = dc = None
+        if not torch.is_grad_enabled():
+            try:  # (copies: the kernel writes dL/dh0 and dL/dc0 over them)
+                dh = np.zeros((B, H), dtype) if d_h is None else np.array(d_h.numpy())
+                dc = np.zeros(c0.shape, dtype) if d_c is None else np.array(d_c.numpy())
+            except RuntimeError:  # (no numpy view: autograd's batched gradients, or a conjugate)
+                if not _batched(d_h, d_c):
+                    raise
+                dh = None
+        if dh is None:  # a differentiable or a batched backward: the torch-ops step's gradients
+            return (None, *_reference_grads(cell, saved_tensors, (d_h, d_c), needs[1:]))
+        d_xw = np.empty((B, GH), dtype)
+        d_hw = np.empty((B, GH), dtype) if cell.separate_input_grad else d_xw
+        dx = np.zeros(x.shape, dtype) if needs[1] else absent(dtype, 2)
+        grads = [np.empty(t.shape, dtype) if need and t is not None else None
+                 for t, need in zip(saved_tensors[3:], needs[4:])]
+        g = cell.record(*grads)
+        none1, none2 = absent(dtype, 1), absent(dtype, 2)
+        _kernels(cell).step_back_rows(
+            dh, dc, saved, x, h0, c0, h, w_ih, w_hh, d_xw, d_hw, needs[2], dx,
+            none2 if g.weight_ih is None else g.weight_ih, none2 if g.weight_hh is None else g.weight_hh,
+            none1 if g.bias_ih is None else g.bias_ih, none1 if g.bias_hh is None else g.bias_hh, own)
+        return (None, torch.from_numpy(dx) if needs[1] else None, torch.from_numpy(dh) if needs[2] else None,
+                torch.from_numpy(dc) if needs[3] else None,
+                *(None if a is None else torch.from_numpy(a) for a in grads))
+
+
+def _batched(*grads) -> bool:
+    """Whether autograd hands this backward batched gradients (``is_grads_batched``): vmap sees
+    through torch ops, not through the kernels."""
+    return any(g is not None and (torch._C._functorch.is_batchedtensor(g) or "Batched" in str(torch._C._dispatch_keys(g)))
+               for g in grads)
+
+
+def _reference_grads(cell: Cell, inputs: tuple, grad_outputs: tuple, needs: tuple) -> list:
+    """The differentiable fallback (double backward, batched gradients): the gradients of the
+    cell's torch-ops step, run anew from the node's saved inputs."""
+    from torch.nn import functional as F
+
+    x, h0, c0, *params = inputs
+    p = cell.record(*params)
+    with torch.enable_grad():
+        zeros = x.new_zeros(x.shape[0], p.weight_hh.shape[1])
+        state = (zeros if h0 is None else h0,) + ((zeros if c0 is None else c0,) if cell.state_size == 2 else ())
+        new = cell.step(F.linear(x, p.weight_ih, p.bias_ih), state, p)
+    return contract(new, grad_outputs, inputs, needs)
+
+
+__all__ = ["run", "route"]
