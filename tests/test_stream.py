@@ -183,3 +183,14 @@ def test_stream_falls_back_to_the_module_where_kernels_do_not_apply():
     torch.testing.assert_close(stream.state, want_n, atol=0, rtol=0)
     stream.reset()
     assert stream.state.abs().sum() == 0
+
+
+@pytest.mark.parametrize("layers", [3, 5])
+def test_stream_of_a_deep_stack(layers):
+    """Deeper stacks pass their layers padded to the kernel (to 4, to 8): the padding is unread."""
+    module = _layer(rnnkit, "lstm-proj", num_layers=layers)
+    x = torch.randn(4, 2, 5)
+    with torch.no_grad():
+        want, _ = module(x)
+    stream = rnnkit.Stream(module, batch_size=2)
+    torch.testing.assert_close(torch.stack([stream(x[t]) for t in range(4)]), want, **TOL[torch.float32])

@@ -32,6 +32,11 @@ from .cells import CELLS, Cell, dims_of
 _data_ptr = Tensor.data_ptr
 
 
+def _padded(layers: int) -> int:
+    """The kernel's tuple length for a stack of ``layers``: the next power of two."""
+    return 1 << (layers - 1).bit_length()
+
+
 def _cell_of(module: nn.Module) -> tuple:
     """(registered cell, layers, suffix of a layer's names, batch_first, projection size) of a
     torch.nn or rnnkit recurrent layer or cell."""
@@ -165,6 +170,9 @@ class Stream:
         arrays = [type(r)(*[None if t is None else array(t.detach()) for t in r]) for r in records]
         b1, b2 = absent(np_dtype, 1), absent(np_dtype, 2)
         B, GH = self.batch_size, dims.gate_rows
+        # one entry per layer, padded with the last layer's to 1, 2, 4, 8, ... entries (the
+        # kernel compiles once per tuple length)
+        arrays += [arrays[-1]] * (_padded(len(arrays)) - len(arrays))
         self._args = [
             None,  # x
             tuple(a.weight_ih for a in arrays),

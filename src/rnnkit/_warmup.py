@@ -305,9 +305,10 @@ _SHAPES = (
 
 
 def _calls(dtype, label: str) -> list:
-    """The calls of ``label``: a registered cell's mode (as a layer), or "cells"."""
+    """The calls of ``label``: a registered cell's mode (as a layer, and streamed), or "cells"."""
     if label != "cells":
-        return [lambda shape=shape: _run_layer(label, shape, dtype) for shape in _SHAPES]
+        return [*(lambda shape=shape: _run_layer(label, shape, dtype) for shape in _SHAPES),
+                *(lambda layers=layers: _run_stream(label, layers, dtype) for layers in (1, 2))]
     return [lambda cls=cls, kw=kw, B=B: _run_cell(cls, kw, B, dtype) for cls, kw in _cells() for B in (1, 5)]
 
 
@@ -366,3 +367,14 @@ def _run_cell(cls, kwargs: dict, B: int, dtype) -> None:
             cell(x)
         out = cell(x)
         (out[0] if isinstance(out, tuple) else out).sum().backward()
+
+
+def _run_stream(mode: str, layers: int, dtype) -> None:
+    """rnnkit.Stream over a stack of ``layers`` (the kernel compiles per padded depth: 1, 2, 3-4,
+    5-8, ...; the shallow ones here)."""
+    import torch
+
+    import rnnkit
+
+    layer = rnnkit.RNNBase(mode, 4, 8, layers, dtype=dtype)
+    rnnkit.Stream(layer, batch_size=2)(torch.zeros(2, 4, dtype=dtype))

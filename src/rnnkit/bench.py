@@ -9,6 +9,8 @@ a fresh process. When an implementation's repetitions disagree widely (interquar
 
     python -m rnnkit.bench                       # the grid, all cells, table on stdout
     python -m rnnkit.bench --json out.json --plot out.png --cells gru --reps 15
+    python -m rnnkit.bench --suite cells         # RNNCell / GRUCell / LSTMCell stepped in a loop
+    python -m rnnkit.bench --suite stream        # rnnkit.Stream's latency per step
 """
 
 from __future__ import annotations
@@ -114,14 +116,13 @@ def _quartiles(values: list) -> tuple:
     return q[0], q[1], q[2]
 
 
-def measure(cell: str, shape: tuple, mode: str, reps: int, warmup: int, min_time: float,
-            dtype=torch.float32, packed: bool = False, bidirectional: bool = False, proj_size: int = 0) -> Row:
-    mods, x = _modules(cell, shape, dtype, packed, bidirectional, proj_size)
-    runs = {name: _step(m, x, mode) for name, m in mods.items()}
+def interleaved(runs: dict, reps: int, warmup: int, min_time: float) -> dict:
+    """Seconds per call of each of ``runs`` (name -> callable), ``reps`` times each: warmed up
+    first, then repetitions alternating between them, each a batch of calls lasting about
+    ``min_time`` (timer noise dwarfed)."""
     for run in runs.values():
         for _ in range(warmup):
             run()
-    # Each repetition times a batch of calls long enough (min_time) to dwarf timer noise.
     inner = {}
     for name, run in runs.items():
         start = time.perf_counter()
@@ -134,13 +135,11 @@ def measure(cell: str, shape: tuple, mode: str, reps: int, warmup: int, min_time
             for _ in range(inner[name]):
                 run()
             times[name].append((time.perf_counter() - start) / inner[name])
-    variant = "+".join(v for v, on in (("float64", dtype == torch.float64), ("packed", packed),
-                                        ("bidirectional", bidirectional),
-                                        (f"proj{proj_size}", proj_size > 0)) if on)
-    row = Row(cell, shape, mode, variant)
-    work = flops(cell, shape, mode, bidirectional)
-    if packed:  # count the steps sequences really have
-        work *= x.batch_sizes.sum().item() / (shape[0] * shape[1])
+    return times
+
+
+def _summarise(row: "Row", times: dict, work: float) -> "Row":
+    """Medians, spreads, GFLOP/s and the ratio torch.nn / rnnkit (None when noisy) into ``row``."""
     for name, values in times.items():
         lo, med, hi = _quartiles(values)
         row.seconds[name] = med
@@ -149,6 +148,158 @@ def measure(cell: str, shape: tuple, mode: str, reps: int, warmup: int, min_time
     if not row.noisy:
         row.ratio = row.seconds["torch.nn"] / row.seconds["rnnkit"]
     return row
+
+
+def measure(cell: str, shape: tuple, mode: str, reps: int, warmup: int, min_time: float,
+            dtype=torch.float32, packed: bool = False, bidirectional: bool = False, proj_size: int = 0) -> Row:
+    mods, x = _modules(cell, shape, dtype, packed, bidirectional, proj_size)
+    runs = {name: _step(m, x, mode) for name, m in mods.items()}
+    times = interleaved(runs, reps, warmup, min_time)
+    variant = "+".join(v for v, on in (("float64", dtype == torch.float64), ("packed", packed),
+                                        ("bidirectional", bidirectional),
+                                        (f"proj{proj_size}", proj_size > 0)) if on)
+    row = Row(cell, shape, mode, variant)
+    work = flops(cell, shape, mode, bidirectional)
+    if packed:  # count the steps sequences really have
+        work *= x.batch_sizes.sum().item() / (shape[0] * shape[1])
+    return _summarise(row, times, work)
+
+
+# ---- cells in a Python loop, and streaming (the single-step suites)
+# cells: (B, I, H); I = H / 2 (at least 32), as a decoder's input beside its state
+CELL_GRID = [(1, 32, 32), (1, 32, 64), (4, 64, 128), (8, 128, 256), (8, 256, 512), (32, 128, 256),
+             (64, 256, 512), (128, 256, 512), (256, 512, 1024)]
+# streaming: (B, I, H, layers)
+STREAM_GRID = [(1, 32, 64, 1), (1, 32, 64, 2), (1, 32, 256, 1), (1, 32, 256, 2), (16, 32, 64, 1),
+               (16, 32, 64, 2), (16, 32, 256, 1), (16, 32, 256, 2)]
+
+
+def measure_cell(cell: str, shape: tuple, mode: str, reps: int, warmup: int, min_time: float,
+                 dtype=torch.float32) -> Row:
+    """One step of a cell module (``RNNCell``, ``GRUCell``, ``LSTMCell``), the state carried from
+    step to step as a loop carries it: under no_grad ("forward"), or ("train") a step's forward
+    and a backward of its output's sum."""
+    B, I, H = shape
+    cls, kwargs, gates = CELLS[cell]
+    torch.manual_seed(0)
+    mods = {name: make(cls + "Cell")(I, H, **kwargs).to(dtype) for name, make in IMPLEMENTATIONS.items()}
+    for m in mods.values():
+        m.load_state_dict(mods["torch.nn"].state_dict())
+    x = torch.randn(B, I, dtype=dtype)
+
+    def runner(module):
+        state = [None]
+
+        def run():
+            if mode == "forward":
+                with torch.no_grad():
+                    state[0] = module(x, state[0])
+            else:
+                module.zero_grad(set_to_none=True)
+                new = module(x, state[0])
+                (new[0] if isinstance(new, tuple) else new).sum().backward()
+                state[0] = tuple(s.detach() for s in new) if isinstance(new, tuple) else new.detach()
+        return run
+
+    times = interleaved({name: runner(m) for name, m in mods.items()}, reps, warmup, min_time)
+    work = 2.0 * B * gates * H * (I + H) * (3 if mode == "train" else 1)
+    return _summarise(Row(cell, shape, mode, "float64" if dtype == torch.float64 else ""), times, work)
+
+
+def _onnx_step(module, B: int):
+    """An ONNX Runtime session of one step of a torch.nn layer with its state as inputs and
+    outputs, or None when onnxruntime (or torch's exporter) is not there: an optional peer."""
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        return None
+    import io
+
+    import onnxruntime
+
+    L = module.num_layers
+    H = module.hidden_size
+    lstm = isinstance(module, nn.LSTM)
+    state = (torch.zeros(L, B, H), torch.zeros(L, B, H)) if lstm else torch.zeros(L, B, H)
+    x = torch.zeros(1, B, module.input_size)
+    names = ["x", "h", "c"] if lstm else ["x", "h"]
+    buffer = io.BytesIO()
+    try:
+        torch.onnx.export(module, (x, state), buffer, input_names=names,
+                          output_names=["y", "h_n", "c_n"] if lstm else ["y", "h_n"], dynamo=False)
+    except Exception as e:  # (the exporter needs packages of its own)
+        print(f"onnxruntime: not measured ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    feeds = {"x": x.numpy(), "h": (state[0] if lstm else state).numpy()}
+    if lstm:
+        feeds["c"] = state[1].numpy()
+    return session, feeds
+
+
+def measure_stream(cell: str, shape: tuple, reps: int, warmup: int, min_time: float, dtype=torch.float32) -> Row:
+    """Latency of one step through a stack of layers, the state carried: rnnkit.Stream (torch
+    tensors in and out; and NumPy arrays) against torch.nn's cells stepping the same stack in
+    Python, torch.nn's layer called with T = 1, and ONNX Runtime's session of one step where it
+    is installed. The ratio is torch.nn's cells over rnnkit's stream with tensors."""
+    B, I, H, L = shape
+    cls, kwargs, gates = CELLS[cell]
+    torch.manual_seed(0)
+    layer = getattr(nn, cls)(I, H, L, **kwargs).to(dtype).eval()
+    cells = [getattr(nn, cls + "Cell")(I if k == 0 else H, H, **kwargs).to(dtype) for k in range(L)]
+    for k, c in enumerate(cells):
+        c.load_state_dict({name[:-3]: p for name, p in layer.state_dict().items() if name.endswith(f"_l{k}")})
+    x = torch.randn(B, I, dtype=dtype)
+    xn = x.numpy()
+    stream = rnnkit.Stream(layer, batch_size=B)
+    lstm = cls == "LSTM"
+    carried = {"cells": [None] * L, "layer": None}
+
+    def torch_cells():
+        with torch.no_grad():
+            inp = x
+            for k, c in enumerate(cells):
+                carried["cells"][k] = c(inp, carried["cells"][k])
+                inp = carried["cells"][k][0] if lstm else carried["cells"][k]
+
+    x1 = x.unsqueeze(0)
+
+    def torch_layer():
+        with torch.no_grad():
+            _, carried["layer"] = layer(x1, carried["layer"])
+
+    runs = {"torch.nn": torch_cells, "torch.nn layer": torch_layer, "rnnkit": lambda: stream(x),
+            "rnnkit numpy": lambda: stream(xn)}
+    onnx = _onnx_step(layer, B) if dtype == torch.float32 else None
+    if onnx is not None:
+        session, feeds = onnx
+        outputs = ["y", "h_n", "c_n"] if lstm else ["y", "h_n"]
+        feeds = dict(feeds, x=x1.numpy())
+
+        def ort():
+            result = session.run(outputs, feeds)
+            feeds["h"] = result[1]
+            if lstm:
+                feeds["c"] = result[2]
+        runs["onnxruntime"] = ort
+    times = interleaved(runs, reps, warmup, min_time)
+    work = 2.0 * B * gates * H * sum((I if k == 0 else H) + H for k in range(L))
+    return _summarise(Row(cell, shape, "stream", "float64" if dtype == torch.float64 else ""), times, work)
+
+
+def format_steps(rows: list) -> str:
+    """The single-step suites' table: microseconds per step of each implementation, and each
+    one's time over rnnkit's."""
+    names = []
+    for r in rows:
+        names += [n for n in r.seconds if n not in names]
+    lines = [f"{'cell':9} {'shape':18} {'mode':8} " + " ".join(f"{n + ' us':>16}" for n in names)
+             + "  ratio (torch.nn / rnnkit)  variant"]
+    for r in rows:
+        cols = " ".join(f"{r.seconds[n] * 1e6:16.2f}" if n in r.seconds else f"{'':16}" for n in names)
+        ratio = f"{r.ratio:6.2f}x" if r.ratio is not None else " noisy"
+        lines.append(f"{r.cell:9} {str(r.shape):18} {r.mode:8} {cols}  {ratio:>25}  {r.variant}")
+    return "\n".join(lines)
 
 
 _MEMORY_SNIPPET = """
@@ -232,17 +383,25 @@ def plot(rows: list, path: str) -> None:
     plt.close(fig)
 
 
-def _shape(text: str) -> tuple:
-    """--shapes' type: T,B,I,H,L, five positive integers."""
-    try:
-        shape = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape T,B,I,H,L: its numbers must be integers") from None
-    if len(shape) != 5:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape T,B,I,H,L: it needs 5 numbers, got {len(shape)}")
-    if min(shape) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shape T,B,I,H,L: its numbers must be positive")
-    return shape
+def _shape_of(names: str) -> Callable[[str], tuple]:
+    """A shapes option's type: positive integers, one per letter of ``names`` (say "T,B,I,H,L")."""
+    size = len(names.split(","))
+
+    def parse(text: str) -> tuple:
+        try:
+            shape = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a shape {names}: its numbers must be integers") from None
+        if len(shape) != size:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a shape {names}: it needs {size} numbers, got {len(shape)}")
+        if min(shape) <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a shape {names}: its numbers must be positive")
+        return shape
+
+    return parse
+
+
+_shape = _shape_of("T,B,I,H,L")
 
 
 def _number(kind: type, low: float, inclusive: bool = True) -> Callable[[str], float]:
@@ -266,11 +425,22 @@ def build_parser() -> argparse.ArgumentParser:
     available = [c for c in CELLS if hasattr(rnnkit, CELLS[c][0])]
     grid = " ".join(",".join(map(str, shape)) for shape in GRID)
     parser = Parser(prog="rnnkit bench", description=__doc__.split("\n\n")[0])  # (one-line errors)
+    parser.add_argument("--suite", choices=["layers", "cells", "stream"], default="layers",
+                        help="layers: whole sequences through RNN / GRU / LSTM; cells: one step of RNNCell / "
+                        "GRUCell / LSTMCell, state carried as a loop carries it; stream: one step through a "
+                        "stack by rnnkit.Stream against torch.nn's cells and layer (and ONNX Runtime where "
+                        "installed) (default: %(default)s)")
     parser.add_argument("--cells", nargs="+", default=available, choices=list(CELLS), metavar="CELL",
                         help=f"cells to measure, of {', '.join(CELLS)} (default: {' '.join(available)})")
     parser.add_argument("--shapes", nargs="+", type=_shape, default=GRID, metavar="T,B,I,H,L",
                         help="shapes: sequence length, batch, input size, hidden size, layers "
                         f"(default: the standard grid, {grid})")
+    parser.add_argument("--cell-shapes", nargs="+", type=_shape_of("B,I,H"), default=CELL_GRID, metavar="B,I,H",
+                        help="--suite cells: batch, input size, hidden size (default: "
+                        f"{' '.join(','.join(map(str, s)) for s in CELL_GRID)})")
+    parser.add_argument("--stream-shapes", nargs="+", type=_shape_of("B,I,H,L"), default=STREAM_GRID,
+                        metavar="B,I,H,L", help="--suite stream: batch, input size, hidden size, layers (default: "
+                        f"{' '.join(','.join(map(str, s)) for s in STREAM_GRID)})")
     parser.add_argument("--modes", nargs="+", default=["forward", "train"], choices=["forward", "train"],
                         help="forward (under no_grad) and/or train (forward + backward) (default: forward train)")
     parser.add_argument("--reps", type=_number(int, 1), default=11,
@@ -320,26 +490,39 @@ def main(argv=None) -> int:
         parser.error("--plot needs matplotlib, which is not installed: pip install 'rnnkit[cli]'")
     info = machine()
     print("machine:", ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
-    plan = [(cell, shape, mode) for cell in args.cells for shape in args.shapes for mode in args.modes]
+    dtype = getattr(torch, args.dtype)
+    if args.suite == "stream":
+        plan = [(cell, shape, "stream") for cell in args.cells for shape in args.stream_shapes]
+    elif args.suite == "cells":
+        plan = [(cell, shape, mode) for cell in args.cells for shape in args.cell_shapes for mode in args.modes]
+    else:
+        plan = [(cell, shape, mode) for cell in args.cells for shape in args.shapes for mode in args.modes]
+    table = format_table if args.suite == "layers" else format_steps
     rows = []
     interrupted = False
     start = time.perf_counter()
-    print(format_table([]), flush=True)  # the header; each row follows as it is measured
+    if args.suite == "layers":
+        print(format_table([]), flush=True)  # the header; each row follows as it is measured
     try:
         for done, (cell, shape, mode) in enumerate(plan):
             print(_progress(done, len(plan), f"{cell} {shape} {mode}", time.perf_counter() - start),
                   file=sys.stderr, flush=True)
-            row = measure(cell, shape, mode, args.reps, args.warmup, args.min_time,
-                          getattr(torch, args.dtype), args.packed, args.bidirectional, args.proj_size)
-            if mode == "train" and not args.no_memory and not row.variant:  # memory: default grid only
-                row.peak_mib = {name: peak_memory_mib(name, cell, shape) for name in IMPLEMENTATIONS}
+            if args.suite == "stream":
+                row = measure_stream(cell, shape, args.reps, args.warmup, args.min_time, dtype)
+            elif args.suite == "cells":
+                row = measure_cell(cell, shape, mode, args.reps, args.warmup, args.min_time, dtype)
+            else:
+                row = measure(cell, shape, mode, args.reps, args.warmup, args.min_time, dtype, args.packed,
+                              args.bidirectional, args.proj_size)
+                if mode == "train" and not args.no_memory and not row.variant:  # memory: default grid only
+                    row.peak_mib = {name: peak_memory_mib(name, cell, shape) for name in IMPLEMENTATIONS}
             rows.append(row)
-            print(format_table([row]).splitlines()[-1], flush=True)
+            print(table([row]).splitlines()[-1], flush=True)
     except KeyboardInterrupt:  # keep what was measured: report and write it
         interrupted = True
         print(f"\ninterrupted: {len(rows)} of {len(plan)} rows measured; reporting those", file=sys.stderr)
     print()
-    print(format_table(rows))
+    print(table(rows))
     if any(r.noisy for r in rows):
         print(f"\n'noisy': an implementation's interquartile range exceeded {NOISY_IQR:.0%} of its median; "
               "close other programs and re-run.")

@@ -350,8 +350,10 @@ def _stream_rows(x, w_ih, b_ih, weight_hh, b_hh, w_hr, own, h, c, out, xw, hw, m
     """Inference steps of a stack of layers of one direction (the streaming API): every layer's
     state, h (L, B, Ho) and c (L, B, Hc), carried in place over the T steps of x (T * B, I), the
     B rows of each step one after another, and out (T * B, Ho) the top layer's h at each step.
-    w_ih, b_ih, weight_hh, b_hh, w_hr and own hold one entry per layer (w_hr (P, H), or (0, 0)
-    when not projecting; biases (0,) when absent; own the cell's own parameters). Weights as
+    w_ih, b_ih, weight_hh, b_hh, w_hr and own hold one entry per layer, or more (entries past
+    the L-th are unread: padded, tuples of a few lengths compile a few copies instead of one per
+    depth) (w_hr (P, H), or (0, 0) when not projecting; biases (0,) when absent; own the cell's
+    own parameters). Weights as
     stored (no packing: a step's products on a few rows, see linalg.linear_any). xw, hw (B, GH),
     m (B, H) (projecting; else unread) and saved (1, 1, S) are scratch. The caller checks the
     weights' shapes against one another."""
@@ -359,8 +361,8 @@ def _stream_rows(x, w_ih, b_ih, weight_hh, b_hh, w_hr, own, h, c, out, xw, hw, m
         borrow(m), borrow(saved)
     L, B, Ho = h.shape
     GH = xw.shape[1]
-    if (len(w_ih) != L or len(b_ih) != L or len(weight_hh) != L or len(b_hh) != L or len(w_hr) != L
-            or len(own) != L or B == 0 or x.shape[0] % B != 0 or c.shape[0] != L or c.shape[1] != B
+    if (len(w_ih) < L or len(b_ih) < L or len(weight_hh) < L or len(b_hh) < L or len(w_hr) < L
+            or len(own) < L or B == 0 or x.shape[0] % B != 0 or c.shape[0] != L or c.shape[1] != B
             or out.shape[0] != x.shape[0] or out.shape[1] != Ho or xw.shape[0] != B or hw.shape[0] != B
             or hw.shape[1] != GH):
         raise ValueError("driver: stream arrays do not fit")
