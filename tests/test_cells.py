@@ -199,12 +199,18 @@ def test_cell_routes():
     params = cell._params(lstm)
     x = torch.randn(2, 8)
     assert _cell.route(lstm, x, None, params).path == "cell"
+    with _plan.limits(cell_max_rows=1, cell_max_weights=0):
+        assert _cell.route(lstm, x, None, params).path == "native"  # (2 rows)
+    assert _cell.route(lstm, x.requires_grad_(), None, params).path == "cell"
+    elman = REGISTRY["RNN_TANH"]
+    assert _cell.route(elman, x, None, rnnkit.RNNCell(8, 16)._params(elman)).path == "native"  # (training)
+    x = x.detach()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _cell.route(lstm, x, None, params).path == "reference"
     with rnnkit.use_backend("reference"):
         assert _cell.route(lstm, x, None, params).path == "reference"
     torch.set_num_threads(2)
-    with _plan.limits(cell_max_infer_work=0, cell_max_train_work=0):
+    with _plan.limits(cell_max_threaded_work=0):
         assert _cell.route(lstm, x, None, params).path == ("native" if _plan.threads() > 1 else "cell")
         with rnnkit.use_backend("fused"):
             assert _cell.route(lstm, x, None, params).path == "cell"

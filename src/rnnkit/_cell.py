@@ -61,9 +61,10 @@ def route(cell: Cell, x: Tensor, state, params) -> _plan.Route:
                                                   key[5], grad_mode, grad, False, key[8], special, key[10], "cell"))
 
 
-def run(cell: Cell, x: Tensor, state, params) -> tuple:
+def run(cell: Cell, x: Tensor, state, params, module=None) -> tuple:
     """The new state of a cell module's step: x (B, I), state a tuple of (B, H) tensors or None
-    (zeros), params the cell's parameter record of tensors."""
+    (zeros), params the cell's parameter record of tensors (of ``module``, whose later inference
+    steps then take the short path, ``infer_fast``)."""
     if x.is_cpu != params.weight_ih.is_cpu:  # (torch's op says which devices differ, as in torch.nn)
         path = "native"
     else:
@@ -74,7 +75,7 @@ def run(cell: Cell, x: Tensor, state, params) -> tuple:
             h0, c0 = (None, None) if zeros else (state[0], state[1] if len(state) == 2 else None)
             new = _CellNode.apply(cell, x, h0, c0, *params)
             return new if isinstance(new, tuple) else (new,)
-        return _infer(cell, x, state, params)
+        return _infer(cell, x, state, params, module)
     if state is None:
         zeros = x.new_zeros(x.shape[0], params.weight_hh.shape[1])
         state = (zeros,) * cell.state_size
@@ -85,6 +86,103 @@ def run(cell: Cell, x: Tensor, state, params) -> tuple:
     from torch.nn import functional as F
 
     return tuple(cell.step(F.linear(x, params.weight_ih, params.bias_ih), state, params))
+
+
+# ---- the inference step's short path. A decoder or agent steps its cell thousands of times
+# with the same module, sizes and dtype: ``infer_fast`` answers such a step with a handful of
+# checks against what the full path found last time (``_FAST``: per module, the parameters'
+# addresses, their arrays and, per batch size, backend and thread count, whether the route is
+# the kernels'), and returns None to send anything else down the full path, which checks it,
+# routes it and records what the short path needs.
+class _Fast:
+    __slots__ = ("module", "mode", "cell", "input_size", "hidden", "dtype", "get", "names", "addresses",
+                 "weights", "rows", "kernel")
+
+
+_FAST: dict = {}  # id(module) -> _Fast
+
+
+def infer_fast(module, x, hx):
+    """A cell module's inference step (x (B, I) on the kernels' route), or None."""
+    entry = _FAST.get(id(module))
+    if (entry is None or entry.module() is not module or type(x) is not Tensor or torch._C._is_any_autocast_enabled()
+            or torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+            or torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()):
+        return None
+    try:
+        a = x.numpy()
+    except (RuntimeError, TypeError):  # (requires grad, another device, ...)
+        return None
+    shape = a.shape
+    if len(shape) != 2 or shape[1] != entry.input_size or a.dtype != entry.dtype or not a.flags.c_contiguous:
+        return None
+    scratch = entry.rows.get((shape[0], _backend.get_backend(), torch.get_num_threads()))
+    if scratch is None or module._mode() != entry.mode:
+        return None
+    try:
+        if tuple(map(_data_ptr, map(entry.get, entry.names))) != entry.addresses:
+            return None
+    except KeyError:
+        return None
+    xw, hw, saved, zero_h, zero_c = scratch
+    if hx is None:
+        h0, c0 = zero_h, zero_c
+    elif entry.cell.state_size == 1:
+        h0, c0 = _state_fast(hx, zero_h), zero_c
+    elif type(hx) is tuple and len(hx) == 2:
+        h0, c0 = _state_fast(hx[0], zero_h), _state_fast(hx[1], zero_h)
+    else:
+        return None
+    if h0 is None or c0 is None:
+        return None
+    h = np.empty(zero_h.shape, a.dtype)
+    w_ih, b_ih, w_hh, b_hh, own = entry.weights
+    if entry.cell.state_size == 1:
+        entry.kernel(a, w_ih, b_ih, w_hh, b_hh, h0, c0, h, c0, h, xw, hw, saved, False, own)
+        return returned(h)
+    c = np.empty(zero_h.shape, a.dtype)
+    entry.kernel(a, w_ih, b_ih, w_hh, b_hh, h0, c0, h, c, h, xw, hw, saved, False, own)
+    return returned(h), returned(c)
+
+
+def _state_fast(t, like: np.ndarray):
+    """A state's array when it is a plain (B, H) CPU tensor of the step's dtype, else None."""
+    found = _RETURNED.get(id(t))
+    if found is not None and found[0] is t:
+        a = found[1]
+        return a if a.shape == like.shape and a.dtype == like.dtype else None
+    if type(t) is Tensor and not t.requires_grad:
+        try:
+            a = t.numpy()
+        except (RuntimeError, TypeError):
+            return None
+    else:
+        return None
+    return a if a.shape == like.shape and a.dtype == like.dtype and a.flags.c_contiguous else None
+
+
+def _remember(module, cell: Cell, x: Tensor, params, weights: tuple, scratch: tuple) -> None:
+    """Record what ``infer_fast`` needs of this module (called by the full path, on the kernels'
+    inference route, after every check)."""
+    entry = _FAST.get(id(module))
+    if entry is None or entry.module() is not module or entry.mode != cell.mode or entry.weights is not weights:
+        names = [p.name for p in cell.params if getattr(params, p.name) is not None]
+        registered = module._parameters
+        if not all(n in registered and registered[n] is getattr(params, n) for n in names):
+            return  # (parameters from elsewhere: a parametrization)
+        entry = _Fast()
+        entry.module, entry.mode, entry.cell = weakref.ref(module), cell.mode, cell
+        entry.input_size, entry.hidden = params.weight_ih.shape[1], params.weight_hh.shape[1]
+        entry.dtype = weights[0].dtype
+        entry.get, entry.names = registered.__getitem__, names
+        entry.addresses = tuple(_data_ptr(getattr(params, n)) for n in names)
+        entry.weights, entry.rows, entry.kernel = weights, {}, _kernels(cell).step_rows
+        if len(_FAST) > 256:
+            _FAST.clear()
+        _FAST[id(module)] = entry
+    if len(entry.rows) > 16:
+        entry.rows.clear()
+    entry.rows[x.shape[0], _backend.get_backend(), torch.get_num_threads()] = scratch
 
 
 def _scratch(cell: Cell, B: int, GH: int, H: int, dtype) -> tuple:
@@ -131,29 +229,32 @@ def state_array(t: Tensor) -> np.ndarray:
     step), the array it was made from, found by identity (a tensor's numpy view costs more than
     the kernel's step on small sizes)."""
     found = _RETURNED.get(id(t))
-    if found is not None and found[0]() is t:
+    if found is not None and found[0] is t:
         return found[1]
     return array(t)
 
 
 def returned(a: np.ndarray) -> Tensor:
-    """The tensor of a result array, remembered for ``state_array``."""
+    """The tensor of a result array, remembered for ``state_array`` (the last few results: a
+    loop's state is the step before's)."""
     t = torch.from_numpy(a)
-    if len(_RETURNED) > 32:
+    if len(_RETURNED) >= 8:
         _RETURNED.clear()
-    _RETURNED[id(t)] = (weakref.ref(t), a)
+    _RETURNED[id(t)] = (t, a)
     return t
 
 
-_RETURNED: dict = {}  # id of a returned tensor -> (weak reference to it, its array)
+_RETURNED: dict = {}  # id of a returned tensor -> (the tensor, its array)
 
 
-def _infer(cell: Cell, x: Tensor, state, params) -> tuple:
-    w_ih, b_ih, w_hh, b_hh, own = _weights(cell, params)
+def _infer(cell: Cell, x: Tensor, state, params, module=None) -> tuple:
+    weights = _weights(cell, params)
+    w_ih, b_ih, w_hh, b_hh, own = weights
     x_np = array(x)
     B, (GH, H) = x_np.shape[0], w_hh.shape
     dtype = x_np.dtype
-    xw, hw, saved, zero_h, zero_c = _scratch(cell, B, GH, H, dtype)
+    scratch = _scratch(cell, B, GH, H, dtype)
+    xw, hw, saved, zero_h, zero_c = scratch
     if state is None:
         h0, c0 = zero_h, zero_c
     else:
@@ -161,6 +262,8 @@ def _infer(cell: Cell, x: Tensor, state, params) -> tuple:
     h = np.empty((B, H), dtype)
     c = np.empty(zero_c.shape, dtype)
     _kernels(cell).step_rows(x_np, w_ih, b_ih, w_hh, b_hh, h0, c0, h, c, h, xw, hw, saved, False, own)
+    if module is not None:
+        _remember(module, cell, x, params, weights, scratch)
     return (returned(h), returned(c)) if cell.state_size == 2 else (returned(h),)
 
 

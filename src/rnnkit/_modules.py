@@ -609,6 +609,13 @@ class LSTM(RNNBase):
 _CELL_SHAPES: dict = {}  # (mode, input size, hidden size) -> a cell module's parameter shapes
 
 
+def _module_hooks() -> bool:
+    """Whether any global module hook is registered (nn.Module's call runs them)."""
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_forward_pre_hooks or hooks._global_forward_hooks or hooks._global_backward_hooks
+                or hooks._global_backward_pre_hooks)
+
+
 class RNNCellBase(nn.Module):
     """Base class of the single-step cells: one step of a registered cell's math."""
 
@@ -681,6 +688,18 @@ class RNNCellBase(nn.Module):
     def __prepare_scriptable__(self):  # torch.jit.script calls it on every submodule first
         _refuse_torchscript(self, "script")
 
+    def __call__(self, *args, **kwargs):
+        # An inference step like the last one goes straight to the kernel (_cell.infer_fast),
+        # without nn.Module's call machinery, when nothing would tell: no hooks, no compiled
+        # call, no tracing (a cell in a Python loop pays these microseconds at every step).
+        if (not torch.is_grad_enabled() and not kwargs and 0 < len(args) < 3 and self._compiled_call_impl is None
+                and not (self._forward_pre_hooks or self._forward_hooks or self._backward_hooks
+                         or self._backward_pre_hooks or _module_hooks())):
+            new = _cell.infer_fast(self, *args)
+            if new is not None:
+                return new
+        return nn.Module.__call__(self, *args, **kwargs)
+
     def forward(self, input: Tensor, hx=None):
         if torch.jit.is_tracing():
             _refuse_torchscript(self, "trace")
@@ -720,7 +739,7 @@ class RNNCellBase(nn.Module):
         _check_dtype(x, params.weight_ih, RuntimeError)
         if state is not None:
             _check_state_like(state, x)
-        new = _cell.run(cell, x, state, params)
+        new = _cell.run(cell, x, state, params, self)
         if not batched:
             new = tuple(s.squeeze(0) for s in new)
         return new[0] if cell.state_size == 1 else new

@@ -138,11 +138,22 @@ class Limits:
     # - LSTM steps always fused (torch.nn's oneDNN LSTM costs more there).
     elman_step_min_weights: int = 512 * 512
     elman_step_max_rows: int = 8
-    # ---- cell modules (one step of RNNCell, GRUCell, LSTMCell). The kernels' step runs its
-    # products on one thread; torch.nn's cell op on torch's threads. With more than one thread
-    # allowed, steps of more multiply-adds than these (B * G*H * (I + H)) run torch.nn's op.
-    cell_max_infer_work: int = 1 << 24
-    cell_max_train_work: int = 1 << 24
+    # ---- cell modules (one step of RNNCell, GRUCell, LSTMCell; "auto"). Measured against
+    # torch.nn's cells, one thread, stepped in a loop (I = H / 2; interleaved; BENCHMARKS.md):
+    # - inference of at most cell_max_rows rows (the kernels' own row loops on the weights as
+    #   stored) 1.4-2.6x; of more rows, BLAS per step: 1.0-2.1x while W_ih and W_hh hold at most
+    #   cell_max_weights values together (Elman and GRU H = 128, 64 rows: 1.1-1.4x), 0.7-0.98x
+    #   beyond (LSTM H = 128, 8-16 rows; every cell at H = 256, 8 rows);
+    # - training (one autograd node): GRU and LSTM 1.1-1.4x at at most cell_max_rows rows, and
+    #   up to cell_max_train_rows rows within cell_max_weights; 0.8-0.95x beyond (LSTM 64 rows,
+    #   GRU and LSTM H = 256, 8 rows). Elman training 0.76-0.89x everywhere: torch.nn's Elman
+    #   cell is a few ops whose autograd costs less than a Python node.
+    # With more threads allowed, steps of more than cell_max_threaded_work multiply-adds (B *
+    # G*H * (I + H)) run torch.nn's op, whose BLAS splits them.
+    cell_max_rows: int = 4
+    cell_max_weights: int = 80_000
+    cell_max_train_rows: int = 16
+    cell_max_threaded_work: int = 1 << 21
 
 
 LIMITS = Limits()
@@ -212,11 +223,15 @@ NATIVE_CELLS = ("RNN_TANH", "RNN_RELU", "GRU", "LSTM")  # the cells torch has an
 def _cell_pays(call: Call) -> bool:
     """"auto", a cell module's step: whether the kernels run it faster than torch.nn's cell op
     (see LIMITS, cell modules)."""
-    dims = call.dims
-    work = call.batch * dims.gate_rows * (dims.input + dims.hidden)
-    if threads() < 2:
-        return True
-    return work <= (LIMITS.cell_max_train_work if call.grad else LIMITS.cell_max_infer_work)
+    dims, B = call.dims, call.batch
+    weights = dims.gate_rows * (dims.input + dims.hidden)
+    if B * weights > LIMITS.cell_max_threaded_work and threads() > 1:
+        return False
+    if call.grad:
+        if call.cell.mode in ("RNN_TANH", "RNN_RELU"):
+            return False
+        return B <= LIMITS.cell_max_rows or (B <= LIMITS.cell_max_train_rows and weights <= LIMITS.cell_max_weights)
+    return B <= LIMITS.cell_max_rows or weights <= LIMITS.cell_max_weights
 
 
 def _fused_pays(call: Call, step: bool) -> bool:
