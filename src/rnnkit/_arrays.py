@@ -47,24 +47,29 @@ def tensors(*arrays_):
 _VIEWS: dict = {}  # id(tensor) -> (weakref to it, data_ptr, shape, strides, view)
 
 
-def weight_array(t: Optional[Tensor]) -> Optional[np.ndarray]:
-    if t is None:
-        return None
-    key = id(t)
-    entry = _VIEWS.get(key)
-    if entry is not None and entry[0]() is t and entry[1] == t.data_ptr() and entry[2] == t.shape \
-            and entry[3] == t.stride():
-        return entry[4]
+def weight_arrays(record):
+    """A parameter record of tensors as a record of (cached) arrays (a loop rather than a call
+    per field: this runs for every layer-direction at every call)."""
+    arrays = []
+    for t in record:
+        if t is not None:
+            entry = _VIEWS.get(id(t))
+            if entry is not None and entry[0]() is t and entry[1] == t.data_ptr() and entry[2] == t.shape \
+                    and entry[3] == t.stride():
+                t = entry[4]
+            else:
+                t = _new_view(t)
+        arrays.append(t)
+    return record._make(arrays)
+
+
+def _new_view(t: Tensor) -> np.ndarray:
     a = array(t)
     if t.is_contiguous():  # (else a is a copy, stale after the next in-place update)
+        key = id(t)
         _VIEWS[key] = (weakref.ref(t, lambda _, key=key: _VIEWS.pop(key, None)), t.data_ptr(), t.shape,
                        t.stride(), a)
     return a
-
-
-def weight_arrays(record):
-    """A parameter record of tensors as a record of (cached) arrays."""
-    return type(record)(*map(weight_array, record))
 
 
 def output_grad(d_out: np.ndarray) -> np.ndarray:

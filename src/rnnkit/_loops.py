@@ -72,7 +72,8 @@ class Kept(NamedTuple):
 
 def own(cell: Cell, p) -> tuple:
     """The cell's own parameters for its row functions (``own`` in kernels/driver.py)."""
-    return tuple(getattr(p, name) for name in cell.own_params)
+    names = cell.own_params
+    return tuple([getattr(p, name) for name in names]) if names else ()
 
 
 def no_cell_state(B: int, dtype) -> np.ndarray:

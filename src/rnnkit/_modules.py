@@ -252,8 +252,15 @@ class RNNBase(nn.Module):
 
     # ----------------------------------------------------------------- shapes and checks
     def _state_sizes(self, batch: int) -> list[tuple]:
-        """Expected (L*D, B, .) shape of each recurrent state tensor: h (then c for LSTM)."""
-        return list(self._cell.state_shapes(self._dims(0), self.num_layers * self._num_directions, batch))
+        """Expected (L*D, B, .) shape of each recurrent state tensor: h (then c for LSTM). Kept
+        for the last sizes and batch in ``_state_sizes_for`` (every call with hx checks them)."""
+        key = (self.mode, self.input_size, self.hidden_size, self.proj_size, self.num_layers, self.bidirectional,
+               batch)
+        cached = self.__dict__.get("_state_sizes_for")
+        if cached is None or cached[0] != key:
+            shapes = self._cell.state_shapes(self._dims(0), self.num_layers * self._num_directions, batch)
+            cached = self._state_sizes_for = (key, shapes)
+        return list(cached[1])
 
     def _hidden_size_error(self, index: int) -> str:
         if self._cell.state_size == 1:
@@ -279,8 +286,9 @@ class RNNBase(nn.Module):
         getattr for names that left it (parametrizations, plain attributes)."""
         expected = self._expected_shapes()
         registered = self._parameters
-        record = self._cell.record
-        index = _record_index(self._cell, self.bias, self.proj_size)
+        cell = self._cell
+        record = cell.record
+        index = _record_index(cell, self.bias, self.proj_size)
         device = data.device
         dtype = first_name = None
         params = []
@@ -291,16 +299,16 @@ class RNNBase(nn.Module):
                 if w is None:
                     w = getattr(self, name)
                     if not isinstance(w, Tensor):
-                        raise TypeError(f"{self._cell.label}: parameter {name} must be a Tensor, "
+                        raise TypeError(f"{cell.label}: parameter {name} must be a Tensor, "
                                         f"got {type(w).__name__}")
                 if w.shape != expected[name]:
-                    raise RuntimeError(f"{self._cell.label}: parameter {name} has shape {tuple(w.shape)}, "
+                    raise RuntimeError(f"{cell.label}: parameter {name} has shape {tuple(w.shape)}, "
                                        f"expected {expected[name]}")
                 if dtype is None:
                     dtype, first_name = w.dtype, name
                 elif w.dtype != dtype:
                     raise RuntimeError(
-                        f"{self._cell.label}: parameter {name} is {w.dtype} but {first_name} is {dtype}; "
+                        f"{cell.label}: parameter {name} is {w.dtype} but {first_name} is {dtype}; "
                         f"convert the whole model: model.to({dtype})"
                     )
                 if w.device != device:

@@ -73,10 +73,10 @@ def run_stack(plan: Plan, x: Tensor, state0: Optional[tuple], params: list, grad
     """(output, state_n) of a stack on the kernels: one autograd node when ``grad``, else
     arrays straight through."""
     h0, c0 = (None, None) if state0 is None else (*state0, None)[:2]
+    arrays = [weight_arrays(p) for p in params]
     if grad:
-        out, h_n, c_n = _StackNode.apply(plan, x, h0, c0, *flatten(params))
+        out, h_n, c_n = _StackNode.apply(plan, arrays, x, h0, c0, *flatten(params))
     else:
-        arrays = [weight_arrays(p) for p in params]
         x_np = array(x)
         h0_np, c0_np = _states(plan.cell, x_np, arrays, plan.num_layers * len(plan.reverses), h0, c0)
         out, h_n, c_n, _ = _stack.forward(plan, False, x_np, h0_np, c0_np, arrays)
@@ -103,9 +103,9 @@ class _StackNode(torch.autograd.Function):
     gradient being the output gradient of the one below."""
 
     @staticmethod
-    def forward(ctx, plan: Plan, x, h0, c0, *flat):
+    def forward(ctx, plan: Plan, params: list, x, h0, c0, *flat):
+        """``params``: the arrays of ``flat``'s records (rnnkit._arrays.weight_arrays)."""
         ctx.set_materialize_grads(False)  # an output without a gradient costs no zeros (backward)
-        params = [weight_arrays(p) for p in unflatten(plan.cell, flat)]
         x_np = array(x)
         h0_np, c0_np = _states(plan.cell, x_np, params, len(params), h0, c0)
         out, h_n, c_n, kept = _stack.forward(plan, True, x_np, h0_np, c0_np, params)
@@ -118,27 +118,34 @@ class _StackNode(torch.autograd.Function):
         results = tensors(out, h_n, c_n)
         # Everything backward reads goes through save_for_backward, so an in-place change of any
         # of it raises instead of corrupting grads, and autograd frees it once backward has run
-        # (or, under activation checkpointing, drops it until then). Arrays kept twice (a
-        # layer's output is the next one's input) are saved once. Backward reads the arrays
+        # (or, under activation checkpointing, drops it until then). Backward reads the arrays
         # themselves rather than converting the saved tensors back (a microsecond each, which
-        # small layers feel): the small ones (states, views of the parameters) directly, the
-        # kept ones through weak references, alive exactly as long as the saved tensors that
-        # own their memory (x's view is made anew: it owns nothing). Arrays without elements
-        # have nothing to protect or free: kept as they are, no tensor saved.
-        index = {id(x_np): 0}  # array -> its position in ``sources``
+        # small layers feel): the small ones (states, views of the parameters) directly.
+        # Arrays without elements have nothing to protect or free: no tensor saved.
         saved = [x]
-        sources: list = [(0, None)]  # (position in saved, weak ref) or the array
-        slots = []
-        for a in kept:
-            if id(a) not in index:
-                index[id(a)] = len(sources)
-                if a.size == 0:
-                    sources.append(a)
-                else:
-                    sources.append((len(saved), weakref.ref(a)))
-                    saved.append(torch.from_numpy(a))
-            slots.append(index[id(a)])
-        ctx.plan, ctx.slots, ctx.sources = plan, slots, sources
+        if plan.step:
+            # a step's few rows (x's row, hs, saved) are not worth freeing early: kept as they
+            # are (x[0] is a view of x, saved as the tensor itself)
+            saved += [torch.from_numpy(a) for a in kept[1:] if a.size]
+            ctx.kept = kept
+        else:
+            # Kept through weak references, alive exactly as long as the saved tensors that own
+            # their memory (x's view is made anew: it owns nothing); arrays kept twice (a layer's
+            # output is the next one's input) saved once.
+            index = {id(x_np): 0}  # array -> its position in ``sources``
+            sources: list = [(0, None)]  # (position in saved, weak ref) or the array
+            slots = []
+            for a in kept:
+                if id(a) not in index:
+                    index[id(a)] = len(sources)
+                    if a.size == 0:
+                        sources.append(a)
+                    else:
+                        sources.append((len(saved), weakref.ref(a)))
+                        saved.append(torch.from_numpy(a))
+                slots.append(index[id(a)])
+            ctx.kept, ctx.slots, ctx.sources = None, slots, sources
+        ctx.plan = plan
         ctx.save_for_backward(h0, c0, *flat, *saved)
         ctx.small = (h0_np, c0_np, params)
         return results
@@ -158,18 +165,20 @@ class _StackNode(torch.autograd.Function):
                     raise
         if grads_out is None:  # a differentiable or a batched backward: see reference_grads
             h0, c0, *rest = tensors_
-            return (None, *reference_grads(plan, rest[n_flat], h0, c0, rest[:n_flat], (d_out, d_hn, d_cn),
-                                           ctx.needs_input_grad[1:]))
-        saved = tensors_[2 + n_flat:]
+            return (None, None, *reference_grads(plan, rest[n_flat], h0, c0, rest[:n_flat], (d_out, d_hn, d_cn),
+                                                 ctx.needs_input_grad[2:]))
         h0, c0, params = ctx.small
-        sources = [source if isinstance(source, np.ndarray) else
-                   array(saved[source[0]]) if source[1] is None or source[1]() is None else source[1]()
-                   for source in ctx.sources]
-        kept = tuple(sources[i] for i in ctx.slots)
+        kept = ctx.kept
+        if kept is None:
+            saved = tensors_[2 + n_flat:]
+            sources = [source if isinstance(source, np.ndarray) else
+                       array(saved[source[0]]) if source[1] is None or source[1]() is None else source[1]()
+                       for source in ctx.sources]
+            kept = tuple(sources[i] for i in ctx.slots)
         needs_flat = ctx.needs_input_grad
-        needs = Needs(needs_flat[1], needs_flat[2], needs_flat[3], unflatten(plan.cell, needs_flat[4:]))
+        needs = Needs(needs_flat[2], needs_flat[3], needs_flat[4], unflatten(plan.cell, needs_flat[5:]))
         dx, d_h0, d_c0, grads = _stack.backward(plan, kept, needs, *grads_out, h0, c0, params)
-        return (None, *tensors(dx, d_h0, d_c0, *flatten(grads)))
+        return (None, None, *tensors(dx, d_h0, d_c0, *flatten(grads)))
 
 
 def _batched(*grads) -> bool:

@@ -36,10 +36,10 @@ def describe(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, nu
         for t in p:
             if t is not None:
                 grad = grad or (grad_mode and t.requires_grad)
-                mixed = mixed or t.dtype != dtype
+                mixed = mixed or t.dtype is not dtype  # (torch's dtypes are singletons)
     for s in state or ():
         grad = grad or (grad_mode and s.requires_grad)
-        mixed = mixed or s.dtype != dtype
+        mixed = mixed or s.dtype is not dtype
     if autocast_on(x):
         special = "autocast"
     elif torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
@@ -55,9 +55,9 @@ def describe(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, nu
         dims = _DIMS[key] = layer_dims(cell, p)
         if len(_DIMS) > 256:
             _DIMS.clear()
-    return _plan.Call(cell, num_layers, directions, x.shape[0], x.shape[1], dims, dtype,
-                      x.device.type, grad_mode, grad, dropout, _backend.get_backend(), special,
-                      torch.compiler.is_compiling())
+    T, B = x.shape[:2]
+    return _plan.Call(cell, num_layers, directions, T, B, dims, dtype, "cpu" if x.is_cpu else x.device.type,
+                      grad_mode, grad, dropout, _backend.get_backend(), special, torch.compiler.is_compiling())
 
 
 def run(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, num_layers: int, directions: int,

@@ -11,9 +11,11 @@ reads, a flat tuple of arrays (the autograd node saves each once).
 
 - the "sequence" executor: each layer-direction's time loops (rnnkit._loops);
 - the "step" executor (T = 1, no projections): one kernel call per layer-direction each way,
-  ``step_rows`` and ``step_back_rows``, the weights as stored. A step spends more in the
-  sequence executor's glue (buffers, time chunks, records of a whole sequence, a call per
-  product: about 30 us for Elman 32 -> 64 in inference, 60 in training) than in its arithmetic.
+  ``step_rows`` and ``step_back_rows`` (their arguments in the order of kernels/driver.py's
+  ``StepArgs`` and ``StepBackArgs``, passed as they are), the weights as stored. A step spends
+  more in the sequence executor's glue (buffers, time chunks, records of a whole sequence, a
+  call per product: about 30 us for Elman 32 -> 64 in inference, 60 in training) than in its
+  arithmetic.
 """
 
 from __future__ import annotations
@@ -23,10 +25,9 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _loops
-from ._arrays import absent, or_absent
+from ._arrays import absent
 from ._driver import walk, walk_back
 from .cells import Cell
-from .kernels.driver import StepArgs, StepBackArgs
 
 
 class Plan(NamedTuple):
@@ -151,10 +152,11 @@ def _step_forward(plan: Plan, training: bool, x, h0, c0, params) -> tuple:
 
     def run_one(k, layer, reverse, inp):
         p = params[k]
-        step(*StepArgs(x=inp, w_ih=p.weight_ih, b_ih=b_none if p.bias_ih is None else p.bias_ih,
-                       weight_hh=p.weight_hh, b_hh=b_none if p.bias_hh is None else p.bias_hh, h0=h0[k],
-                       c0=c_n[k] if c0 is None else c0[k], h=hs[k], c=c_n[k], out=h_n[k] if training else copy,
-                       xw=xw, hw=hw, saved=saved[k if training else 0], keep=training, own=_loops.own(cell, p)))
+        # (StepArgs' fields in order, passed as they are: a step's glue is most of its cost, and a
+        # bundle built by keyword costs a microsecond per layer-direction)
+        step(inp, p.weight_ih, b_none if p.bias_ih is None else p.bias_ih, p.weight_hh,
+             b_none if p.bias_hh is None else p.bias_hh, h0[k], c_n[k] if c0 is None else c0[k], hs[k], c_n[k],
+             h_n[k] if training else copy, xw, hw, saved[k if training else 0], training, _loops.own(cell, p))
         return hs[k], None
 
     last, _ = walk(plan.num_layers, plan.reverses, x, run_one, _join)
@@ -177,6 +179,7 @@ def _step_backward(plan: Plan, kept: tuple, needs: Needs, d_out, d_hn, d_cn, h0,
     d_xw = np.empty((B, GH), dtype)
     d_hw = d_xw if not cell.separate_input_grad else np.empty((B, GH), dtype)
     back = _loops.KERNELS[cell.mode].step_back_rows
+    none2, none1 = absent(dtype, 2), absent(dtype, 1)
     grads: list = [None] * LD
 
     def back_one(k, layer, reverse, d_part):
@@ -189,11 +192,11 @@ def _step_backward(plan: Plan, kept: tuple, needs: Needs, d_out, d_hn, d_cn, h0,
                     weight_hh=np.empty(p.weight_hh.shape, dtype) if g.weight_hh else None,
                     bias_ih=np.empty(GH, dtype) if g.bias_ih else None,
                     bias_hh=np.empty(GH, dtype) if g.bias_hh else None)
-        back(*StepBackArgs(dh=d_h0[k], dc=d_c0[k], saved=saved[k], x=inp, h0=h0[k], c0=c0[k], h=hs[k],
-                           w_ih=p.weight_ih, weight_hh=p.weight_hh, d_xw=d_xw, d_hw=d_hw, need_dh=needs.h0,
-                           dx=or_absent(dx, dtype, 2), dw_ih=or_absent(d.weight_ih, dtype, 2),
-                           dw_hh=or_absent(d.weight_hh, dtype, 2), db_ih=or_absent(d.bias_ih, dtype, 1),
-                           db_hh=or_absent(d.bias_hh, dtype, 1), own=_loops.own(cell, p)))
+        # (StepBackArgs' fields in order, as in _step_forward)
+        back(d_h0[k], d_c0[k], saved[k], inp, h0[k], c0[k], hs[k], p.weight_ih, p.weight_hh, d_xw, d_hw, needs.h0,
+             none2 if dx is None else dx, none2 if d.weight_ih is None else d.weight_ih,
+             none2 if d.weight_hh is None else d.weight_hh, none1 if d.bias_ih is None else d.bias_ih,
+             none1 if d.bias_hh is None else d.bias_hh, _loops.own(cell, p))
         grads[k] = d
         return dx
 
