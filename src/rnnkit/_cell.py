@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _plan
-from ._arrays import absent, array, weight_array
+from ._arrays import NP_DTYPE, absent, array, weight_arrays
 from ._driver import contract
 from ._run import autocast_on
 from .cells import Cell, Dims
@@ -37,6 +37,12 @@ _SCRATCH: dict = {}  # (B, G*H, H, dtype, cell) -> (xw, hw, saved, zero h, zero 
 
 def route(cell: Cell, x: Tensor, state, params) -> _plan.Route:
     """The route of a cell call (``_plan.route`` of its ``Call``, remembered per kind of call)."""
+    return _route(cell, x, params, _key(cell, x, state, params))
+
+
+def _key(cell: Cell, x: Tensor, state, params) -> tuple:
+    """What a cell call's route depends on: (mode, B, I, H, dtype, device, grad mode, grad,
+    backend, special, compiling, threads)."""
     grad_mode = torch.is_grad_enabled()
     dtype = x.dtype
     grad = grad_mode and x.requires_grad
@@ -54,11 +60,16 @@ def route(cell: Cell, x: Tensor, state, params) -> _plan.Route:
         special = "transform"
     else:
         special = "mixed dtypes" if mixed else ""
-    hidden = params.weight_hh.shape[1]
-    key = (cell.mode, x.shape[0], x.shape[1], hidden, dtype, "cpu" if x.is_cpu else x.device.type, grad_mode,
-           grad, _backend.get_backend(), special, torch.compiler.is_compiling(), torch.get_num_threads())
-    return _plan.route_of(key, lambda: _plan.Call(cell, 1, 1, 1, key[1], Dims(key[2], hidden, 0, cell.gates), dtype,
-                                                  key[5], grad_mode, grad, False, key[8], special, key[10], "cell"))
+    compiling = torch.compiler.is_compiling()
+    return (cell.mode, x.shape[0], x.shape[1], params.weight_hh.shape[1], dtype, "cpu" if x.is_cpu else x.device.type,
+            grad_mode, grad, _backend.get_backend(), special, compiling, 0 if compiling else torch.get_num_threads())
+
+
+def _route(cell: Cell, x: Tensor, params, key: tuple) -> _plan.Route:
+    _, B, I, H, dtype, device, grad_mode, grad, backend, special, compiling, _ = key
+    call = lambda: _plan.Call(cell, 1, 1, 1, B, Dims(I, H, 0, cell.gates), dtype, device,  # noqa: E731
+                              grad_mode, grad, False, backend, special, compiling, "cell")
+    return _plan.route(call()) if compiling else _plan.route_of(key, call)
 
 
 def run(cell: Cell, x: Tensor, state, params, module=None) -> tuple:
@@ -68,14 +79,17 @@ def run(cell: Cell, x: Tensor, state, params, module=None) -> tuple:
     if x.is_cpu != params.weight_ih.is_cpu:  # (torch's op says which devices differ, as in torch.nn)
         path = "native"
     else:
-        path = route(cell, x, state, params).path
+        key = _key(cell, x, state, params)
+        path = _route(cell, x, params, key).path
+        if module is not None:
+            _remember(module, cell, x, params, path, key[6], key[7])
     if path == "cell":
         if torch.is_grad_enabled():
             zeros = state is None
             h0, c0 = (None, None) if zeros else (state[0], state[1] if len(state) == 2 else None)
             new = _CellNode.apply(cell, x, h0, c0, *params)
             return new if isinstance(new, tuple) else (new,)
-        return _infer(cell, x, state, params, module)
+        return _infer(cell, x, state, params)
     if state is None:
         zeros = x.new_zeros(x.shape[0], params.weight_hh.shape[1])
         state = (zeros,) * cell.state_size
@@ -88,43 +102,49 @@ def run(cell: Cell, x: Tensor, state, params, module=None) -> tuple:
     return tuple(cell.step(F.linear(x, params.weight_ih, params.bias_ih), state, params))
 
 
-# ---- the inference step's short path. A decoder or agent steps its cell thousands of times
-# with the same module, sizes and dtype: ``infer_fast`` answers such a step with a handful of
-# checks against what the full path found last time (``_FAST``: per module, the parameters'
-# addresses, their arrays and, per batch size, backend and thread count, whether the route is
-# the kernels'), and returns None to send anything else down the full path, which checks it,
-# routes it and records what the short path needs.
+# ---- the short path. A decoder or agent steps its cell thousands of times with the same
+# module, sizes and dtype: ``step_fast`` answers such a step with a handful of checks against
+# what the full path found last time (``_FAST``: per module, its parameters and their addresses,
+# their arrays, and per kind of call (rows, grad mode, gradients needed, backend, threads) the
+# route), and returns None to send anything else down the full path, which checks it, routes it
+# and records what the short path needs (``_remember``).
 class _Fast:
-    __slots__ = ("module", "mode", "cell", "input_size", "hidden", "dtype", "get", "names", "addresses",
-                 "weights", "rows", "kernel")
+    __slots__ = ("module", "mode", "cell", "input_size", "hidden", "dtype", "np_dtype", "get", "names", "slots",
+                 "addresses", "weights", "routes", "kernel")
 
 
 _FAST: dict = {}  # id(module) -> _Fast
 
 
-def infer_fast(module, x, hx):
-    """A cell module's inference step (x (B, I) on the kernels' route), or None."""
+def step_fast(module, x, hx=None):
+    """A cell module's step of x (B, I) like one the full path ran before, or None."""
     entry = _FAST.get(id(module))
     if (entry is None or entry.module() is not module or type(x) is not Tensor or torch._C._is_any_autocast_enabled()
             or torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
-            or torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()):
+            or torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()
+            or module._mode() != entry.mode):
         return None
+    try:
+        params = list(map(entry.get, entry.names))
+    except KeyError:
+        return None
+    if tuple(map(_data_ptr, params)) != entry.addresses:
+        return None
+    if torch.is_grad_enabled():
+        return _step_grad_mode(entry, params, x, hx)
     try:
         a = x.numpy()
     except (RuntimeError, TypeError):  # (requires grad, another device, ...)
         return None
     shape = a.shape
-    if len(shape) != 2 or shape[1] != entry.input_size or a.dtype != entry.dtype or not a.flags.c_contiguous:
+    if len(shape) != 2 or shape[1] != entry.input_size or a.dtype != entry.np_dtype or not a.flags.c_contiguous:
         return None
-    scratch = entry.rows.get((shape[0], _backend.get_backend(), torch.get_num_threads()))
-    if scratch is None or module._mode() != entry.mode:
+    route = entry.routes.get((shape[0], False, False, _backend.get_backend(), torch.get_num_threads()))
+    if route is None:
         return None
-    try:
-        if tuple(map(_data_ptr, map(entry.get, entry.names))) != entry.addresses:
-            return None
-    except KeyError:
-        return None
-    xw, hw, saved, zero_h, zero_c = scratch
+    if route[0] != "cell":
+        return _step_grad_mode(entry, params, x, hx)  # (torch.nn's op: tensors in, tensors out)
+    xw, hw, saved, zero_h, zero_c = route[1]
     if hx is None:
         h0, c0 = zero_h, zero_c
     elif entry.cell.state_size == 1:
@@ -145,6 +165,38 @@ def infer_fast(module, x, hx):
     return returned(h), returned(c)
 
 
+def _step_grad_mode(entry: _Fast, params: list, x: Tensor, hx):
+    """The short path on tensors: torch.nn's op, or the kernels' autograd node."""
+    shape = x.shape
+    if len(shape) != 2 or shape[1] != entry.input_size or x.dtype is not entry.dtype or not x.is_cpu:
+        return None
+    B = shape[0]
+    state = () if hx is None else (hx,) if entry.cell.state_size == 1 else hx if type(hx) is tuple else None
+    if state is None or len(state) not in (0, entry.cell.state_size):
+        return None
+    grad = x.requires_grad
+    for s in state:
+        if type(s) is not Tensor or s.shape != (B, entry.hidden) or s.dtype is not entry.dtype or not s.is_cpu:
+            return None
+        grad = grad or s.requires_grad
+    grad_mode = torch.is_grad_enabled()
+    if grad_mode:
+        for p in params:
+            grad = grad or p.requires_grad
+    route = entry.routes.get((B, grad_mode, grad and grad_mode, _backend.get_backend(), torch.get_num_threads()))
+    if route is None:
+        return None
+    record = [None if i < 0 else params[i] for i in entry.slots]
+    if route[0] == "native":
+        if not state:
+            zeros = x.new_zeros(B, entry.hidden)
+            state = (zeros,) * entry.cell.state_size
+        return _NATIVE[entry.mode](x, state if len(state) == 2 else state[0], *record[:2], *record[2:4])
+    if route[0] == "cell":
+        return _CellNode.apply(entry.cell, x, *(state or (None,)), *((None,) if len(state) < 2 else ()), *record)
+    return None
+
+
 def _state_fast(t, like: np.ndarray):
     """A state's array when it is a plain (B, H) CPU tensor of the step's dtype, else None."""
     found = _RETURNED.get(id(t))
@@ -161,28 +213,37 @@ def _state_fast(t, like: np.ndarray):
     return a if a.shape == like.shape and a.dtype == like.dtype and a.flags.c_contiguous else None
 
 
-def _remember(module, cell: Cell, x: Tensor, params, weights: tuple, scratch: tuple) -> None:
-    """Record what ``infer_fast`` needs of this module (called by the full path, on the kernels'
-    inference route, after every check)."""
+def _remember(module, cell: Cell, x: Tensor, params, path: str, grad_mode: bool, grad: bool) -> None:
+    """Record what ``step_fast`` needs of this module's step (called by the full path, after
+    every check, for the kernels' and torch.nn's routes)."""
+    if path not in ("cell", "native") or not x.is_cpu or x.dim() != 2:
+        return
     entry = _FAST.get(id(module))
-    if entry is None or entry.module() is not module or entry.mode != cell.mode or entry.weights is not weights:
-        names = [p.name for p in cell.params if getattr(params, p.name) is not None]
-        registered = module._parameters
-        if not all(n in registered and registered[n] is getattr(params, n) for n in names):
-            return  # (parameters from elsewhere: a parametrization)
+    names = [p.name for p in cell.params if getattr(params, p.name) is not None]
+    registered = module._parameters
+    if not all(n in registered and registered[n] is getattr(params, n) for n in names):
+        return  # (parameters from elsewhere: a parametrization)
+    addresses = tuple(_data_ptr(getattr(params, n)) for n in names)
+    if (entry is None or entry.module() is not module or entry.mode != cell.mode or entry.addresses != addresses
+            or entry.names != names):
         entry = _Fast()
         entry.module, entry.mode, entry.cell = weakref.ref(module), cell.mode, cell
         entry.input_size, entry.hidden = params.weight_ih.shape[1], params.weight_hh.shape[1]
-        entry.dtype = weights[0].dtype
-        entry.get, entry.names = registered.__getitem__, names
-        entry.addresses = tuple(_data_ptr(getattr(params, n)) for n in names)
-        entry.weights, entry.rows, entry.kernel = weights, {}, _kernels(cell).step_rows
+        entry.dtype = params.weight_ih.dtype
+        entry.np_dtype = np.dtype(NP_DTYPE.get(entry.dtype, np.float32))
+        entry.get, entry.names, entry.addresses = registered.__getitem__, names, addresses
+        entry.slots = [names.index(p.name) if p.name in names else -1 for p in cell.params]
+        entry.weights, entry.routes, entry.kernel = None, {}, None
         if len(_FAST) > 256:
             _FAST.clear()
         _FAST[id(module)] = entry
-    if len(entry.rows) > 16:
-        entry.rows.clear()
-    entry.rows[x.shape[0], _backend.get_backend(), torch.get_num_threads()] = scratch
+    scratch = None
+    if path == "cell":
+        entry.weights, entry.kernel = _weights(cell, params), _kernels(cell).step_rows
+        scratch = _scratch(cell, x.shape[0], entry.weights[2].shape[0], entry.hidden, entry.np_dtype)
+    if len(entry.routes) > 16:
+        entry.routes.clear()
+    entry.routes[x.shape[0], grad_mode, grad, _backend.get_backend(), torch.get_num_threads()] = (path, scratch)
 
 
 def _scratch(cell: Cell, B: int, GH: int, H: int, dtype) -> tuple:
@@ -207,12 +268,10 @@ def _weights(cell: Cell, params) -> tuple:
     addresses = tuple(map(_data_ptr, present))
     if found is not None and found[0] == addresses:
         return found[1]
-    w_ih, w_hh = weight_array(params.weight_ih), weight_array(params.weight_hh)
-    b_ih, b_hh = params.bias_ih, params.bias_hh
-    b_ih = absent(w_ih.dtype, 1) if b_ih is None else weight_array(b_ih)
-    b_hh = absent(w_ih.dtype, 1) if b_hh is None else weight_array(b_hh)
-    own = tuple(weight_array(getattr(params, n)) for n in cell.own_params)
-    arrays = (w_ih, b_ih, w_hh, b_hh, own)
+    a = weight_arrays(params)
+    none = absent(a.weight_ih.dtype, 1)
+    arrays = (a.weight_ih, none if a.bias_ih is None else a.bias_ih, a.weight_hh,
+              none if a.bias_hh is None else a.bias_hh, tuple(getattr(a, n) for n in cell.own_params))
     if all(t.is_contiguous() for t in present):  # (else the arrays are copies: stale after an update)
         if len(_WEIGHTS) > 64:
             _WEIGHTS.clear()
@@ -247,14 +306,12 @@ def returned(a: np.ndarray) -> Tensor:
 _RETURNED: dict = {}  # id of a returned tensor -> (the tensor, its array)
 
 
-def _infer(cell: Cell, x: Tensor, state, params, module=None) -> tuple:
-    weights = _weights(cell, params)
-    w_ih, b_ih, w_hh, b_hh, own = weights
+def _infer(cell: Cell, x: Tensor, state, params) -> tuple:
+    w_ih, b_ih, w_hh, b_hh, own = _weights(cell, params)
     x_np = array(x)
     B, (GH, H) = x_np.shape[0], w_hh.shape
     dtype = x_np.dtype
-    scratch = _scratch(cell, B, GH, H, dtype)
-    xw, hw, saved, zero_h, zero_c = scratch
+    xw, hw, saved, zero_h, zero_c = _scratch(cell, B, GH, H, dtype)
     if state is None:
         h0, c0 = zero_h, zero_c
     else:
@@ -262,8 +319,6 @@ def _infer(cell: Cell, x: Tensor, state, params, module=None) -> tuple:
     h = np.empty((B, H), dtype)
     c = np.empty(zero_c.shape, dtype)
     _kernels(cell).step_rows(x_np, w_ih, b_ih, w_hh, b_hh, h0, c0, h, c, h, xw, hw, saved, False, own)
-    if module is not None:
-        _remember(module, cell, x, params, weights, scratch)
     return (returned(h), returned(c)) if cell.state_size == 2 else (returned(h),)
 
 

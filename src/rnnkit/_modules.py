@@ -96,6 +96,21 @@ def _record_index(cell: Cell, bias, proj: int) -> tuple:
     return index
 
 
+def _plain_call(module: nn.Module, forward, args: tuple, kwargs: dict) -> bool:
+    """Whether nn.Module's call would do nothing but run ``forward`` (rnnkit's own, not a
+    subclass's) on (input[, hx]): no hooks, no compiled call, not tracing. Such calls may take
+    the short paths (_run.layer_fast, _cell.step_fast), which skip the checks and routing of a
+    call like one made before: a cell in a Python loop or a streaming step pays nn.Module's
+    machinery and the module's checks at every call, more than its kernel."""
+    hooks = torch.nn.modules.module
+    return (not kwargs and 0 < len(args) < 3 and type(module).forward is forward
+            and module._compiled_call_impl is None and not torch.compiler.is_compiling()
+            and not (module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
+                     or module._backward_pre_hooks or hooks._global_forward_pre_hooks
+                     or hooks._global_forward_hooks or hooks._global_backward_hooks
+                     or hooks._global_backward_pre_hooks))
+
+
 class RNNBase(nn.Module):
     """Base class of the multi-layer recurrent layers (see :class:`RNN`, :class:`GRU`, :class:`LSTM`)."""
 
@@ -363,6 +378,11 @@ class RNNBase(nn.Module):
         return tuple(s.index_select(1, permutation) for s in hx)
 
     # ------------------------------------------------------------------------ forward
+    def __call__(self, *args, **kwargs):
+        # a call like an earlier one: straight to its fused plan (see _plain_call)
+        result = _run.layer_fast(self, *args) if _plain_call(self, RNNBase.forward, args, kwargs) else None
+        return nn.Module.__call__(self, *args, **kwargs) if result is None else result
+
     def forward(self, input, hx=None):
         if torch.jit.is_tracing():
             _refuse_torchscript(self, "trace")
@@ -423,7 +443,7 @@ class RNNBase(nn.Module):
             state = None if state is None else tuple(s.to(low) for s in state)
             params = [type(p)(*(None if t is None else t.to(low) for t in p)) for p in params]
         out, state_n = _run.run(cell, x, state, params, self.num_layers, self._num_directions, self.dropout,
-                                self.training, packing)
+                                self.training, packing, self if batched else None)
 
         if packing is not None:
             output = PackedSequence(packing.pack(out), batch_sizes, sorted_indices, unsorted_indices)
@@ -617,12 +637,6 @@ class LSTM(RNNBase):
 _CELL_SHAPES: dict = {}  # (mode, input size, hidden size) -> a cell module's parameter shapes
 
 
-def _module_hooks() -> bool:
-    """Whether any global module hook is registered (nn.Module's call runs them)."""
-    hooks = torch.nn.modules.module
-    return bool(hooks._global_forward_pre_hooks or hooks._global_forward_hooks or hooks._global_backward_hooks
-                or hooks._global_backward_pre_hooks)
-
 
 class RNNCellBase(nn.Module):
     """Base class of the single-step cells: one step of a registered cell's math."""
@@ -697,16 +711,9 @@ class RNNCellBase(nn.Module):
         _refuse_torchscript(self, "script")
 
     def __call__(self, *args, **kwargs):
-        # An inference step like the last one goes straight to the kernel (_cell.infer_fast),
-        # without nn.Module's call machinery, when nothing would tell: no hooks, no compiled
-        # call, no tracing (a cell in a Python loop pays these microseconds at every step).
-        if (not torch.is_grad_enabled() and not kwargs and 0 < len(args) < 3 and self._compiled_call_impl is None
-                and not (self._forward_pre_hooks or self._forward_hooks or self._backward_hooks
-                         or self._backward_pre_hooks or _module_hooks())):
-            new = _cell.infer_fast(self, *args)
-            if new is not None:
-                return new
-        return nn.Module.__call__(self, *args, **kwargs)
+        # a step like the last one: straight to its route (see _plain_call)
+        result = _cell.step_fast(self, *args) if _plain_call(self, RNNCellBase.forward, args, kwargs) else None
+        return nn.Module.__call__(self, *args, **kwargs) if result is None else result
 
     def forward(self, input: Tensor, hx=None):
         if torch.jit.is_tracing():

@@ -1,0 +1,106 @@
+"""The short paths (rnnkit._run.layer_fast, rnnkit._cell.step_fast): a call like an earlier one
+skips the module's checks and routing, and still gives torch.nn's results after anything a
+program may change between calls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import rnnkit
+from oracle import TOL
+
+F64 = torch.float64
+
+
+def _twins(cls, *args, **kwargs):
+    torch.manual_seed(0)
+    ref = getattr(nn, cls)(*args, **kwargs).double()
+    ours = getattr(rnnkit, cls)(*args, **kwargs).double()
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _call(module, x, hx=None):
+    module.zero_grad(set_to_none=True)
+    out = module(x, hx) if hx is not None else module(x)
+    result = out[0] if isinstance(out, tuple) and not isinstance(out[0], tuple) else out
+    first = result if isinstance(result, torch.Tensor) else result[0]
+    if torch.is_grad_enabled() and first.requires_grad:
+        first.sum().backward()
+    return [first.detach()] + [None if p.grad is None else p.grad.clone() for p in module.parameters()]
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(y, x, **TOL[F64])
+
+
+@pytest.mark.parametrize("cls, args", [("GRU", (4, 5)), ("LSTM", (4, 5)), ("GRUCell", (4, 5)), ("LSTMCell", (4, 5))])
+def test_changes_between_calls_are_seen(cls, args):
+    ref, ours = _twins(cls, *args)
+    cell = cls.endswith("Cell")
+    x = torch.randn(3, 4, dtype=F64) if cell else torch.randn(1, 3, 4, dtype=F64)
+    changes = [
+        lambda m: None,
+        lambda m: m.requires_grad_(False),  # frozen: no gradients
+        lambda m: m.requires_grad_(True),
+        lambda m: torch.nn.init.zeros_(next(m.parameters()).data),  # in place through .data
+        lambda m: setattr(m, next(iter(dict(m.named_parameters()))), nn.Parameter(torch.randn_like(next(m.parameters())))),
+        lambda m: m.eval(),
+        lambda m: m.train(),
+    ]
+    for change in changes:
+        torch.manual_seed(1)
+        change(ref)
+        torch.manual_seed(1)
+        change(ours)
+        ours.load_state_dict(ref.state_dict())
+        for _ in range(2):  # (the second call takes the short path)
+            _same(_call(ref, x), _call(ours, x))
+            with torch.no_grad():
+                _same(_call(ref, x), _call(ours, x))
+
+
+def test_a_subclass_forward_and_hooks_still_run():
+    class Doubled(rnnkit.GRU):
+        def forward(self, input, hx=None):
+            out, h = super().forward(input, hx)
+            return out * 2, h
+
+    m = Doubled(4, 5)
+    x = torch.randn(2, 3, 4)
+    plain = rnnkit.GRU(4, 5)
+    plain.load_state_dict(m.state_dict())
+    for _ in range(3):
+        torch.testing.assert_close(m(x)[0], plain(x)[0] * 2)
+    seen = []
+    plain.register_forward_hook(lambda mod, inp, out: seen.append(1))
+    for _ in range(3):
+        plain(x)
+    assert len(seen) == 3
+    cell = rnnkit.LSTMCell(4, 5)
+    cell.register_forward_pre_hook(lambda mod, inp: seen.append(2))
+    with torch.no_grad():
+        for _ in range(3):
+            cell(x[0])
+    assert seen.count(2) == 3
+
+
+def test_layer_inputs_of_other_kinds_take_the_full_path():
+    ref, ours = _twins("LSTM", 4, 5, batch_first=True)
+    x = torch.randn(2, 3, 4, dtype=F64)
+    for _ in range(2):
+        _same(_call(ref, x), _call(ours, x))
+    h = (torch.randn(1, 2, 5, dtype=F64), torch.randn(1, 2, 5, dtype=F64))
+    for _ in range(2):
+        _same(_call(ref, x, h), _call(ours, x, h))
+    _same(_call(ref, x[0]), _call(ours, x[0]))  # unbatched
+    with pytest.raises(RuntimeError):
+        ours(x, (h[0], h[1][:, :1]))  # a wrong state shape still raises
+    with pytest.raises(ValueError, match="does not match weight dtype"):
+        ours(x.float())  # and a wrong dtype
