@@ -50,7 +50,8 @@ def test_changes_between_calls_are_seen(cls, args):
         lambda m: m.requires_grad_(False),  # frozen: no gradients
         lambda m: m.requires_grad_(True),
         lambda m: torch.nn.init.zeros_(next(m.parameters()).data),  # in place through .data
-        lambda m: setattr(m, next(iter(dict(m.named_parameters()))), nn.Parameter(torch.randn_like(next(m.parameters())))),
+        lambda m: setattr(m, next(iter(dict(m.named_parameters()))),
+                          nn.Parameter(torch.randn_like(next(m.parameters())))),
         lambda m: m.eval(),
         lambda m: m.train(),
     ]

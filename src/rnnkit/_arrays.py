@@ -81,3 +81,13 @@ def output_grad(d_out: np.ndarray) -> np.ndarray:
     if d_out.strides[1] == 0:
         d_out = d_out[:, :1]
     return np.ascontiguousarray(d_out)
+
+
+def batched(*grads) -> bool:
+    """Whether autograd hands a backward batched gradients (``is_grads_batched``,
+    ``jacobian(vectorize=True)``: autograd's own vmap, whose tensors have no numpy view): vmap
+    sees through torch ops, not through the kernels, so the fused nodes' differentiable
+    fallback runs them. (Asked only once a conversion failed: the dispatch-key test costs
+    microseconds.)"""
+    return any(g is not None and (torch._C._functorch.is_batchedtensor(g)
+                                  or "Batched" in str(torch._C._dispatch_keys(g))) for g in grads)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _plan
-from ._arrays import NP_DTYPE, absent, array, weight_arrays
+from ._arrays import NP_DTYPE, absent, array, batched, weight_arrays
 from ._driver import contract
 from ._run import autocast_on
 from .cells import Cell, Dims
@@ -139,7 +139,7 @@ def step_fast(module, x, hx=None):
     shape = a.shape
     if len(shape) != 2 or shape[1] != entry.input_size or a.dtype != entry.np_dtype or not a.flags.c_contiguous:
         return None
-    route = entry.routes.get((shape[0], False, False, _backend.get_backend(), torch.get_num_threads()))
+    route = entry.routes.get(_kind(shape[0], False, False))
     if route is None:
         return None
     if route[0] != "cell":
@@ -183,7 +183,7 @@ def _step_grad_mode(entry: _Fast, params: list, x: Tensor, hx):
     if grad_mode:
         for p in params:
             grad = grad or p.requires_grad
-    route = entry.routes.get((B, grad_mode, grad and grad_mode, _backend.get_backend(), torch.get_num_threads()))
+    route = entry.routes.get(_kind(B, grad_mode, grad and grad_mode))
     if route is None:
         return None
     record = [None if i < 0 else params[i] for i in entry.slots]
@@ -195,6 +195,12 @@ def _step_grad_mode(entry: _Fast, params: list, x: Tensor, hx):
     if route[0] == "cell":
         return _CellNode.apply(entry.cell, x, *(state or (None,)), *((None,) if len(state) < 2 else ()), *record)
     return None
+
+
+def _kind(rows: int, grad_mode: bool, grad: bool) -> tuple:
+    """What a step's route depends on beyond the module: rows, grad mode, gradients needed,
+    backend, threads and the limits in force."""
+    return rows, grad_mode, grad, _backend.get_backend(), torch.get_num_threads(), _plan.EPOCH
 
 
 def _state_fast(t, like: np.ndarray):
@@ -243,7 +249,7 @@ def _remember(module, cell: Cell, x: Tensor, params, path: str, grad_mode: bool,
         scratch = _scratch(cell, x.shape[0], entry.weights[2].shape[0], entry.hidden, entry.np_dtype)
     if len(entry.routes) > 16:
         entry.routes.clear()
-    entry.routes[x.shape[0], grad_mode, grad, _backend.get_backend(), torch.get_num_threads()] = (path, scratch)
+    entry.routes[_kind(x.shape[0], grad_mode, grad)] = (path, scratch)
 
 
 def _scratch(cell: Cell, B: int, GH: int, H: int, dtype) -> tuple:
@@ -376,7 +382,7 @@ class _CellNode(torch.autograd.Function):
                 dh = np.zeros((B, H), dtype) if d_h is None else np.array(d_h.numpy())
                 dc = np.zeros(c0.shape, dtype) if d_c is None else np.array(d_c.numpy())
             except RuntimeError:  # (no numpy view: autograd's batched gradients, or a conjugate)
-                if not _batched(d_h, d_c):
+                if not batched(d_h, d_c):
                     raise
                 dh = None
         if dh is None:  # a differentiable or a batched backward: the torch-ops step's gradients
@@ -395,13 +401,6 @@ class _CellNode(torch.autograd.Function):
         return (None, torch.from_numpy(dx) if needs[1] else None, torch.from_numpy(dh) if needs[2] else None,
                 torch.from_numpy(dc) if needs[3] else None,
                 *(None if a is None else torch.from_numpy(a) for a in grads))
-
-
-def _batched(*grads) -> bool:
-    """Whether autograd hands this backward batched gradients (``is_grads_batched``): vmap sees
-    through torch ops, not through the kernels."""
-    return any(g is not None and (torch._C._functorch.is_batchedtensor(g) or "Batched" in str(torch._C._dispatch_keys(g)))
-               for g in grads)
 
 
 def _reference_grads(cell: Cell, inputs: tuple, grad_outputs: tuple, needs: tuple) -> list:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _stack
-from ._arrays import array, output_grad, tensors, weight_arrays
+from ._arrays import array, batched, output_grad, tensors, weight_arrays
 from ._driver import Packing, contract, reference_layer, run_layers
 from ._stack import Needs, Plan
 from .cells import Cell, dims_of
@@ -161,7 +161,7 @@ class _StackNode(torch.autograd.Function):
                 grads_out = (None if d_out is None else output_grad(d_out.numpy()),
                              None if d_hn is None else array(d_hn), None if d_cn is None else array(d_cn))
             except RuntimeError:
-                if not _batched(d_out, d_hn, d_cn):
+                if not batched(d_out, d_hn, d_cn):
                     raise
         if grads_out is None:  # a differentiable or a batched backward: see reference_grads
             h0, c0, *rest = tensors_
@@ -179,15 +179,6 @@ class _StackNode(torch.autograd.Function):
         needs = Needs(needs_flat[2], needs_flat[3], needs_flat[4], unflatten(plan.cell, needs_flat[5:]))
         dx, d_h0, d_c0, grads = _stack.backward(plan, kept, needs, *grads_out, h0, c0, params)
         return (None, None, *tensors(dx, d_h0, d_c0, *flatten(grads)))
-
-
-def _batched(*grads) -> bool:
-    """Whether autograd hands this backward batched gradients (``is_grads_batched``,
-    ``jacobian(vectorize=True)``: autograd's own vmap, whose tensors have no numpy view): vmap
-    sees through torch ops, not through the kernels, so the differentiable fallback runs them.
-    (Asked only once a conversion failed: the dispatch-key test costs microseconds.)"""
-    return any(g is not None and (torch._C._functorch.is_batchedtensor(g) or "Batched" in str(torch._C._dispatch_keys(g)))
-               for g in grads)
 
 
 # ---- the differentiable fallback, for double backward (``create_graph=True``: gradient

@@ -162,15 +162,17 @@ LIMITS = Limits()
 @contextlib.contextmanager
 def limits(**changes) -> Iterator[Limits]:
     """Run with some thresholds changed (tests: force threads, time chunks, columns)."""
-    global LIMITS
+    global LIMITS, EPOCH
     previous = LIMITS
     LIMITS = dataclasses.replace(previous, **changes)
     _ROUTES.clear()
+    EPOCH += 1
     try:
         yield LIMITS
     finally:
         LIMITS = previous
         _ROUTES.clear()
+        EPOCH += 1
 
 
 def route_of(key: tuple, call: Callable[[], Call]) -> Route:
@@ -186,6 +188,7 @@ def route_of(key: tuple, call: Callable[[], Call]) -> Route:
 
 
 _ROUTES: dict = {}  # (cleared when the limits change)
+EPOCH = 0  # counts changes of the limits: what callers remember of routes carries it (see limits)
 
 
 def supported(cell: Cell, dtype: torch.dtype, device_type: str) -> bool:

@@ -152,7 +152,7 @@ def layer_fast(module, input, hx=None):
     if grad_mode and not grad:  # (gradients needed: of a parameter or a state)
         grad = any(map(_requires_grad, flat)) or (state is not None and any(
             type(s) is Tensor and s.requires_grad for s in state))
-    found = entry.plans.get((T, B, grad_mode, grad, _backend.get_backend(), torch.get_num_threads()))
+    found = entry.plans.get((T, B, grad_mode, grad, _backend.get_backend(), torch.get_num_threads(), _plan.EPOCH))
     if found is None:
         return None
     plan, shapes, grad = found
@@ -194,4 +194,4 @@ def _remember(module, key: tuple, plan, params: Sequence, state: Optional[tuple]
         entry.plans.clear()
     shapes = [tuple(shape) for shape in cell.state_shapes(layer_dims(cell, params[0]), num_layers * directions, B)]
     found = (plan, [torch.Size(shape) for shape in shapes], grad)
-    entry.plans[T, B, grad_mode, grad, backend, threads] = found
+    entry.plans[T, B, grad_mode, grad, backend, threads, _plan.EPOCH] = found

@@ -160,7 +160,8 @@ def _step_forward(plan: Plan, training: bool, x, h0, c0, params) -> tuple:
         return hs[k], None
 
     last, _ = walk(plan.num_layers, plan.reverses, x, run_one, _join)
-    out = (last.copy() if len(plan.reverses) == 1 else last).reshape(1, B, len(plan.reverses) * Ho)  # (never h_n's memory)
+    # (never h_n's memory)
+    out = (last.copy() if len(plan.reverses) == 1 else last).reshape(1, B, len(plan.reverses) * Ho)
     return out, h_n, None if c0 is None else c_n, (x, hs, saved)
 
 

@@ -393,7 +393,8 @@ def _shape_of(names: str) -> Callable[[str], tuple]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a shape {names}: its numbers must be integers") from None
         if len(shape) != size:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a shape {names}: it needs {size} numbers, got {len(shape)}")
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a shape {names}: it needs {size} numbers, got {len(shape)}")
         if min(shape) <= 0:
             raise argparse.ArgumentTypeError(f"{text!r} is not a shape {names}: its numbers must be positive")
         return shape
