@@ -105,3 +105,70 @@ def test_layer_inputs_of_other_kinds_take_the_full_path():
         ours(x, (h[0], h[1][:, :1]))  # a wrong state shape still raises
     with pytest.raises(ValueError, match="does not match weight dtype"):
         ours(x.float())  # and a wrong dtype
+
+
+def test_a_parameter_reshaped_in_place_is_checked_again():
+    """Same memory, another shape: the full path's check raises (the kernels never see it)."""
+    m = rnnkit.GRU(4, 8)
+    x = torch.randn(5, 2, 4)
+    m(x)
+    m(x)
+    with torch.no_grad():
+        m.weight_hh_l0.data = m.weight_hh_l0.data[:12]
+    with pytest.raises(RuntimeError, match=r"weight_hh_l0 has shape \(12, 8\), expected \(24, 8\)"):
+        m(x)
+
+
+@pytest.mark.parametrize("cls", ["RNNCell", "GRUCell", "LSTMCell"])
+def test_cell_weights_not_contiguous_and_states_given_new_memory(cls):
+    ref, ours = _twins(cls, 6, 6)
+    for m in (ref, ours):
+        with torch.no_grad():
+            m.weight_hh.data = m.weight_hh.data.t().contiguous().t()  # (a transposed layout)
+    x = torch.randn(3, 6, dtype=F64)
+    with torch.no_grad():
+        for step in range(4):
+            outs = []
+            for m in (ref, ours):
+                torch.manual_seed(step)
+                h = m(x)
+                h = m(x, h)
+                first = h[0] if isinstance(h, tuple) else h
+                first.data = torch.randn_like(first)  # (a state given new memory)
+                outs.append(m(x, h))
+                m.weight_hh.mul_(0.5)  # (an update the next step must see)
+            _same([o[0] if isinstance(o, tuple) else o for o in outs[:1]],
+                  [o[0] if isinstance(o, tuple) else o for o in outs[1:]])
+
+
+def test_cell_bias_added_or_removed_later():
+    ref, ours = _twins("GRUCell", 4, 5, bias=False)
+    x = torch.randn(2, 4, dtype=F64)
+    with torch.no_grad():
+        for m in (ref, ours):
+            m(x)
+            m(x)
+        bias = nn.Parameter(torch.randn(15, dtype=F64))
+        ref.bias_ih, ours.bias_ih = bias, bias
+        torch.testing.assert_close(ours(x), ref(x), **TOL[F64])
+        ref.bias_ih = ours.bias_ih = None
+        torch.testing.assert_close(ours(x), ref(x), **TOL[F64])
+
+
+def test_short_paths_forget_deleted_modules():
+    import gc
+    import weakref
+
+    from rnnkit import _cell, _run
+
+    cell, layer = rnnkit.LSTMCell(4, 5), rnnkit.GRU(4, 5)
+    with torch.no_grad():
+        for _ in range(2):
+            cell(torch.randn(2, 4))
+            layer(torch.randn(3, 2, 4))
+    keys = id(cell), id(layer)
+    assert keys[0] in _cell._FAST and keys[1] in _run._KNOWN
+    weight = weakref.ref(layer.weight_hh_l0)
+    del cell, layer
+    gc.collect()
+    assert keys[0] not in _cell._FAST and keys[1] not in _run._KNOWN and weight() is None

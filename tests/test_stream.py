@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -194,3 +196,38 @@ def test_stream_of_a_deep_stack(layers):
         want, _ = module(x)
     stream = rnnkit.Stream(module, batch_size=2)
     torch.testing.assert_close(torch.stack([stream(x[t]) for t in range(4)]), want, **TOL[torch.float32])
+
+
+def test_stream_follows_a_module_given_other_sizes():
+    """Parameters replaced by ones of another hidden size (projections keep H_out): the state
+    buffers follow (the kernel checks them too)."""
+    module = torch.nn.LSTM(8, 16, proj_size=4).eval()
+    stream = rnnkit.Stream(module, batch_size=2)
+    x = torch.randn(2, 8)
+    stream(x)
+    bigger = torch.nn.LSTM(8, 32, proj_size=4)
+    for name, p in bigger.named_parameters():
+        setattr(module, name, nn.Parameter(p.detach().clone()))
+    module.hidden_size = 32
+    stream.reset()
+    with torch.no_grad():
+        want, _ = bigger(x.unsqueeze(0))
+    torch.testing.assert_close(stream(x), want[0], **TOL[torch.float32])
+    assert stream.state[1].shape == (1, 2, 32)
+
+
+def test_stream_of_a_training_module_runs_as_in_eval_mode():
+    module = _layer(rnnkit, "gru", num_layers=2, dropout=0.5).train()
+    x = torch.randn(3, 2, 5)
+    module.eval()
+    with torch.no_grad():
+        want, _ = module(x)
+    module.train()
+    torch.testing.assert_close(rnnkit.Stream(module, batch_size=2)(x), want, **TOL[torch.float32])
+    assert module.training
+    low = copy.deepcopy(module).to(torch.bfloat16)  # (where the kernels do not apply: the module runs)
+    with torch.no_grad():
+        want = low.eval()(x.bfloat16())[0]
+    low.train()
+    torch.testing.assert_close(rnnkit.Stream(low, batch_size=2)(x.bfloat16()), want, atol=0, rtol=0)
+    assert low.training

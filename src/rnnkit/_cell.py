@@ -18,6 +18,7 @@ shared per size (the kernels hold the GIL: one call at a time), weights are cach
 
 from __future__ import annotations
 
+import operator
 import weakref
 
 import numpy as np
@@ -109,8 +110,8 @@ def run(cell: Cell, x: Tensor, state, params, module=None) -> tuple:
 # route), and returns None to send anything else down the full path, which checks it, routes it
 # and records what the short path needs (``_remember``).
 class _Fast:
-    __slots__ = ("module", "mode", "cell", "input_size", "hidden", "dtype", "np_dtype", "get", "names", "slots",
-                 "addresses", "weights", "routes", "kernel")
+    __slots__ = ("module", "mode", "cell", "input_size", "hidden", "dtype", "np_dtype", "get", "names", "params",
+                 "present", "slots", "addresses", "weights", "routes", "kernel")
 
 
 _FAST: dict = {}  # id(module) -> _Fast
@@ -128,7 +129,9 @@ def step_fast(module, x, hx=None):
         params = list(map(entry.get, entry.names))
     except KeyError:
         return None
-    if tuple(map(_data_ptr, params)) != entry.addresses:
+    # the same parameters (None where absent) at the same addresses: their arrays are still views
+    # of them (a parameter given new memory or replaced takes the full path, which checks it)
+    if not all(map(operator.is_, params, entry.params)) or tuple(map(_data_ptr, entry.present)) != entry.addresses:
         return None
     if torch.is_grad_enabled():
         return _step_grad_mode(entry, params, x, hx)
@@ -186,7 +189,7 @@ def _step_grad_mode(entry: _Fast, params: list, x: Tensor, hx):
     route = entry.routes.get(_kind(B, grad_mode, grad and grad_mode))
     if route is None:
         return None
-    record = [None if i < 0 else params[i] for i in entry.slots]
+    record = [None if i < 0 else params[i] for i in entry.slots]  # (the cell's record, weight_hr None)
     if route[0] == "native":
         if not state:
             zeros = x.new_zeros(B, entry.hidden)
@@ -206,9 +209,10 @@ def _kind(rows: int, grad_mode: bool, grad: bool) -> tuple:
 def _state_fast(t, like: np.ndarray):
     """A state's array when it is a plain (B, H) CPU tensor of the step's dtype, else None."""
     found = _RETURNED.get(id(t))
-    if found is not None and found[0] is t:
+    if found is not None and found[0] is t:  # (the tensor still on its array's memory, as made)
         a = found[1]
-        return a if a.shape == like.shape and a.dtype == like.dtype else None
+        return a if a.shape == like.shape and a.dtype == like.dtype and t.data_ptr() == found[2] \
+            and t.dim() == 2 else None
     if type(t) is Tensor and not t.requires_grad:
         try:
             a = t.numpy()
@@ -224,25 +228,34 @@ def _remember(module, cell: Cell, x: Tensor, params, path: str, grad_mode: bool,
     every check, for the kernels' and torch.nn's routes)."""
     if path not in ("cell", "native") or not x.is_cpu or x.dim() != 2:
         return
-    entry = _FAST.get(id(module))
-    names = [p.name for p in cell.params if getattr(params, p.name) is not None]
     registered = module._parameters
-    if not all(n in registered and registered[n] is getattr(params, n) for n in names):
+    names = [p.name for p in cell.params if p.name in registered]  # (an absent bias is registered as None)
+    if not all(registered[n] is getattr(params, n) for n in names) or any(
+            getattr(params, p.name) is not None for p in cell.params if p.name not in registered):
         return  # (parameters from elsewhere: a parametrization)
-    addresses = tuple(_data_ptr(getattr(params, n)) for n in names)
+    current = [registered[n] for n in names]
+    present = [t for t in current if t is not None]
+    if path == "cell" and not all(t.is_contiguous() for t in present):
+        return  # (the kernels would read copies, stale after an in-place update)
+    addresses = tuple(map(_data_ptr, present))
+    entry = _FAST.get(id(module))
     if (entry is None or entry.module() is not module or entry.mode != cell.mode or entry.addresses != addresses
-            or entry.names != names):
+            or not all(map(operator.is_, current, entry.params)) or entry.names != names):
         entry = _Fast()
-        entry.module, entry.mode, entry.cell = weakref.ref(module), cell.mode, cell
+        key = id(module)
+        # (forgotten with the module: an entry holds its parameters)
+        entry.module = weakref.ref(module, lambda _, key=key, entry=entry: _forget(key, entry))
+        entry.mode, entry.cell = cell.mode, cell
         entry.input_size, entry.hidden = params.weight_ih.shape[1], params.weight_hh.shape[1]
         entry.dtype = params.weight_ih.dtype
         entry.np_dtype = np.dtype(NP_DTYPE.get(entry.dtype, np.float32))
-        entry.get, entry.names, entry.addresses = registered.__getitem__, names, addresses
+        entry.get, entry.names, entry.params, entry.present = registered.__getitem__, names, current, present
+        entry.addresses = addresses
         entry.slots = [names.index(p.name) if p.name in names else -1 for p in cell.params]
         entry.weights, entry.routes, entry.kernel = None, {}, None
         if len(_FAST) > 256:
             _FAST.clear()
-        _FAST[id(module)] = entry
+        _FAST[key] = entry
     scratch = None
     if path == "cell":
         entry.weights, entry.kernel = _weights(cell, params), _kernels(cell).step_rows
@@ -250,6 +263,12 @@ def _remember(module, cell: Cell, x: Tensor, params, path: str, grad_mode: bool,
     if len(entry.routes) > 16:
         entry.routes.clear()
     entry.routes[_kind(x.shape[0], grad_mode, grad)] = (path, scratch)
+
+
+def _forget(key: int, entry: _Fast) -> None:
+    """A module's weak reference died: drop its entry (if it is still this one)."""
+    if _FAST.get(key) is entry:
+        del _FAST[key]
 
 
 def _scratch(cell: Cell, B: int, GH: int, H: int, dtype) -> tuple:
@@ -265,27 +284,15 @@ def _scratch(cell: Cell, B: int, GH: int, H: int, dtype) -> tuple:
 
 
 def _weights(cell: Cell, params) -> tuple:
-    """(w_ih, b_ih, w_hh, b_hh, own) as the kernels take them: views of the parameters, cached
-    per record (the same tensors at the same addresses; a view holds its tensor, whose id then
-    cannot be reused), so in-place updates show through."""
-    key = tuple(map(id, params))
-    found = _WEIGHTS.get(key)
-    present = [t for t in params if t is not None]
-    addresses = tuple(map(_data_ptr, present))
-    if found is not None and found[0] == addresses:
-        return found[1]
+    """(w_ih, b_ih, w_hh, b_hh, own) as the kernels take them: views of the parameters (kept
+    per tensor by ``weight_arrays``, checked against its memory, shape and strides), so in-place
+    updates show through."""
     a = weight_arrays(params)
     none = absent(a.weight_ih.dtype, 1)
-    arrays = (a.weight_ih, none if a.bias_ih is None else a.bias_ih, a.weight_hh,
-              none if a.bias_hh is None else a.bias_hh, tuple(getattr(a, n) for n in cell.own_params))
-    if all(t.is_contiguous() for t in present):  # (else the arrays are copies: stale after an update)
-        if len(_WEIGHTS) > 64:
-            _WEIGHTS.clear()
-        _WEIGHTS[key] = (addresses, arrays)
-    return arrays
+    return (a.weight_ih, none if a.bias_ih is None else a.bias_ih, a.weight_hh,
+            none if a.bias_hh is None else a.bias_hh, tuple(getattr(a, n) for n in cell.own_params))
 
 
-_WEIGHTS: dict = {}  # ids of a parameter record -> (their addresses, their arrays)
 _data_ptr = Tensor.data_ptr
 
 
@@ -294,7 +301,7 @@ def state_array(t: Tensor) -> np.ndarray:
     step), the array it was made from, found by identity (a tensor's numpy view costs more than
     the kernel's step on small sizes)."""
     found = _RETURNED.get(id(t))
-    if found is not None and found[0] is t:
+    if found is not None and found[0] is t and t.data_ptr() == found[2] and t.dim() == 2:
         return found[1]
     return array(t)
 
@@ -303,13 +310,13 @@ def returned(a: np.ndarray) -> Tensor:
     """The tensor of a result array, remembered for ``state_array`` (the last few results: a
     loop's state is the step before's)."""
     t = torch.from_numpy(a)
-    if len(_RETURNED) >= 8:
+    if len(_RETURNED) >= 16:
         _RETURNED.clear()
-    _RETURNED[id(t)] = (t, a)
+    _RETURNED[id(t)] = (t, a, t.data_ptr())
     return t
 
 
-_RETURNED: dict = {}  # id of a returned tensor -> (the tensor, its array)
+_RETURNED: dict = {}  # id of a returned tensor -> (the tensor, its array, its address)
 
 
 def _infer(cell: Cell, x: Tensor, state, params) -> tuple:

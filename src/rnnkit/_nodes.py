@@ -69,11 +69,14 @@ def steps_of(T: int, B: int, batch_sizes: Optional[Sequence[int]]) -> np.ndarray
 _FULL_STEPS: dict = {}  # (T, B) -> steps of a batch without padding (the kernels never write it)
 
 
-def run_stack(plan: Plan, x: Tensor, state0: Optional[tuple], params: list, grad: bool) -> tuple:
+def run_stack(plan: Plan, x: Tensor, state0: Optional[tuple], params: list, grad: bool,
+              arrays: Optional[list] = None) -> tuple:
     """(output, state_n) of a stack on the kernels: one autograd node when ``grad``, else
-    arrays straight through."""
+    arrays straight through. ``arrays``: the parameters' ``weight_arrays``, when the caller has
+    them."""
     h0, c0 = (None, None) if state0 is None else (*state0, None)[:2]
-    arrays = [weight_arrays(p) for p in params]
+    if arrays is None:
+        arrays = [weight_arrays(p) for p in params]
     if grad:
         out, h_n, c_n = _StackNode.apply(plan, arrays, x, h0, c0, *flatten(params))
     else:

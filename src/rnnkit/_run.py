@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _plan
+from ._arrays import weight_arrays
 from ._driver import Packing, layer_dims, reference_layer, run_layers
 from .cells import Cell
 
@@ -113,12 +114,11 @@ def run(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, num_lay
 # per kind of call (T, B, grad mode, gradients needed, backend, threads) the fused plan), and
 # returns None to send anything else down the full path (module checks, route, records).
 class _Known:
-    __slots__ = ("module", "mode", "training", "batch_first", "dropout", "get", "names", "flat", "addresses",
+    __slots__ = ("module", "mode", "training", "batch_first", "dropout", "get", "names", "flat", "arrays",
                  "params", "dtype", "input_size", "state_size", "plans")
 
 
 _KNOWN: dict = {}  # id(module) -> _Known
-_data_ptr = Tensor.data_ptr
 _requires_grad = operator.attrgetter("requires_grad")
 
 
@@ -135,8 +135,15 @@ def layer_fast(module, input, hx=None):
         flat = list(map(entry.get, entry.names))
     except KeyError:
         return None
-    if not all(map(operator.is_, flat, entry.flat)) or tuple(map(_data_ptr, flat)) != entry.addresses:
+    if not all(map(operator.is_, flat, entry.flat)):
         return None
+    # the parameters' arrays: the same views as last time, or else their memory, shape or
+    # strides changed (the full path then checks them against the module's sizes)
+    arrays = [weight_arrays(p) for p in entry.params]
+    for new, known in zip(arrays, entry.arrays):
+        for a, b in zip(new, known):
+            if a is not b:
+                return None
     x = input.transpose(0, 1) if entry.batch_first else input
     T, B, I = x.shape
     if I != entry.input_size or x.dtype is not entry.dtype or not x.is_cpu:
@@ -160,8 +167,14 @@ def layer_fast(module, input, hx=None):
         for s, shape in zip(state, shapes):
             if type(s) is not Tensor or s.shape != shape or s.dtype is not entry.dtype or not s.is_cpu:
                 return None
-    out, state_n = _NODES.get("", None).run_stack(plan, x, state, list(entry.params), grad)
+    out, state_n = _NODES.get("", None).run_stack(plan, x, state, list(entry.params), grad, arrays)
     return out.transpose(0, 1) if entry.batch_first else out, state_n[0] if entry.state_size == 1 else state_n
+
+
+def _forget(known: dict, key: int, entry) -> None:
+    """A module's weak reference died: drop its entry (if it is still this one)."""
+    if known.get(key) is entry:
+        del known[key]
 
 
 def _remember(module, key: tuple, plan, params: Sequence, state: Optional[tuple]) -> None:
@@ -177,19 +190,22 @@ def _remember(module, key: tuple, plan, params: Sequence, state: Optional[tuple]
     if len(given) != len(flat) or not all(map(operator.is_, given, flat)):
         return  # (parameters from elsewhere: a parametrization)
     entry = _KNOWN.get(id(module))
-    addresses = tuple(map(_data_ptr, flat))
-    if (entry is None or entry.module() is not module or entry.addresses != addresses
-            or not all(map(operator.is_, flat, entry.flat)) or entry.training != module.training
-            or entry.dropout != module.dropout or entry.mode != module.mode):
+    arrays = [weight_arrays(p) for p in params]
+    if (entry is None or entry.module() is not module or not all(map(operator.is_, flat, entry.flat))
+            or any(a is not b for new, known in zip(arrays, entry.arrays) for a, b in zip(new, known))
+            or entry.training != module.training or entry.dropout != module.dropout or entry.mode != module.mode):
         entry = _Known()
-        entry.module, entry.mode, entry.training = weakref.ref(module), module.mode, module.training
+        key_ = id(module)
+        # (forgotten with the module: an entry holds its parameters)
+        entry.module = weakref.ref(module, lambda _, key_=key_, entry=entry: _forget(_KNOWN, key_, entry))
+        entry.mode, entry.training = module.mode, module.training
         entry.batch_first, entry.dropout = module.batch_first, module.dropout
-        entry.get, entry.names, entry.flat, entry.addresses = registered.__getitem__, names, flat, addresses
+        entry.get, entry.names, entry.flat, entry.arrays = registered.__getitem__, names, flat, arrays
         entry.params, entry.dtype = list(params), dtype
         entry.input_size, entry.state_size, entry.plans = module.input_size, cell.state_size, {}
         if len(_KNOWN) > 256:
             _KNOWN.clear()
-        _KNOWN[id(module)] = entry
+        _KNOWN[key_] = entry
     if len(entry.plans) > 32:
         entry.plans.clear()
     shapes = [tuple(shape) for shape in cell.state_shapes(layer_dims(cell, params[0]), num_layers * directions, B)]

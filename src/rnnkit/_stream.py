@@ -19,6 +19,7 @@ state as tensors: the same API, at torch's speed.
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import numpy as np
@@ -107,26 +108,30 @@ class Stream:
         self._is_cell = suffix == ""
         # every layer's parameter names, in the cell's declaration (None where absent)
         self._names = [[p.name + suffix.format(k) for p in cell.params] for k in range(layers)]
-        present = [n for names in self._names for n in names if getattr(module, n, None) is not None]
-        self._present = present
         self._get = module._parameters.__getitem__
-        self._addresses: Optional[tuple] = None
-        first = getattr(module, present[0])
-        self.dtype = first.dtype
+        self._present: list = []  # the names of the parameters present at the last reading ...
+        self._tensors: list = []  # ... the tensors read then ...
+        self._addresses: Optional[tuple] = None  # ... and their addresses (None: read at every call)
+        self.dtype = getattr(module, self._names[0][0]).dtype
         self._h = self._c = self._tensor_state = None
         self._weights()  # (sets the sizes, the state and the kernel's arguments)
 
     # ---- the module's weights, seen at every call
-    def _current(self) -> list:
+    def _fresh(self) -> bool:
+        """Whether the parameters read last are still the module's, at the same addresses."""
         try:
-            return list(map(self._get, self._present))
-        except KeyError:  # (a parameter moved out of the module's dict: a parametrization)
-            return [getattr(self.module, n) for n in self._present]
+            current = list(map(self._get, self._present))
+            return all(map(operator.is_, current, self._tensors)) and \
+                tuple(map(_data_ptr, current)) == self._addresses
+        except (KeyError, TypeError):  # (a parameter moved out of the module's dict, or removed)
+            return False
 
     def _weights(self) -> None:
         """(Re)read the module's parameters: check them, and rebuild what the kernel takes."""
         module, cell = self.module, self._cell
         tensors = {n: getattr(module, n, None) for names in self._names for n in names}
+        self._present = [n for n, t in tensors.items() if t is not None]
+        self._tensors = [tensors[n] for n in self._present]
         first = tensors[self._present[0]]
         dtype, device = first.dtype, first.device
         for n in self._present:
@@ -144,10 +149,11 @@ class Stream:
         self._out_shape = (self.batch_size, dims.out)
         self._np_dtype = np.dtype(NP_DTYPE.get(dtype, np.float32))
         self._fused = supported(cell, dtype, device.type)
-        changed = dtype != self.dtype or self._h is None
+        shapes = self._state_shapes()
+        changed = dtype != self.dtype or self._h is None or (self._h.shape, self._c.shape) != shapes
         self.dtype = dtype
         self.device = device
-        if changed:
+        if changed:  # (another dtype or other sizes: new buffers, keeping what still fits)
             self._new_state()
         tensor_state = self._tensor_state
         if self._fused and tensor_state is not None:  # (back from the module's own route)
@@ -192,28 +198,28 @@ class Stream:
         self._kernel = _loops.KERNELS[cell.mode].stream_rows
         # the parameters' addresses: a new tensor or new memory means reading them anew (a copy,
         # made for a parameter that is not contiguous, is stale at once: read at every call)
-        contiguous = all(tensors[n].is_contiguous() and not tensors[n].is_conj() for n in self._present)
-        self._addresses = tuple(t.data_ptr() for t in self._current()) if contiguous else None
+        contiguous = all(t.is_contiguous() and not t.is_conj() for t in self._tensors)
+        self._addresses = tuple(map(_data_ptr, self._tensors)) if contiguous else None
+
+    def _state_shapes(self) -> tuple:
+        """The state buffers' shapes: h (L, B, H_out), c (L, B, H) or (L, B, 0)."""
+        dims, B = self._dims, self.batch_size
+        return (self._layers, B, dims.out), (self._layers, B, dims.hidden if self._cell.state_size == 2 else 0)
 
     def _new_state(self) -> None:
-        """Zero state in the current dtype (keeping the carried values across a dtype change)."""
-        dims, B = self._dims, self.batch_size
-        shape_h = (self._layers, B, dims.out)
-        shape_c = (self._layers, B, dims.hidden if self._cell.state_size == 2 else 0)
+        """Zero state in the current dtype and sizes (keeping the carried values that fit)."""
+        shape_h, shape_c = self._state_shapes()
         np_dtype = NP_DTYPE.get(self.dtype, np.float32)
         old = (self._h, self._c)
         self._h, self._c = np.zeros(shape_h, np_dtype), np.zeros(shape_c, np_dtype)
         if old[0] is not None and old[0].shape == shape_h:
             self._h[...] = old[0]
-            self._c[...] = old[1] if old[1].shape == shape_c else 0
+        if old[1] is not None and old[1].shape == shape_c:
+            self._c[...] = old[1]
 
     # ---- calls
     def __call__(self, x):
-        try:
-            fresh = tuple(map(_data_ptr, map(self._get, self._present))) == self._addresses
-        except KeyError:  # (a parameter moved out of the module's dict: a parametrization)
-            fresh = False
-        if not fresh:
+        if not self._fresh():
             self._weights()
         is_tensor = isinstance(x, Tensor)
         if is_tensor:
@@ -279,6 +285,15 @@ class Stream:
         else:
             raise ValueError(self._shape_error(tuple(x.shape)))
         state = self._torch_state(x.device)
+        training = self.module.training
+        self.module.train(False)  # (as in eval mode, as on the kernels: no dropout)
+        try:
+            return self._module_steps(x, steps, state, unbatched)
+        finally:
+            self.module.train(training)
+
+    def _module_steps(self, x: Tensor, steps: Tensor, state: tuple, unbatched: bool):
+        B, I = self.batch_size, self.input_size
         with torch.no_grad():
             if self._is_cell:
                 outs = []

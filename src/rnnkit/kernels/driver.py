@@ -366,6 +366,9 @@ def _stream_rows(x, w_ih, b_ih, weight_hh, b_hh, w_hr, own, h, c, out, xw, hw, m
             or out.shape[0] != x.shape[0] or out.shape[1] != Ho or xw.shape[0] != B or hw.shape[0] != B
             or hw.shape[1] != GH):
         raise ValueError("driver: stream arrays do not fit")
+    H = m.shape[1] if w_hr[0].shape[0] > 0 else Ho  # (the cell's own size)
+    if H == 0 or GH % H != 0 or (c.shape[2] != 0 and c.shape[2] != H):
+        raise ValueError("driver: stream state does not fit")
     for k in range(L):
         if weight_hh[k].shape[0] != GH or weight_hh[k].shape[1] != Ho or w_ih[k].shape[0] != GH:
             raise ValueError("driver: stream weights do not fit")
