@@ -135,18 +135,19 @@ def step_fast(module, x, hx=None):
         return None
     if torch.is_grad_enabled():
         return _step_grad_mode(entry, params, x, hx)
+    rows = x.shape[0] if x.dim() == 2 else -1
+    route = entry.routes.get(_kind(rows, False, False))
+    if route is None:
+        return None
+    if route[0] != "cell":
+        return _step_grad_mode(entry, params, x, hx)  # (torch.nn's op: tensors in, tensors out)
     try:
         a = x.numpy()
     except (RuntimeError, TypeError):  # (requires grad, another device, ...)
         return None
     shape = a.shape
-    if len(shape) != 2 or shape[1] != entry.input_size or a.dtype != entry.np_dtype or not a.flags.c_contiguous:
+    if shape[1] != entry.input_size or a.dtype != entry.np_dtype or not a.flags.c_contiguous:
         return None
-    route = entry.routes.get(_kind(shape[0], False, False))
-    if route is None:
-        return None
-    if route[0] != "cell":
-        return _step_grad_mode(entry, params, x, hx)  # (torch.nn's op: tensors in, tensors out)
     xw, hw, saved, zero_h, zero_c = route[1]
     if hx is None:
         h0, c0 = zero_h, zero_c
