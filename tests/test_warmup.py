@@ -46,6 +46,8 @@ def test_the_drive_runs_its_small_calls(mode, dtype):
             _warmup._run_layer(mode, shape, dtype)
     for cls, kwargs in _warmup._cells():
         _warmup._run_cell(cls, kwargs, 5, dtype)
+    for layers in (1, 2):
+        _warmup._run_stream(mode, layers, dtype)
 
 
 @pytest.fixture
