@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import operator
 import weakref
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,12 +29,12 @@ from torch import Tensor
 from . import _backend, _plan
 from ._arrays import NP_DTYPE, absent, array, batched, weight_arrays
 from ._driver import contract
-from ._run import autocast_on
+from ._run import forget, needs
 from .cells import Cell, Dims
 
 _NATIVE = {"RNN_TANH": torch._VF.rnn_tanh_cell, "RNN_RELU": torch._VF.rnn_relu_cell, "GRU": torch._VF.gru_cell,
            "LSTM": torch._VF.lstm_cell}
-_SCRATCH: dict = {}  # (B, G*H, H, dtype, cell) -> (xw, hw, saved, zero h, zero c) for inference
+_SCRATCH: dict = {}  # (mode, B, G*H, H, dtype) -> (xw, hw, saved, zero h, zero c) for the kernels
 
 
 def route(cell: Cell, x: Tensor, state, params) -> _plan.Route:
@@ -44,23 +45,8 @@ def route(cell: Cell, x: Tensor, state, params) -> _plan.Route:
 def _key(cell: Cell, x: Tensor, state, params) -> tuple:
     """What a cell call's route depends on: (mode, B, I, H, dtype, device, grad mode, grad,
     backend, special, compiling, threads)."""
-    grad_mode = torch.is_grad_enabled()
+    grad_mode, grad, special = needs(x, params, state)
     dtype = x.dtype
-    grad = grad_mode and x.requires_grad
-    mixed = False
-    for t in params:
-        if t is not None:
-            grad = grad or (grad_mode and t.requires_grad)
-            mixed = mixed or t.dtype is not dtype
-    for t in state or ():
-        grad = grad or (grad_mode and t.requires_grad)
-        mixed = mixed or t.dtype is not dtype
-    if torch._C._is_any_autocast_enabled() and autocast_on(x):
-        special = "autocast"
-    elif torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
-        special = "transform"
-    else:
-        special = "mixed dtypes" if mixed else ""
     compiling = torch.compiler.is_compiling()
     return (cell.mode, x.shape[0], x.shape[1], params.weight_hh.shape[1], dtype, "cpu" if x.is_cpu else x.device.type,
             grad_mode, grad, _backend.get_backend(), special, compiling, 0 if compiling else torch.get_num_threads())
@@ -76,7 +62,7 @@ def _route(cell: Cell, x: Tensor, params, key: tuple) -> _plan.Route:
 def run(cell: Cell, x: Tensor, state, params, module=None) -> tuple:
     """The new state of a cell module's step: x (B, I), state a tuple of (B, H) tensors or None
     (zeros), params the cell's parameter record of tensors (of ``module``, whose later inference
-    steps then take the short path, ``infer_fast``)."""
+    steps then take the short path, ``step_fast``)."""
     if x.is_cpu != params.weight_ih.is_cpu:  # (torch's op says which devices differ, as in torch.nn)
         path = "native"
     else:
@@ -86,8 +72,7 @@ def run(cell: Cell, x: Tensor, state, params, module=None) -> tuple:
             _remember(module, cell, x, params, path, key[6], key[7])
     if path == "cell":
         if torch.is_grad_enabled():
-            zeros = state is None
-            h0, c0 = (None, None) if zeros else (state[0], state[1] if len(state) == 2 else None)
+            h0, c0 = (None, None) if state is None else (state[0], state[1] if len(state) == 2 else None)
             new = _CellNode.apply(cell, x, h0, c0, *params)
             return new if isinstance(new, tuple) else (new,)
         return _infer(cell, x, state, params)
@@ -209,11 +194,9 @@ def _kind(rows: int, grad_mode: bool, grad: bool) -> tuple:
 
 def _state_fast(t, like: np.ndarray):
     """A state's array when it is a plain (B, H) CPU tensor of the step's dtype, else None."""
-    found = _RETURNED.get(id(t))
-    if found is not None and found[0] is t:  # (the tensor still on its array's memory, as made)
-        a = found[1]
-        return a if a.shape == like.shape and a.dtype == like.dtype and t.data_ptr() == found[2] \
-            and t.dim() == 2 else None
+    a = _returned_array(t)
+    if a is not None:
+        return a if a.shape == like.shape and a.dtype == like.dtype else None
     if type(t) is Tensor and not t.requires_grad:
         try:
             a = t.numpy()
@@ -245,7 +228,7 @@ def _remember(module, cell: Cell, x: Tensor, params, path: str, grad_mode: bool,
         entry = _Fast()
         key = id(module)
         # (forgotten with the module: an entry holds its parameters)
-        entry.module = weakref.ref(module, lambda _, key=key, entry=entry: _forget(key, entry))
+        entry.module = weakref.ref(module, lambda _, key=key, entry=entry: forget(_FAST, key, entry))
         entry.mode, entry.cell = cell.mode, cell
         entry.input_size, entry.hidden = params.weight_ih.shape[1], params.weight_hh.shape[1]
         entry.dtype = params.weight_ih.dtype
@@ -264,12 +247,6 @@ def _remember(module, cell: Cell, x: Tensor, params, path: str, grad_mode: bool,
     if len(entry.routes) > 16:
         entry.routes.clear()
     entry.routes[_kind(x.shape[0], grad_mode, grad)] = (path, scratch)
-
-
-def _forget(key: int, entry: _Fast) -> None:
-    """A module's weak reference died: drop its entry (if it is still this one)."""
-    if _FAST.get(key) is entry:
-        del _FAST[key]
 
 
 def _scratch(cell: Cell, B: int, GH: int, H: int, dtype) -> tuple:
@@ -297,14 +274,20 @@ def _weights(cell: Cell, params) -> tuple:
 _data_ptr = Tensor.data_ptr
 
 
-def state_array(t: Tensor) -> np.ndarray:
-    """A state tensor's values as an array; for a state this module returned (a loop's previous
-    step), the array it was made from, found by identity (a tensor's numpy view costs more than
-    the kernel's step on small sizes)."""
+def _returned_array(t) -> Optional[np.ndarray]:
+    """For a state this module returned (a loop's previous step) and still on that memory, the
+    array it was made from (found by identity: a tensor's numpy view costs more than the
+    kernel's step on small sizes); else None."""
     found = _RETURNED.get(id(t))
     if found is not None and found[0] is t and t.data_ptr() == found[2] and t.dim() == 2:
         return found[1]
-    return array(t)
+    return None
+
+
+def state_array(t: Tensor) -> np.ndarray:
+    """A state tensor's values as an array."""
+    a = _returned_array(t)
+    return array(t) if a is None else a
 
 
 def returned(a: np.ndarray) -> Tensor:

@@ -35,23 +35,22 @@ def _load_nodes():
     return _nodes
 
 
-def _key(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, num_layers: int, directions: int,
-         dropout: bool) -> tuple:
-    """Everything of a layer call that its route depends on, as a hashable key (``_call`` makes
-    the ``Call`` from it): routes are remembered per key (``_plan.route_of``)."""
+def needs(x: Tensor, params, state: Optional[tuple]) -> tuple:
+    """(grad mode, whether a gradient is needed, special) of a call on ``x`` with these parameter
+    tensors (None where absent) and state: special is what only torch ops can run ("autocast",
+    "transform", "mixed dtypes") or ""."""
     grad_mode = torch.is_grad_enabled()
     dtype = x.dtype
     grad = grad_mode and x.requires_grad
     mixed = False
-    for p in params:
-        for t in p:
-            if t is not None:
-                grad = grad or (grad_mode and t.requires_grad)
-                mixed = mixed or t.dtype is not dtype  # (torch's dtypes are singletons)
+    for t in params:
+        if t is not None:
+            grad = grad or (grad_mode and t.requires_grad)
+            mixed = mixed or t.dtype is not dtype  # (torch's dtypes are singletons)
     for s in state or ():
         grad = grad or (grad_mode and s.requires_grad)
         mixed = mixed or s.dtype is not dtype
-    if autocast_on(x):
+    if torch._C._is_any_autocast_enabled() and autocast_on(x):  # (the first asks no device)
         special = "autocast"
     elif torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
         special = "transform"  # (torch.func's transforms and forward-mode AD see through torch ops only)
@@ -59,10 +58,18 @@ def _key(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, num_la
         special = "mixed dtypes"
     else:
         special = ""
+    return grad_mode, grad, special
+
+
+def _key(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, num_layers: int, directions: int,
+         dropout: bool) -> tuple:
+    """Everything of a layer call that its route depends on, as a hashable key (``_call`` makes
+    the ``Call`` from it): routes are remembered per key (``_plan.route_of``)."""
+    grad_mode, grad, special = needs(x, (t for p in params for t in p), state)
     p = params[0]
     T, B = x.shape[:2]
     compiling = torch.compiler.is_compiling()
-    return (cell, p.weight_ih.shape, p.weight_hh.shape, num_layers, directions, T, B, dtype,
+    return (cell, p.weight_ih.shape, p.weight_hh.shape, num_layers, directions, T, B, x.dtype,
             "cpu" if x.is_cpu else x.device.type, grad_mode, grad, dropout, _backend.get_backend(), special,
             compiling, 0 if compiling else torch.get_num_threads())  # (the tracer takes no int from torch.*)
 
@@ -171,7 +178,7 @@ def layer_fast(module, input, hx=None):
     return out.transpose(0, 1) if entry.batch_first else out, state_n[0] if entry.state_size == 1 else state_n
 
 
-def _forget(known: dict, key: int, entry) -> None:
+def forget(known: dict, key: int, entry) -> None:
     """A module's weak reference died: drop its entry (if it is still this one)."""
     if known.get(key) is entry:
         del known[key]
@@ -197,7 +204,7 @@ def _remember(module, key: tuple, plan, params: Sequence, state: Optional[tuple]
         entry = _Known()
         key_ = id(module)
         # (forgotten with the module: an entry holds its parameters)
-        entry.module = weakref.ref(module, lambda _, key_=key_, entry=entry: _forget(_KNOWN, key_, entry))
+        entry.module = weakref.ref(module, lambda _, key_=key_, entry=entry: forget(_KNOWN, key_, entry))
         entry.mode, entry.training = module.mode, module.training
         entry.batch_first, entry.dropout = module.batch_first, module.dropout
         entry.get, entry.names, entry.flat, entry.arrays = registered.__getitem__, names, flat, arrays
