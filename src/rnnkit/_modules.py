@@ -111,6 +111,46 @@ def _plain_call(module: nn.Module, forward, args: tuple, kwargs: dict) -> bool:
                      or hooks._global_backward_pre_hooks))
 
 
+def _lengths(lengths, steps: int, batch: int, batched: bool, label: str) -> Tensor:
+    """``lengths=`` checked, as a CPU int64 tensor of ``batch`` values in 1..steps."""
+    if isinstance(lengths, Tensor):
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise TypeError(f"{label}: lengths must hold integers, got a tensor of {lengths.dtype}")
+        values = lengths.detach().to("cpu", torch.int64)
+    else:
+        if isinstance(lengths, numbers.Integral) and not isinstance(lengths, (bool, np.bool_)):
+            lengths = [lengths]
+        array = np.asarray(lengths)
+        if array.dtype == object or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
+            raise TypeError(f"{label}: lengths must be integers (a list, NumPy array or tensor), "
+                            f"got {type(lengths).__name__} of {array.dtype}")
+        values = torch.from_numpy(array.astype(np.int64, copy=False).copy())
+    if not batched and values.dim() == 0:
+        values = values.reshape(1)
+    if values.dim() != 1 or values.shape[0] != batch:
+        what = f"{batch} value{'s' if batch != 1 else ''}" + ("" if batched else " (unbatched input: one row)")
+        raise ValueError(f"{label}: lengths must hold one length per row, {what}; got shape {tuple(values.shape)}")
+    low, high = (int(values.min()), int(values.max())) if batch else (1, 1)
+    if low < 1 or high > steps:
+        bad = low if low < 1 else high
+        row = int((values == bad).nonzero()[0, 0])
+        raise ValueError(f"{label}: lengths must be in 1..{steps} (the input's {steps} steps); "
+                         f"got {bad} at row {row}")
+    return values
+
+
+def _sorted_by_length(lengths: Tensor, steps: int) -> tuple:
+    """(order, batch_sizes, steps run) of rows of these lengths: the rows by decreasing length
+    (torch.sort, as pack_padded_sequence sorts them) and the active rows per step up to the
+    longest; order None when every row runs all ``steps``."""
+    if lengths.numel() == 0 or int(lengths.min()) == steps:
+        return None, None, steps
+    longest = int(lengths.max())
+    sorted_lengths, order = torch.sort(lengths, descending=True)
+    batch_sizes = (sorted_lengths.unsqueeze(0) > torch.arange(longest).unsqueeze(1)).sum(1)
+    return order, batch_sizes, longest
+
+
 class RNNBase(nn.Module):
     """Base class of the multi-layer recurrent layers (see :class:`RNN`, :class:`GRU`, :class:`LSTM`)."""
 
@@ -383,7 +423,13 @@ class RNNBase(nn.Module):
         result = _run.layer_fast(self, *args) if _plain_call(self, RNNBase.forward, args, kwargs) else None
         return nn.Module.__call__(self, *args, **kwargs) if result is None else result
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, lengths=None):
+        """(output, h_n) or, for LSTM, (output, (h_n, c_n)), as torch.nn's. ``lengths`` (rnnkit's
+        own): B integers in 1..T, each row's length in a padded batch (a list, NumPy array or
+        tensor on any device). The result equals packing with ``enforce_sorted=False``, running,
+        and ``pad_packed_sequence(..., total_length=T)``: each row's output is zero past its
+        length, h_n (and c_n) is taken at its own last step, the reverse direction starts there;
+        the output keeps the input's layout."""
         if torch.jit.is_tracing():
             _refuse_torchscript(self, "trace")
         cell = self._cell
@@ -425,12 +471,26 @@ class RNNBase(nn.Module):
                 state = tuple(s.index_select(1, sorted_indices) for s in state)
 
         if packed:
+            if lengths is not None:
+                raise ValueError(f"{cell.label}: lengths= is for padded input; a PackedSequence carries its own "
+                                 "lengths (pass the padded tensor with lengths=, or the PackedSequence alone)")
             packing = Packing(batch_sizes)
             x = packing.pad(data)
         else:
             x = data.transpose(0, 1) if self.batch_first else data
             if x.shape[0] == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        order = None
+        x_steps = x.shape[0]
+        if lengths is not None:
+            lengths = _lengths(lengths, x.shape[0], x.shape[1], batched, cell.label)
+            order, batch_sizes, steps = _sorted_by_length(lengths, x.shape[0])
+            if order is not None:  # (rows sorted by decreasing length, as a PackedSequence's)
+                order = order.to(x.device)
+                x = x[:steps].index_select(1, order)
+                packing = Packing(batch_sizes)
+                if state is not None:
+                    state = tuple(s.index_select(1, order) for s in state)
 
         if cell.mode == "LSTM" and self.proj_size == 0 and packing is None and x.is_cpu and _autocast(x) \
                 and x.dtype != torch.float64 and torch.backends.mkldnn.is_available() \
@@ -445,6 +505,14 @@ class RNNBase(nn.Module):
         out, state_n = _run.run(cell, x, state, params, self.num_layers, self._num_directions, self.dropout,
                                 self.training, packing, self if batched else None)
 
+        if order is not None:  # rows back in the caller's order, zeros past the longest row
+            unsort = torch.empty_like(order)
+            unsort[order] = torch.arange(order.shape[0], device=order.device)
+            out = out.index_select(1, unsort)
+            if out.shape[0] < x_steps:
+                out = torch.cat((out, out.new_zeros(x_steps - out.shape[0], *out.shape[1:])))
+            state_n = tuple(s.index_select(1, unsort) for s in state_n)
+            packing = None
         if packing is not None:
             output = PackedSequence(packing.pack(out), batch_sizes, sorted_indices, unsorted_indices)
             if unsorted_indices is not None and batch > 1:
