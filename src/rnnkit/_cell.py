@@ -83,9 +83,7 @@ def run(cell: Cell, x: Tensor, state, params, module=None) -> tuple:
         new = _NATIVE[cell.mode](x, state if cell.state_size == 2 else state[0], params.weight_ih,
                                  params.weight_hh, params.bias_ih, params.bias_hh)
         return new if isinstance(new, tuple) else (new,)
-    from torch.nn import functional as F
-
-    return tuple(cell.step(F.linear(x, params.weight_ih, params.bias_ih), state, params))
+    return tuple(cell.step(cell.input_projection(x, params), state, params))
 
 
 # ---- the short path. A decoder or agent steps its cell thousands of times with the same
@@ -397,14 +395,12 @@ class _CellNode(torch.autograd.Function):
 def _reference_grads(cell: Cell, inputs: tuple, grad_outputs: tuple, needs: tuple) -> list:
     """The differentiable fallback (double backward, batched gradients): the gradients of the
     cell's torch-ops step, run anew from the node's saved inputs."""
-    from torch.nn import functional as F
-
     x, h0, c0, *params = inputs
     p = cell.record(*params)
     with torch.enable_grad():
         zeros = x.new_zeros(x.shape[0], p.weight_hh.shape[1])
         state = (zeros if h0 is None else h0,) + ((zeros if c0 is None else c0,) if cell.state_size == 2 else ())
-        new = cell.step(F.linear(x, p.weight_ih, p.bias_ih), state, p)
+        new = cell.step(cell.input_projection(x, p), state, p)
     return contract(new, grad_outputs, inputs, needs)
 
 

@@ -43,6 +43,11 @@ def _convert(module: nn.Module, side: int, caller: str) -> nn.Module:
         where = "torch.nn" if side == 0 else "rnnkit"
         supported = ", ".join(f"{where}.{n}" for n in pairs)
         raise TypeError(f"{caller} converts {supported}; got {type(module).__module__}.{type(module).__qualname__}")
+    if side == 1:
+        regular = [f"{n}={getattr(module, n)}" for n in getattr(module, "_regular_names", ()) if getattr(module, n)]
+        if regular:
+            raise ValueError(f"{caller}: torch.nn.{name} has no equivalent of {', '.join(regular)} (rnnkit's own "
+                             "recurrent regularizers); set them to 0 on a copy to export its weights")
     kwargs = {arg: getattr(module, arg) for arg in _ARGS[name]}
     first = next(module.parameters())
     with warnings.catch_warnings():

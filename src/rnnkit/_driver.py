@@ -22,7 +22,7 @@ and backward).
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,16 @@ from .cells import Cell, Dims, dims_of
 LayerFn = Callable[..., tuple]
 
 
+class Regular(NamedTuple):
+    """One layer-direction's recurrent regularizers in one call (rnnkit's own options; see
+    ``draw_regular``), applied by ``reference_layer``."""
+
+    h_mask: Optional[Tensor]  # recurrent dropout: (B, Ho), 0 or 1/(1-p), on h where it enters W_hh
+    # zoneout: per state tensor (h, then c), the weight of its previous value at each step:
+    # (T, B, .) masks of 0 or 1 in training, the probability p in eval; () when off
+    keep: tuple
+
+
 def reference_layer(
     cell: Cell,
     x: Tensor,
@@ -41,22 +51,69 @@ def reference_layer(
     p,
     batch_sizes: Optional[Sequence[int]],
     reverse: bool,
+    regular: Optional[Regular] = None,
 ) -> tuple:
     """One layer, one direction, with torch ops: the readable reference of the recurrence."""
     # Input projection for every step in one GEMM; unbind (not xw[t]) so backward stays O(T).
-    steps = F.linear(x, p.weight_ih, p.bias_ih).unbind(0)
+    steps = cell.input_projection(x, p).unbind(0)
     n_steps, batch = len(steps), x.shape[1]
     outs: list = [None] * n_steps
     for t in reversed(range(n_steps)) if reverse else range(n_steps):
         active = batch if batch_sizes is None else batch_sizes[t]
         if active == batch:
-            state = cell.step(steps[t], state, p)
+            state = _step(cell, steps[t], state, p, regular, t)
             outs[t] = state[0]
         else:  # rows past their length keep their state, and their output is zero
-            new = cell.step(steps[t][:active], tuple(s[:active] for s in state), p)
+            new = _step(cell, steps[t][:active], tuple(s[:active] for s in state), p, regular, t)
             state = tuple(torch.cat((n, s[active:])) for n, s in zip(new, state))
             outs[t] = torch.cat((new[0], new[0].new_zeros(batch - active, new[0].shape[1])))
     return torch.stack(outs), state
+
+
+def _step(cell: Cell, xw: Tensor, state: tuple, p, regular: Optional[Regular], t: int) -> tuple:
+    """The cell's step at time t on the first xw.shape[0] rows, regularized."""
+    if regular is None:
+        return cell.step(xw, state, p)
+    rows = xw.shape[0]
+    h_in = None if regular.h_mask is None else state[0] * regular.h_mask[:rows]
+    new = cell.step(xw, state, p, h_in)
+    if not regular.keep:
+        return new
+    # zoneout: z * previous + (1 - z) * new, z a 0/1 mask (training) or p (eval)
+    keep = [z if isinstance(z, float) else z[t, :rows] for z in regular.keep]
+    return tuple(z * s + (1 - z) * n for n, s, z in zip(new, state, keep))
+
+
+def draw_regular(cell: Cell, x: Tensor, params: list, recurrent_dropout: float, zoneout: float, weight_drop: float,
+                 training: bool) -> tuple:
+    """(params, regulars) of a call on x (T, B, I): W_hh of every layer-direction dropped (weight
+    drop, training: one Bernoulli(1-p) mask over its elements per call, scaled by 1/(1-p); the
+    gradient reaches the stored weight through it), and per layer-direction the ``Regular`` of
+    recurrent dropout (training) and zoneout (training: masks; eval: p), or None when neither
+    is in force. Masks come from torch's default generator, drawn here, before anything runs,
+    per layer-direction in order: W_hh's, h's, then zoneout's for h and for c."""
+    T, B = x.shape[0], x.shape[1]
+    dropping = training and recurrent_dropout > 0
+    zoning = zoneout > 0
+    if not (training and weight_drop > 0) and not dropping and not zoning:
+        return params, None
+    params, regulars = list(params), []
+    for k, p in enumerate(params):
+        if training and weight_drop > 0:
+            params[k] = p = p._replace(weight_hh=F.dropout(p.weight_hh, weight_drop, True))
+        h_out, gates = p.weight_hh.shape[1], p.weight_hh.shape[0]
+        h_mask = F.dropout(x.new_ones(B, h_out), recurrent_dropout, True) if dropping else None
+        if not zoning:
+            keep: tuple = ()
+        elif training:
+            sizes = (h_out, gates // cell.gates)[:cell.state_size]
+            keep = tuple(x.new_empty(T, B, size).bernoulli_(zoneout) for size in sizes)
+        else:
+            keep = (float(zoneout),) * cell.state_size
+        regulars.append(Regular(h_mask, keep))
+    if not dropping and not zoning:
+        regulars = None
+    return params, regulars
 
 
 def walk(num_layers: int, reverses: Sequence[bool], x, run_one: Callable, join: Callable,
@@ -108,16 +165,20 @@ def run_layers(
     dropout: float,
     training: bool,
     packing: Optional["Packing"],
+    regulars: Optional[list] = None,
 ) -> tuple:
     """Stack layers and directions (``reverses``, see ``walk``) with torch glue. ``state0`` holds
-    (L*D, B, .) tensors, or is None for zeros; returns ``(output (T, B, D*H_out), state_n)`` with state_n laid out like
-    state0."""
+    (L*D, B, .) tensors, or is None for zeros; returns ``(output (T, B, D*H_out), state_n)`` with
+    state_n laid out like state0. ``regulars``: per layer-direction, the ``Regular`` handed to
+    ``layer`` (the reference's) as its last argument."""
     batch_sizes = packing.batch_sizes if packing is not None else None
     if state0 is None:
         state0 = zero_state(cell, x, params[0], num_layers * len(reverses))
     between = (lambda x: _dropout(x, dropout, packing)) if dropout > 0 and training else None
 
     def run_one(k, layer_idx, reverse, x):
+        if regulars is not None:
+            return layer(cell, x, tuple(s[k] for s in state0), params[k], batch_sizes, reverse, regulars[k])
         return layer(cell, x, tuple(s[k] for s in state0), params[k], batch_sizes, reverse)
 
     out, finals = walk(num_layers, reverses, x, run_one, lambda outs: torch.cat(outs, -1), between)

@@ -18,7 +18,7 @@ from torch.nn import Parameter
 from torch.nn.utils.rnn import PackedSequence
 
 from . import _cell, _run
-from ._driver import Packing
+from ._driver import Packing, draw_regular
 from .cells import CELLS, Cell, Dims
 from .cells.base import init_
 
@@ -173,6 +173,10 @@ class RNNBase(nn.Module):
         proj_size: int = 0,
         device=None,
         dtype=None,
+        *,
+        recurrent_dropout: float = 0.0,
+        zoneout: float = 0.0,
+        weight_drop: float = 0.0,
     ) -> None:
         super().__init__()
         if mode not in CELLS:
@@ -210,6 +214,11 @@ class RNNBase(nn.Module):
         if proj_size and not CELLS[mode].projections:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
 
+        regular = {"recurrent_dropout": recurrent_dropout, "zoneout": zoneout, "weight_drop": weight_drop}
+        for name, value in regular.items():
+            if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)) or not 0 <= value <= 1:
+                raise ValueError(f"{name} should be a probability, a number in [0, 1]; got {value!r}")
+
         self.mode = mode
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -219,6 +228,10 @@ class RNNBase(nn.Module):
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
         self.proj_size = proj_size
+        # rnnkit's own recurrent regularizers (see the class docstrings): training only but zoneout
+        self.recurrent_dropout = float(recurrent_dropout)
+        self.zoneout = float(zoneout)
+        self.weight_drop = float(weight_drop)
 
         # the parameters the cell declares (rnnkit.cells.base), per layer and direction, named as
         # torch.nn names them: {name}_l{layer}[_reverse]
@@ -303,7 +316,20 @@ class RNNBase(nn.Module):
             s += ", dropout={dropout}"
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
+        for name in self._regular_names:
+            if getattr(self, name) != 0:
+                s += f", {name}={{{name}}}"
         return s.format(**self.__dict__)
+
+    _regular_names = ("recurrent_dropout", "zoneout", "weight_drop")
+
+    def _regular(self) -> tuple:
+        return self.recurrent_dropout, self.zoneout, self.weight_drop
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for name in self._regular_names:  # (a module pickled before they existed)
+            self.__dict__.setdefault(name, 0.0)
 
     # ----------------------------------------------------------------- shapes and checks
     def _state_sizes(self, batch: int) -> list[tuple]:
@@ -502,8 +528,9 @@ class RNNBase(nn.Module):
             x = x.to(low)
             state = None if state is None else tuple(s.to(low) for s in state)
             params = [type(p)(*(None if t is None else t.to(low) for t in p)) for p in params]
+        params, regulars = draw_regular(cell, x, params, *self._regular(), self.training)
         out, state_n = _run.run(cell, x, state, params, self.num_layers, self._num_directions, self.dropout,
-                                self.training, packing, self if batched else None)
+                                self.training, packing, self if batched else None, regulars)
 
         if order is not None:  # rows back in the caller's order, zeros past the longest row
             unsort = torch.empty_like(order)

@@ -49,7 +49,9 @@ class Call(NamedTuple):
     grad: bool  # grad mode and some input or parameter requires grad
     dropout: bool  # inter-layer dropout active
     backend: str  # the user's choice: "auto", "fused" or "reference"
-    special: str = ""  # what only torch ops can run: "autocast", "transform", "mixed dtypes"
+    # what only torch ops can run: "autocast", "transform", "mixed dtypes", "regularizers"
+    # (recurrent dropout, zoneout)
+    special: str = ""
     compiling: bool = False
     module: str = "layer"  # "layer" (RNN, GRU, LSTM) or "cell" (a cell module's one step)
 

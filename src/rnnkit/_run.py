@@ -62,10 +62,13 @@ def needs(x: Tensor, params, state: Optional[tuple]) -> tuple:
 
 
 def _key(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, num_layers: int, directions: int,
-         dropout: bool) -> tuple:
+         dropout: bool, regular: bool = False) -> tuple:
     """Everything of a layer call that its route depends on, as a hashable key (``_call`` makes
-    the ``Call`` from it): routes are remembered per key (``_plan.route_of``)."""
+    the ``Call`` from it): routes are remembered per key (``_plan.route_of``). ``regular``:
+    recurrent dropout or zoneout is in force (only the reference runs them)."""
     grad_mode, grad, special = needs(x, (t for p in params for t in p), state)
+    if regular and not special:
+        special = "regularizers"
     p = params[0]
     T, B = x.shape[:2]
     compiling = torch.compiler.is_compiling()
@@ -88,10 +91,13 @@ def describe(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, nu
 
 
 def run(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, num_layers: int, directions: int,
-        dropout: float, training: bool, packing: Optional[Packing], module=None) -> tuple:
+        dropout: float, training: bool, packing: Optional[Packing], module=None,
+        regulars: Optional[list] = None) -> tuple:
     """(output (T, B, D * H_out), state_n) of a stack, by the route ``_plan.route`` picks (for
-    ``module``'s call: its later calls of the same kind then take the short path, ``layer_fast``)."""
-    key = _key(cell, x, state, params, num_layers, directions, dropout > 0 and training and num_layers > 1)
+    ``module``'s call: its later calls of the same kind then take the short path, ``layer_fast``).
+    ``regulars``: per layer-direction, the recurrent regularizers in force (_driver.draw_regular)."""
+    key = _key(cell, x, state, params, num_layers, directions, dropout > 0 and training and num_layers > 1,
+               regulars is not None)
     # (remembered per key, but while torch.compile traces: the tracer follows the routing itself)
     route = _plan.route(_call(key, params[0])) if key[14] else _plan.route_of(key, lambda: _call(key, params[0]))
     reverses = (False, True)[:directions]
@@ -111,7 +117,7 @@ def run(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, num_lay
                 _remember(module, key, plan, params, state)
             return nodes.run_stack(plan, x, state, list(params), grad)
         layer = nodes.layer_fn(route.path == "step", grad)
-    return run_layers(cell, layer, x, state, params, num_layers, reverses, dropout, training, packing)
+    return run_layers(cell, layer, x, state, params, num_layers, reverses, dropout, training, packing, regulars)
 
 
 # ---- the short path. A model calls its layer with the same sizes again and again (a streaming
@@ -136,7 +142,8 @@ def layer_fast(module, input, hx=None):
             or torch._C._is_any_autocast_enabled() or torch._C._are_functorch_transforms_active()
             or torch.autograd.forward_ad._current_level >= 0 or torch._C._get_tracing_state() is not None
             or module.mode != entry.mode or module.training != entry.training or module.dropout != entry.dropout
-            or module.batch_first != entry.batch_first):
+            or module.batch_first != entry.batch_first or module.zoneout or module.recurrent_dropout
+            or module.weight_drop):  # (the regularizers: see RNNBase)
         return None
     try:
         flat = list(map(entry.get, entry.names))

@@ -106,6 +106,8 @@ class Stream:
         self._cell = cell
         self._layers = layers
         self._is_cell = suffix == ""
+        # rnnkit's layers may have zoneout, whose eval-mode blend only the module runs
+        self._zoned = hasattr(module, "zoneout")
         # every layer's parameter names, in the cell's declaration (None where absent)
         self._names = [[p.name + suffix.format(k) for p in cell.params] for k in range(layers)]
         self._get = module._parameters.__getitem__
@@ -155,12 +157,9 @@ class Stream:
         self.device = device
         if changed:  # (another dtype or other sizes: new buffers, keeping what still fits)
             self._new_state()
-        tensor_state = self._tensor_state
-        if self._fused and tensor_state is not None:  # (back from the module's own route)
-            for buffer, s in zip((self._h, self._c), tensor_state):
-                buffer[...] = s.detach().cpu().numpy()
-            self._tensor_state = None
-        if not self._fused:
+        if self._fused:
+            self._take_tensor_state()
+        else:
             self._addresses = None
             return
         records = []
@@ -201,6 +200,14 @@ class Stream:
         contiguous = all(t.is_contiguous() and not t.is_conj() for t in self._tensors)
         self._addresses = tuple(map(_data_ptr, self._tensors)) if contiguous else None
 
+    def _take_tensor_state(self) -> None:
+        """Back from the module's own route: its state into the kernel's buffers."""
+        tensor_state = self._tensor_state
+        if tensor_state is not None:
+            for buffer, s in zip((self._h, self._c), tensor_state):
+                buffer[...] = s.detach().cpu().numpy()
+            self._tensor_state = None
+
     def _state_shapes(self) -> tuple:
         """The state buffers' shapes: h (L, B, H_out), c (L, B, H) or (L, B, 0)."""
         dims, B = self._dims, self.batch_size
@@ -222,15 +229,16 @@ class Stream:
         if not self._fresh():
             self._weights()
         is_tensor = isinstance(x, Tensor)
+        fused = self._fused and not (self._zoned and self.module.zoneout)
         if is_tensor:
-            if not (self._fused and x.is_cpu):
+            if not (fused and x.is_cpu):
                 return self._run_module(x)
             try:
                 a = x.numpy()
             except RuntimeError:  # (requires grad, or a conjugate view: the stream differentiates nothing)
                 a = x.detach().resolve_conj().numpy()
         elif isinstance(x, np.ndarray):
-            if not self._fused:
+            if not fused:
                 return self._run_module(torch.from_numpy(x)).numpy()
             a = x
         else:
@@ -255,6 +263,8 @@ class Stream:
             result = out[0]
         else:
             raise ValueError(self._shape_error(shape))
+        if self._tensor_state is not None:  # (zoneout was on until now)
+            self._take_tensor_state()
         if not steps.flags.c_contiguous:
             steps = np.ascontiguousarray(steps)
         args = self._args

@@ -15,6 +15,7 @@ from collections import namedtuple
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -81,9 +82,11 @@ def init_(param: Param, tensor: Tensor, hidden: int) -> None:
         tensor.data.uniform_(-bound, bound)
 
 
-# One step of the reference recurrence: (xw_t, state, p) -> new state, where xw_t = x_t W_ih^T +
-# b_ih (precomputed for all steps), state is a tuple of (B, .) tensors as the cell's ``states``
-# declare (state[0] is the output) and p the layer-direction's parameter record.
+# One step of the reference recurrence: (xw_t, state, p, h_in=None) -> new state, where xw_t is
+# the input projection (x_t W_ih^T + b_ih, precomputed for all steps: see ``Cell.project``),
+# state is a tuple of (B, .) tensors as the cell's ``states`` declare (state[0] is the output), p
+# the layer-direction's parameter record, and h_in, when given, what enters W_hh in place of
+# state[0] (recurrent dropout masks h there only: a GRU's update still reads h itself).
 Step = Callable[[Tensor, tuple, tuple], tuple]
 
 
@@ -109,6 +112,9 @@ class Cell:
     module_kwargs: dict = field(default_factory=dict)
     key: str = ""  # the short name the bench and the CLI use
     projections: bool = False  # whether the module takes proj_size (weight_hr then present)
+    # the reference's input projection of every step, (x (T, B, I), p) -> xw (T, B, GH); None:
+    # torch.nn's x W_ih^T + b_ih (see ``input_projection``)
+    project: Optional[Callable] = None
 
     @property
     def state_size(self) -> int:
@@ -130,6 +136,10 @@ class Cell:
         object.__setattr__(self, "record", record)
         standard = {p.name for p in TORCH_PARAMS}
         object.__setattr__(self, "own_params", tuple(n for n in names if n not in standard))
+
+    def input_projection(self, x: Tensor, p) -> Tensor:
+        """xw of the reference step from x (., I): what the step adds W_hh h to."""
+        return F.linear(x, p.weight_ih, p.bias_ih) if self.project is None else self.project(x, p)
 
     def declared(self, bias: bool, proj: int) -> tuple:
         """The parameters a layer-direction has with these options, in registration order."""

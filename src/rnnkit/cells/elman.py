@@ -10,9 +10,9 @@ from .base import Cell
 
 
 def _elman_step(act):
-    def step(xw, state, p):
+    def step(xw, state, p, h_in=None):
         (h,) = state
-        return (act(xw + F.linear(h, p.weight_hh, p.bias_hh)),)
+        return (act(xw + F.linear(h if h_in is None else h_in, p.weight_hh, p.bias_hh)),)
 
     return step
 

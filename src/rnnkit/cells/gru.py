@@ -18,9 +18,9 @@ from ..kernels.templates import specialise
 from .base import Cell
 
 
-def _gru_step(xw, state, p):
+def _gru_step(xw, state, p, h_in=None):
     (h,) = state
-    hw = F.linear(h, p.weight_hh, p.bias_hh)
+    hw = F.linear(h if h_in is None else h_in, p.weight_hh, p.bias_hh)
     x_r, x_z, x_n = xw.chunk(3, -1)
     h_r, h_z, h_n = hw.chunk(3, -1)
     r = torch.sigmoid(x_r + h_r)

@@ -21,9 +21,9 @@ from ..kernels.templates import specialise
 from .base import H_C_STATE, Cell
 
 
-def _lstm_step(xw, state, p):
+def _lstm_step(xw, state, p, h_in=None):
     h, c = state
-    gates = xw + F.linear(h, p.weight_hh, p.bias_hh)
+    gates = xw + F.linear(h if h_in is None else h_in, p.weight_hh, p.bias_hh)
     i, f, g, o = gates.chunk(4, -1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     h = torch.sigmoid(o) * torch.tanh(c)
