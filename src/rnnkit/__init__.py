@@ -12,6 +12,7 @@ from ._version import __version__
 
 __all__ = [
     "RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell", "RNNBase", "RNNCellBase",
+    "LayerNormLSTM", "LayerNormGRU", "LayerNormLSTMCell", "LayerNormGRUCell",
     "PackedSequence", "pack_padded_sequence", "pad_packed_sequence", "pack_sequence", "pad_sequence",
     "set_backend", "get_backend", "use_backend", "available_backends",
     "to_torch", "from_torch", "compile_kernels", "Stream",
@@ -30,7 +31,20 @@ def _load() -> None:
 
     from ._backend import available_backends, get_backend, set_backend, use_backend
     from ._convert import from_torch, to_torch
-    from ._modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell, RNNCellBase
+    from ._modules import (
+        GRU,
+        LSTM,
+        RNN,
+        GRUCell,
+        LayerNormGRU,
+        LayerNormGRUCell,
+        LayerNormLSTM,
+        LayerNormLSTMCell,
+        LSTMCell,
+        RNNBase,
+        RNNCell,
+        RNNCellBase,
+    )
     from ._stream import Stream
 
     names = dict(locals())
@@ -40,8 +54,9 @@ def _load() -> None:
     # registered under its pickled path (the (class, name) form), so that a user's
     # `with torch.serialization.safe_globals([rnnkit.GRU])` does not unlist it on exit.
     torch.serialization.add_safe_globals(
-        [(cls, f"{cls.__module__}.{cls.__qualname__}") for cls in (RNNBase, RNN, GRU, LSTM, RNNCell, GRUCell,
-                                                                   LSTMCell)]
+        [(cls, f"{cls.__module__}.{cls.__qualname__}") for cls in (
+            RNNBase, RNN, GRU, LSTM, RNNCell, GRUCell, LSTMCell, LayerNormLSTM, LayerNormGRU, LayerNormLSTMCell,
+            LayerNormGRUCell)]
     )
 
 

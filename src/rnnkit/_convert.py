@@ -32,13 +32,15 @@ def _pairs() -> dict:
     return {
         name: (getattr(nn, name), getattr(_modules, name))
         for name in _ARGS
-        if hasattr(_modules, name)
+        if hasattr(_modules, name) and hasattr(nn, name)
     }
 
 
 def _convert(module: nn.Module, side: int, caller: str) -> nn.Module:
     pairs = _pairs()
     name = next((n for n, classes in pairs.items() if type(module) is classes[side]), None)
+    if name is None and side == 1 and type(module).__name__ in _ARGS and not hasattr(nn, type(module).__name__):
+        raise TypeError(f"{caller}: torch.nn has no equivalent of rnnkit.{type(module).__name__} (rnnkit's own)")
     if name is None:
         where = "torch.nn" if side == 0 else "rnnkit"
         supported = ", ".join(f"{where}.{n}" for n in pairs)

@@ -212,6 +212,8 @@ class RNNBase(nn.Module):
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
         if proj_size and not CELLS[mode].projections:
+            if CELLS[mode].module not in ("RNN", "GRU"):  # (rnnkit's own layers)
+                raise ValueError(f"{CELLS[mode].module} has no proj_size (no projections)")
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
 
         regular = {"recurrent_dropout": recurrent_dropout, "zoneout": zoneout, "weight_drop": weight_drop}
@@ -729,6 +731,48 @@ class LSTM(RNNBase):
         return self._state_sizes(self._batch(input, batch_sizes))[1]
 
 
+_LAYER_NORM_DOC = r"""A multi-layer layer-normalized {kind} (rnnkit's own; torch.nn has none).
+
+    Every layer computes, with LN(v; g) normalizing each row's whole vector v to zero mean and
+    unit (biased) variance (eps = 1e-5) and multiplying it by the gain g, and the biases outside
+    the normalization:
+
+    .. math::
+        xw_t = LN(W_{{ih}} x_t; g_{{ih}}) + b_{{ih}}, \quad hw_t = LN(W_{{hh}} h_{{t-1}}; g_{{hh}}) + b_{{hh}}
+
+    {update}
+
+    Args, inputs and outputs are :class:`{base}`'s (no ``proj_size``), with ``lengths=`` and the
+    recurrent regularizers (``recurrent_dropout``, ``zoneout``, ``weight_drop``) as on every
+    rnnkit layer. Parameters per layer and direction (suffixes ``_l{{k}}`` and ``_reverse``):
+    ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh`` as :class:`{base}`'s (shapes,
+    initialisation; ``bias=False`` drops the two biases), ``layer_norm_ih`` and ``layer_norm_hh``
+    ``({gates}*hidden_size)``, initialised to ones{extra}.
+    """
+
+
+class LayerNormLSTM(RNNBase):
+    __doc__ = _LAYER_NORM_DOC.format(
+        kind="LSTM", base="LSTM", gates=4,
+        update=r"""then torch.nn's LSTM gates i|f|g|o from :math:`xw_t + hw_t`,
+    :math:`c_t = f_t \odot c_{t-1} + i_t \odot g_t` and
+    :math:`h_t = o_t \odot \tanh(LN(c_t; g_c) + \beta_c)` (LN over c's hidden_size values).""",
+        extra=", and ``layer_norm_c_weight`` (ones) and ``layer_norm_c_bias`` (zeros), ``(hidden_size)``")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LN_LSTM", *args, **kwargs)
+
+
+class LayerNormGRU(RNNBase):
+    __doc__ = _LAYER_NORM_DOC.format(
+        kind="GRU", base="GRU", gates=3,
+        update="""then torch.nn's GRU update from :math:`xw_t` and :math:`hw_t` (gates r|z|n, the n gate's
+    :math:`b_{hn}` inside :math:`r_t \\odot (\\dots)`).""", extra="")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LN_GRU", *args, **kwargs)
+
+
 _CELL_SHAPES: dict = {}  # (mode, input size, hidden size) -> a cell module's parameter shapes
 
 
@@ -936,3 +980,24 @@ class LSTMCell(RNNCellBase):
 
     def _mode(self) -> str:
         return "LSTM"
+
+
+class LayerNormLSTMCell(RNNCellBase):
+    r"""One step of :class:`LayerNormLSTM` (rnnkit's own; torch.nn has none): :class:`LSTMCell`'s
+    arguments, inputs and outputs; parameters ``weight_ih``, ``weight_hh``, ``bias_ih``,
+    ``bias_hh`` (as :class:`LSTMCell`'s), ``layer_norm_ih``, ``layer_norm_hh`` ``(4*hidden_size)``,
+    ``layer_norm_c_weight``, ``layer_norm_c_bias`` ``(hidden_size)``.
+    """
+
+    def _mode(self) -> str:
+        return "LN_LSTM"
+
+
+class LayerNormGRUCell(RNNCellBase):
+    r"""One step of :class:`LayerNormGRU` (rnnkit's own; torch.nn has none): :class:`GRUCell`'s
+    arguments, inputs and outputs; parameters ``weight_ih``, ``weight_hh``, ``bias_ih``,
+    ``bias_hh`` (as :class:`GRUCell`'s), ``layer_norm_ih``, ``layer_norm_hh`` ``(3*hidden_size)``.
+    """
+
+    def _mode(self) -> str:
+        return "LN_GRU"

@@ -8,7 +8,8 @@ on ``route(...)`` and change thresholds only through ``limits(...)``.
 
 Routes:
     reference  torch ops, layer by layer (rnnkit._driver.reference_layer): any device, dtype,
-               autocast, torch.func transforms and forward-mode AD
+               autocast, torch.func transforms and forward-mode AD; cells without kernels (the
+               layer-normalized ones) and the recurrent_dropout and zoneout options
     compiled   under torch.compile / torch.export: one custom op per layer-direction (rnnkit._op)
     sequence   the fused kernels' time loops, every layer and direction in one call (training:
                one autograd node for the whole stack)
@@ -207,7 +208,7 @@ def route(call: Call) -> Route:
     cell_module = call.module == "cell"
     native = Route("native" if cell_module and call.cell.mode in NATIVE_CELLS else "reference")
     if not supported(call.cell, call.dtype, call.device_type):
-        if call.backend == "fused":
+        if call.backend == "fused" and call.cell.kernels is not None:  # (a cell without any: the reference)
             raise RuntimeError(
                 f"rnnkit backend 'fused' does not support {call.cell.mode} with {call.dtype} tensors on "
                 f"{call.device_type}; use rnnkit.set_backend('auto') or 'reference'")

@@ -142,7 +142,7 @@ def _labels() -> list:
     """What ``_calls`` drives, in order: every registered cell as a layer, then the cells."""
     from .cells import CELLS
 
-    return [*CELLS, "cells"]
+    return [*(mode for mode, cell in CELLS.items() if cell.kernels is not None), "cells"]
 
 
 def _split(units: list, jobs: int) -> list:

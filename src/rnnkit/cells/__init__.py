@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import elman, gru, lstm
+from . import elman, gru, layernorm, lstm
 from .base import Cell, Dims, Param, State, dims_of
 
 CELLS: dict[str, Cell] = {
@@ -10,6 +10,8 @@ CELLS: dict[str, Cell] = {
     elman.RELU.mode: elman.RELU,
     gru.GRU.mode: gru.GRU,
     lstm.LSTM.mode: lstm.LSTM,
+    layernorm.LN_LSTM.mode: layernorm.LN_LSTM,
+    layernorm.LN_GRU.mode: layernorm.LN_GRU,
 }
 
 

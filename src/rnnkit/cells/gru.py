@@ -20,13 +20,17 @@ from .base import Cell
 
 def _gru_step(xw, state, p, h_in=None):
     (h,) = state
-    hw = F.linear(h if h_in is None else h_in, p.weight_hh, p.bias_hh)
+    return (gru_update(xw, F.linear(h if h_in is None else h_in, p.weight_hh, p.bias_hh), h),)
+
+
+def gru_update(xw, hw, h):
+    """h' from xw, hw (., 3H) and h: the GRU's gates and update (the layer-normalized GRU's too)."""
     x_r, x_z, x_n = xw.chunk(3, -1)
     h_r, h_z, h_n = hw.chunk(3, -1)
     r = torch.sigmoid(x_r + h_r)
     z = torch.sigmoid(x_z + h_z)
     n = torch.tanh(x_n + r * h_n)
-    return (n + z * (h - n),)
+    return n + z * (h - n)
 
 
 # ---- fused-kernel pointwise math (rows of one step; see kernels/driver.py for the contract)

@@ -23,13 +23,17 @@ from .base import H_C_STATE, Cell
 
 def _lstm_step(xw, state, p, h_in=None):
     h, c = state
-    gates = xw + F.linear(h if h_in is None else h_in, p.weight_hh, p.bias_hh)
-    i, f, g, o = gates.chunk(4, -1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h = torch.sigmoid(o) * torch.tanh(c)
+    o, c = lstm_update(xw + F.linear(h if h_in is None else h_in, p.weight_hh, p.bias_hh), c)
+    h = o * torch.tanh(c)
     if p.weight_hr is not None:
         h = F.linear(h, p.weight_hr)
     return (h, c)
+
+
+def lstm_update(gates, c):
+    """(o, c') from the gates' pre-activations (., 4H) and c (the layer-normalized LSTM's too)."""
+    i, f, g, o = gates.chunk(4, -1)
+    return torch.sigmoid(o), torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
 
 
 # ---- fused-kernel pointwise math (rows of one step; see kernels/driver.py for the contract)
