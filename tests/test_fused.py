@@ -478,6 +478,11 @@ for cls, kw, by_blas in [("RNN", {}, True), ("RNN", {"nonlinearity": "relu"}, Fa
     out.data.sum().backward()
     ref_out, _ = ref(packed)
     assert torch.allclose(out.data, ref_out.data, atol=1e-9), (cls, kw)
+    m.recurrent_dropout, m.zoneout = 0.3, 0.2  # the regularizers' paths, training and eval
+    for training in (True, False):
+        out, h = m.train(training)(packed)
+        out.data.sum().backward()
+    m.recurrent_dropout = m.zoneout = 0.0
     for batch in (0, 1, 3, 6):
         for T in (1, 2):  # (T == 1: the step route)
             y, _ = m(torch.randn(T, batch, 3, dtype=torch.float64, requires_grad=True))

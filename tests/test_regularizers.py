@@ -231,3 +231,42 @@ def test_stream_runs_zoneout_in_eval():
     want, _ = module(more, state)
     got = torch.stack([stream(x_t) for x_t in more])
     torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+def test_routes():
+    """Recurrent dropout and zoneout run on the fused kernels' sequence route (never the single
+    step's, which has no regularizers), and the reference under torch.compile."""
+    from rnnkit import _plan
+    from rnnkit.cells import CELLS, Dims
+
+    for T in (1, 7):
+        call = _plan.Call(CELLS["LSTM"], 2, 1, T, 3, Dims(4, 5, 0, 4), torch.float32, "cpu", True, True, False,
+                          "auto", regular=True)
+        assert _plan.route(call).path == "sequence"
+        assert _plan.route(call._replace(backend="fused")).path == "sequence"
+        assert _plan.route(call._replace(compiling=True)).path == "reference"
+        assert _plan.route(call._replace(dropout=True)) == _plan.Route("sequence", by_layer=True)
+
+
+@pytest.mark.parametrize("how", ["threads", "columns", "chunks", "by_layer"])
+def test_fused_loops_in_every_arrangement(how):
+    """Batch chunks on threads, column-split products, time chunks, and the layer-by-layer route
+    of inter-layer dropout: the fused kernels with the regularizers equal the reference."""
+    from rnnkit import _plan
+
+    limits = {"threads": dict(min_work_per_thread=1, min_loop_work=1, min_column_work=10**12),
+              "columns": dict(min_column_work=1, min_loop_work=1, plain_max_row_steps=0),
+              "chunks": dict(chunk_min_elements=0, chunk_rows=1, time_chunks=3), "by_layer": {}}[how]
+    extra = {"dropout": 0.3} if how == "by_layer" else {}
+    for kind in ("tanh", "gru", "lstm-proj"):
+        module = _make(kind, num_layers=2, bidirectional=True, recurrent_dropout=0.3, zoneout=0.2, **extra)
+        x = torch.randn(6, 4, 4, dtype=torch.float64)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            with _plan.limits(**limits):
+                assert_backends_agree(module, lambda x: (x, None, [6, 3, 5, 6]), [x], torch.float64, seed=2)
+                module.eval()
+                assert_backends_agree(module, lambda x: (x,), [x], torch.float64, seed=2)
+        finally:
+            torch.set_num_threads(threads)

@@ -61,13 +61,28 @@ WEIGHT_GRADS_BY_BLAS = blas.FAST
 
 class Kept(NamedTuple):
     """What a layer-direction's forward keeps for its backward (see the legend of
-    kernels/driver.py): its input, out, c_seq, saved and m_seq."""
+    kernels/driver.py): its input, out, c_seq, saved, m_seq and raw."""
 
     x: np.ndarray
     out: np.ndarray
     c_seq: np.ndarray
     saved: np.ndarray
     m_seq: np.ndarray
+    raw: np.ndarray
+
+
+class Regular(NamedTuple):
+    """A layer-direction's regularizer arrays for the loops (see the legend of
+    kernels/driver.py; ``absent`` where off): h_mask (B, Ho), z_h (T, B, Ho) or (1, 1, 1),
+    z_c (T, B, Hc) or (1, 1, 1)."""
+
+    h_mask: np.ndarray
+    z_h: np.ndarray
+    z_c: np.ndarray
+
+
+def no_regular(dtype) -> Regular:
+    return Regular(absent(dtype, 2), absent(dtype, 3), absent(dtype, 3))
 
 
 def own(cell: Cell, p) -> tuple:
@@ -199,10 +214,10 @@ def _time_chunks(T: int, L: int, reverse: bool, backward: bool):
 
 
 def forward(cell: Cell, steps: np.ndarray, reverse: bool, training: bool, x: np.ndarray, p, h0: np.ndarray,
-            c0: np.ndarray) -> tuple:
+            c0: np.ndarray, reg: Optional[Regular] = None) -> tuple:
     """(out, h_n, c_n, kept) of one layer-direction: x (T, B, I), p the cell's parameter record
-    of arrays, h0 (B, Ho), c0 (B, Hc) (no_cell_state without one); kept (a ``Kept``) is what
-    ``backward`` reads."""
+    of arrays, h0 (B, Ho), c0 (B, Hc) (no_cell_state without one), ``reg`` its regularizers;
+    kept (a ``Kept``) is what ``backward`` reads."""
     T, B, I = x.shape
     w_ih, w_hh, b_ih, w_hr = p.weight_ih, p.weight_hh, p.bias_ih, p.weight_hr
     GH, Ho = w_hh.shape  # Ho: proj_size with projections, else H
@@ -227,6 +242,11 @@ def forward(cell: Cell, steps: np.ndarray, reverse: bool, training: bool, x: np.
     work = B * (Ho * GH + (0 if w_hr is None else w_hr.size))
     b_hh = p.bias_hh if p.bias_hh is not None else np.zeros(GH, dtype)
     hw = np.empty((B, GH), dtype)  # scratch
+    reg = no_regular(dtype) if reg is None else reg
+    raw = np.empty((T, B, Ho), dtype) if training and reg.z_h.size else absent(dtype, 3)
+    hm = np.empty((B, Ho), dtype) if reg.h_mask.size else absent(dtype, 2)
+    prev_h = np.empty((B, Ho), dtype) if reg.z_h.size else absent(dtype, 2)
+    prev_c = np.empty((B, Hc), dtype) if reg.z_c.size else absent(dtype, 2)
     for i0, i1, t_lo in _time_chunks(T, L, reverse, backward=False):
         n = i1 - i0
         x_n, xw_n = x[t_lo:t_lo + n].reshape(n * B, I), xw[:n].reshape(n * B, GH)
@@ -236,16 +256,17 @@ def forward(cell: Cell, steps: np.ndarray, reverse: bool, training: bool, x: np.
             matmul_packed(x_n, w_ih_t, b_ih, xw_n)
         args = ForwardArgs(xw=xw[:n], w_hh_t=w_hh_t, weight_hh=w_hh, b_hh=b_hh, w_hr_t=w_hr_t, h0=h0, c0=c0,
                            steps=steps, reverse=reverse, out=out, c_seq=c_seq, h_n=h_n, c_n=c_n, saved=saved,
-                           m_seq=m_seq, hw=hw, own=own(cell, p))
+                           m_seq=m_seq, hw=hw, own=own(cell, p), h_mask=reg.h_mask, z_h=reg.z_h,
+                           z_c=reg.z_c, raw=raw, hm=hm, prev_h=prev_h, prev_c=prev_c)
         _launch(kernels.forward_rows, kernels.forward_chunks, args, B, T, work, col_threads, i0, i1)
-    return out, h_n, c_n, Kept(x, out, c_seq, saved, m_seq)
+    return out, h_n, c_n, Kept(x, out, c_seq, saved, m_seq, raw)
 
 
 def backward(cell: Cell, steps: np.ndarray, reverse: bool, need, d_out: np.ndarray, d_hn: np.ndarray,
-             d_cn: np.ndarray, p, h0: np.ndarray, c0: np.ndarray, kept: Kept) -> tuple:
+             d_cn: np.ndarray, p, h0: np.ndarray, c0: np.ndarray, kept: Kept, reg: Optional[Regular] = None) -> tuple:
     """BPTT by the kernel, then the gradient GEMMs, chunk by chunk of time: (dx, grads, dh0,
     dc0), ``grads`` a parameter record; None wherever ``need`` (a ``Needs``) says no."""
-    x, out, c_seq, saved, m_seq = kept
+    x, out, c_seq, saved, m_seq, raw = kept
     T, B, Ho = out.shape
     I = x.shape[-1]
     w_ih, w_hh, w_hr = p.weight_ih, p.weight_hh, p.weight_hr
@@ -276,12 +297,20 @@ def backward(cell: Cell, steps: np.ndarray, reverse: bool, need, d_out: np.ndarr
     w_ih_p = pack_weights(w_ih, False) if dx is not None and not plain else None
     kernels = KERNELS[cell.mode]
     work = B * (Ho * GH + (0 if w_hr is None else w_hr.size))
+    reg = no_regular(dtype) if reg is None else reg
+    masked = reg.h_mask.size > 0
+    d_in = np.empty((B, Ho), dtype) if masked else absent(dtype, 2)
+    kept_h = np.empty((B, Ho), dtype) if reg.z_h.size else absent(dtype, 2)
+    kept_c = np.empty((B, c0.shape[-1]), dtype) if reg.z_c.size else absent(dtype, 2)
+    # what entered W_hh: h_prev * h_mask with recurrent dropout (dL/dW_hh = sum_t d_hw^T h_in)
+    h_in = out * reg.h_mask if masked and dw_hh is not None else out
     for i0, i1, t_lo in _time_chunks(T, L, reverse, backward=True):
         n = i1 - i0
         args = BackwardArgs(w_hh=w_hh_p, weight_hh=w_hh, w_hr=w_hr_p, d_out=d_out, d_hn=d_hn, d_cn=d_cn,
                             saved=saved, out=out, c_seq=c_seq, m_seq=m_seq, h0=h0, c0=c0, steps=steps,
                             reverse=reverse, d_xw=d_xw[:n], d_hw=d_hw[:n], d_h_seq=d_h_seq[:n], d_first=d_first,
-                            dm=dm, d_h0=d_h0, d_c0=d_c0, own=own(cell, p))
+                            dm=dm, d_h0=d_h0, d_c0=d_c0, own=own(cell, p), h_mask=reg.h_mask, z_h=reg.z_h,
+                            z_c=reg.z_c, raw=raw, d_in=d_in, kept_h=kept_h, kept_c=kept_c)
         _launch(kernels.backward_rows, kernels.backward_chunks, args, B, T, work, col_threads, i0, i1)
         if n == 0:
             continue
@@ -298,7 +327,7 @@ def backward(cell: Cell, steps: np.ndarray, reverse: bool, need, d_out: np.ndarr
             k0, k1 = (0, min(n, T - 1 - t_lo)) if reverse else (max(0, 1 - t_lo), n)
             if k1 > k0:
                 shift = 1 if reverse else -1
-                matmul_t(d_hw[k0:k1].reshape(-1, GH), out[t_lo + k0 + shift:t_lo + k1 + shift].reshape(-1, Ho),
+                matmul_t(d_hw[k0:k1].reshape(-1, GH), h_in[t_lo + k0 + shift:t_lo + k1 + shift].reshape(-1, Ho),
                          dw_hh)
         if db_ih is not None:
             column_sums(d_xw2, db_ih)
@@ -311,6 +340,6 @@ def backward(cell: Cell, steps: np.ndarray, reverse: bool, need, d_out: np.ndarr
     # h0's share, skipped for zeros (hx not given) unless d_first holds an inf or NaN (inf * 0
     # must still make NaN, as in torch; a sum is finite only if every term is)
     if dw_hh is not None and (h0.any() or not math.isfinite(d_first.sum())):
-        matmul_t(d_first, h0, dw_hh)
+        matmul_t(d_first, h0 * reg.h_mask if masked else h0, dw_hh)
     grads = type(p)(weight_ih=dw_ih, weight_hh=dw_hh, bias_ih=db_ih, bias_hh=db_hh, weight_hr=dw_hr)
     return dx, grads, d_h0 if need.h0 else None, d_c0 if need.c0 else None

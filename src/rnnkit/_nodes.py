@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _stack
-from ._arrays import array, batched, output_grad, tensors, weight_arrays
-from ._driver import Packing, contract, reference_layer, run_layers
+from . import _loops, _stack
+from ._arrays import NP_DTYPE, absent, array, batched, output_grad, tensors, weight_arrays
+from ._driver import Packing, Regular, contract, reference_layer, run_layers
 from ._stack import Needs, Plan
 from .cells import Cell, dims_of
 
@@ -87,12 +87,35 @@ def run_stack(plan: Plan, x: Tensor, state0: Optional[tuple], params: list, grad
     return out, ((h_n, c_n) if plan.cell.state_size == 2 else (h_n,))
 
 
+def regular_arrays(regular: Optional[Regular], dtype) -> Optional[_loops.Regular]:
+    """A layer-direction's regularizers (rnnkit._driver.Regular, tensors) as the loops' arrays
+    of numpy ``dtype`` (a zoneout probability as a (1, 1, 1) array)."""
+    if regular is None:
+        return None
+    keep = (*regular.keep, None, None)[:2]
+    return _loops.Regular(absent(dtype, 2) if regular.h_mask is None else array(regular.h_mask),
+                          *(absent(dtype, 3) if z is None else np.full((1, 1, 1), z, dtype) if isinstance(z, float)
+                            else array(z) for z in keep))
+
+
+def regular_tensors(regular: Optional[_loops.Regular]) -> Optional[Regular]:
+    """``regular_arrays``' inverse (for the differentiable fallback)."""
+    if regular is None:
+        return None
+    h_mask, z_h, z_c = regular
+    keep = tuple(float(z[0, 0, 0]) if z.shape == (1, 1, 1) else torch.from_numpy(z) for z in (z_h, z_c)
+                 if z.size)
+    return Regular(torch.from_numpy(h_mask) if h_mask.size else None, keep)
+
+
 def layer_fn(step: bool, grad: bool):
     """The driver's layer function (rnnkit._driver) on the kernels, for the layer-by-layer
     route: each layer-direction as a stack of one."""
 
-    def layer(cell: Cell, x: Tensor, state: tuple, p, batch_sizes, reverse: bool) -> tuple:
-        plan = Plan(cell, steps_of(x.shape[0], x.shape[1], batch_sizes), 1, (reverse,), step)
+    def layer(cell: Cell, x: Tensor, state: tuple, p, batch_sizes, reverse: bool,
+              regular: Optional[Regular] = None) -> tuple:
+        plan = Plan(cell, steps_of(x.shape[0], x.shape[1], batch_sizes), 1, (reverse,), step,
+                    None if regular is None else (regular_arrays(regular, NP_DTYPE[x.dtype]),))
         out, state_n = run_stack(plan, x, tuple(s.unsqueeze(0) for s in state), [p], grad)
         return out, tuple(s[0] for s in state_n)
 
@@ -196,9 +219,10 @@ def reference_grads(plan: Plan, x, h0, c0, flat, grad_outputs, needs) -> list:
     params = unflatten(cell, flat)
     state0 = None if h0 is None else (h0,) if cell.state_size == 1 else (h0, c0)
     packing = Packing(torch.from_numpy(plan.steps))
+    regulars = None if plan.regulars is None else [regular_tensors(r) for r in plan.regulars]
     with torch.enable_grad():
         out, state_n = run_layers(cell, reference_layer, x, state0, params, plan.num_layers, plan.reverses, 0.0,
-                                  False, packing)
+                                  False, packing, regulars)
     outputs = (out, state_n[0], state_n[1] if cell.state_size == 2 else None)
     return contract(outputs, grad_outputs, (x, h0, c0, *flat), needs)
 

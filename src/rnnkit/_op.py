@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _loops
-from ._arrays import array, output_grad, tensors
+from ._arrays import NP_DTYPE, absent, array, output_grad, tensors
 from ._stack import Needs
 from .cells import CELLS, Cell, dims_of
 
@@ -71,7 +71,8 @@ def _layer_backward_op(d_out: Tensor, d_hn: Tensor, d_cn: Tensor, x: Tensor, par
     cell = CELLS[mode]
     p = _loops_record(mode, params)
     needs = Needs(need[0], need[-2], need[-1], cell.record._make(need[1:-2]))
-    kept = _loops.Kept(array(x), array(out), array(c_seq), array(saved), array(m_seq))
+    raw = absent(NP_DTYPE[out.dtype], 3)  # (no zoneout under torch.compile: see _plan.route)
+    kept = _loops.Kept(array(x), array(out), array(c_seq), array(saved), array(m_seq), raw)
     dx, grads, dh0, dc0 = _loops.backward(cell, steps.numpy(), reverse, needs, output_grad(d_out.detach().numpy()),
                                           array(d_hn), array(d_cn), p, array(h0), array(c0), kept)
     return [x.new_empty(0) if g is None else torch.from_numpy(g) for g in (dx, *grads, dh0, dc0)]

@@ -9,12 +9,13 @@ on ``route(...)`` and change thresholds only through ``limits(...)``.
 Routes:
     reference  torch ops, layer by layer (rnnkit._driver.reference_layer): any device, dtype,
                autocast, torch.func transforms and forward-mode AD; cells without kernels (the
-               layer-normalized ones) and the recurrent_dropout and zoneout options
+               layer-normalized ones); recurrent_dropout and zoneout under torch.compile
     compiled   under torch.compile / torch.export: one custom op per layer-direction (rnnkit._op)
     sequence   the fused kernels' time loops, every layer and direction in one call (training:
                one autograd node for the whole stack)
-    step       one step (T = 1) of a stack without projections: one kernel call per
-               layer-direction each way, weights as stored (no packing, no time chunks)
+    step       one step (T = 1) of a stack without projections nor recurrent_dropout or
+               zoneout: one kernel call per layer-direction each way, weights as stored (no
+               packing, no time chunks)
 Cell modules (RNNCell, GRUCell, LSTMCell; ``Call.module == "cell"``; rnnkit._cell):
     cell       the kernels: one call each way (training: one autograd node)
     native     torch.nn's own cell op (torch._VF), where the kernels do not pay or apply
@@ -50,11 +51,10 @@ class Call(NamedTuple):
     grad: bool  # grad mode and some input or parameter requires grad
     dropout: bool  # inter-layer dropout active
     backend: str  # the user's choice: "auto", "fused" or "reference"
-    # what only torch ops can run: "autocast", "transform", "mixed dtypes", "regularizers"
-    # (recurrent dropout, zoneout)
-    special: str = ""
+    special: str = ""  # what only torch ops can run: "autocast", "transform", "mixed dtypes"
     compiling: bool = False
     module: str = "layer"  # "layer" (RNN, GRU, LSTM) or "cell" (a cell module's one step)
+    regular: bool = False  # recurrent dropout or zoneout in force (the sequence route runs them)
 
     def layer_dims(self, layer: int) -> Dims:
         if layer == 0:
@@ -213,11 +213,11 @@ def route(call: Call) -> Route:
                 f"rnnkit backend 'fused' does not support {call.cell.mode} with {call.dtype} tensors on "
                 f"{call.device_type}; use rnnkit.set_backend('auto') or 'reference'")
         return native
-    if call.compiling:  # (a cell's torch ops trace as they are)
-        return Route("reference") if cell_module else Route("compiled", by_layer=True)
+    if call.compiling:  # (a cell's torch ops and the regularizers trace as they are)
+        return Route("reference") if cell_module or call.regular else Route("compiled", by_layer=True)
     if cell_module:
         return Route("cell") if call.backend == "fused" or _cell_pays(call) else native
-    step = call.steps == 1 and step_fits(call, call.grad)
+    step = call.steps == 1 and not call.regular and step_fits(call, call.grad)
     if call.backend == "auto" and not _fused_pays(call, step):
         return Route("reference")
     return Route("step" if step else "sequence", by_layer=call.dropout)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _plan
-from ._arrays import weight_arrays
+from ._arrays import NP_DTYPE, weight_arrays
 from ._driver import Packing, layer_dims, reference_layer, run_layers
 from .cells import Cell
 
@@ -65,23 +65,21 @@ def _key(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, num_la
          dropout: bool, regular: bool = False) -> tuple:
     """Everything of a layer call that its route depends on, as a hashable key (``_call`` makes
     the ``Call`` from it): routes are remembered per key (``_plan.route_of``). ``regular``:
-    recurrent dropout or zoneout is in force (only the reference runs them)."""
+    recurrent dropout or zoneout is in force."""
     grad_mode, grad, special = needs(x, (t for p in params for t in p), state)
-    if regular and not special:
-        special = "regularizers"
     p = params[0]
     T, B = x.shape[:2]
     compiling = torch.compiler.is_compiling()
     return (cell, p.weight_ih.shape, p.weight_hh.shape, num_layers, directions, T, B, x.dtype,
             "cpu" if x.is_cpu else x.device.type, grad_mode, grad, dropout, _backend.get_backend(), special,
-            compiling, 0 if compiling else torch.get_num_threads())  # (the tracer takes no int from torch.*)
+            compiling, 0 if compiling else torch.get_num_threads(), regular)  # (the tracer takes no int from torch.*)
 
 
 def _call(key: tuple, p) -> _plan.Call:
     cell, _, _, num_layers, directions, T, B, dtype, device, grad_mode, grad, dropout, backend, special, \
-        compiling, _ = key
+        compiling, _, regular = key
     return _plan.Call(cell, num_layers, directions, T, B, layer_dims(cell, p), dtype, device, grad_mode, grad,
-                      dropout, backend, special, compiling)
+                      dropout, backend, special, compiling, regular=regular)
 
 
 def describe(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, num_layers: int, directions: int,
@@ -112,8 +110,10 @@ def run(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, num_lay
         grad = key[10]
         if not route.by_layer:
             steps = nodes.steps_of(x.shape[0], x.shape[1], None if packing is None else packing.batch_sizes)
-            plan = nodes.Plan(cell, steps, num_layers, reverses, route.path == "step")
-            if module is not None and packing is None and not key[13]:
+            plan = nodes.Plan(cell, steps, num_layers, reverses, route.path == "step",
+                              None if regulars is None else
+                              tuple(nodes.regular_arrays(r, NP_DTYPE[x.dtype]) for r in regulars))
+            if module is not None and packing is None and not key[13] and regulars is None:
                 _remember(module, key, plan, params, state)
             return nodes.run_stack(plan, x, state, list(params), grad)
         layer = nodes.layer_fn(route.path == "step", grad)
@@ -194,7 +194,7 @@ def forget(known: dict, key: int, entry) -> None:
 def _remember(module, key: tuple, plan, params: Sequence, state: Optional[tuple]) -> None:
     """Record what ``layer_fast`` needs of this module's call (by the full path, after every
     check, on the fused routes)."""
-    cell, _, _, num_layers, directions, T, B, dtype, device, grad_mode, grad, dropout, backend, _, _, threads = key
+    cell, _, _, num_layers, directions, T, B, dtype, device, grad_mode, grad, dropout, backend, _, _, threads, _ = key
     if device != "cpu":
         return
     registered = module._parameters

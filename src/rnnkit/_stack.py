@@ -20,7 +20,7 @@ reads, a flat tuple of arrays (the autograd node saves each once).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -38,6 +38,9 @@ class Plan(NamedTuple):
     num_layers: int
     reverses: tuple  # per direction: (False,), (False, True), or (True,) for one reverse layer
     step: bool  # the step executor
+    # per layer-direction, the regularizers' arrays (rnnkit._loops.Regular), or None: none in
+    # force (the sequence executor only)
+    regulars: Optional[tuple] = None
 
 
 class Needs(NamedTuple):
@@ -76,11 +79,12 @@ def backward(plan: Plan, kept: tuple, needs: Needs, d_out, d_hn, d_cn, h0, c0, p
 def _sequence_forward(plan: Plan, training: bool, x, h0, c0, params) -> tuple:
     cell = plan.cell
     none = _loops.no_cell_state(h0.shape[1], h0.dtype)
+    regulars = plan.regulars
     kept: list = []
 
     def run_one(k, layer, reverse, inp):
         out, h_n, c_n, keep = _loops.forward(cell, plan.steps, reverse, training, inp, params[k], h0[k],
-                                             none if c0 is None else c0[k])
+                                             none if c0 is None else c0[k], regulars and regulars[k])
         kept.extend(keep)
         return out, (h_n, c_n)
 
@@ -114,7 +118,7 @@ def _sequence_backward(plan: Plan, kept: tuple, needs: Needs, d_out, d_hn, d_cn,
         keep = _loops.Kept(*kept[k * n:(k + 1) * n])
         need = Needs(layer > 0 or needs.x, needs.h0, needs.c0, needs.params[k])
         dx, grads[k], dh0, dc0 = _loops.backward(cell, plan.steps, reverse, need, d_part, d_hn[k], d_cn[k],
-                                                 params[k], h0[k], c0[k], keep)
+                                                 params[k], h0[k], c0[k], keep, plan.regulars and plan.regulars[k])
         if d_h0 is not None:
             d_h0[k] = dh0
         if d_c0 is not None:

@@ -41,6 +41,18 @@ Legend (all arrays C-contiguous, float32 or float64 unless said):
                          whose two are equal)
     d_first  (B, GH)     backward: d_hw at each row's first step, where h_prev is h0[r]
 
+Regularizers (rnnkit's recurrent_dropout and zoneout; absent arrays, ``absent``, when off):
+    h_mask   (B, Ho)     recurrent dropout: h_in = h_prev * h_mask enters W_hh (the cell itself
+                         still reads h_prev), so dh_prev += (d_hw @ W_hh) * h_mask; the caller
+                         masks h_prev likewise for dL/dW_hh
+    z_h      (T, B, Ho)  zoneout: the weight z of the previous h at each step and row (0 or 1 in
+                         training), or (1, 1, 1) one weight for all (p: eval's expectation);
+                         h_t = z * h_prev + (1 - z) * h~_t, h~_t the step's (projected) new h
+    z_c      (T, B, Hc)  zoneout of c alike (LSTM)
+    raw      (T, B, Ho)  training with z_h: h~_t, which the cell's backward reads as ``h``
+                         (out holds the blend); else unread
+    hm, prev_h (B, Ho), prev_c (B, Hc); d_in (B, Ho), kept_h (B, Ho), kept_c (B, Hc): scratch
+
 Time chunks: each loop runs the steps i0 <= i < i1 of its processing order (forward: time i,
 or T-1-i when reverse; backward the opposite) and carries its running state (h_n, c_n or
 d_h0, d_c0) from one call to the next, so the caller can run a long sequence in chunks and
@@ -135,18 +147,79 @@ def _add(dst, src):
         dst[j] += src[j]
 
 
+@jit_inline
+def _product(dst, a, b):
+    """dst = a * b, element by element."""
+    if a.shape[0] != dst.shape[0] or b.shape[0] != dst.shape[0]:
+        raise ValueError("driver: rows of different lengths")
+    for j in range(dst.shape[0]):
+        dst[j] = a[j] * b[j]
+
+
+@jit_inline
+def _add_product(dst, a, b):
+    """dst += a * b, element by element."""
+    if a.shape[0] != dst.shape[0] or b.shape[0] != dst.shape[0]:
+        raise ValueError("driver: rows of different lengths")
+    for j in range(dst.shape[0]):
+        dst[j] += a[j] * b[j]
+
+
+@jit_inline
+def _blend(x, prev, z, each):
+    """Zoneout: x = z * prev + (1 - z) * x, with z[j] per element (``each``) or z[0] for all."""
+    if prev.shape[0] != x.shape[0] or (each and z.shape[0] != x.shape[0]) or z.shape[0] == 0:
+        raise ValueError("driver: rows of different lengths")
+    for j in range(x.shape[0]):
+        zj = z[j] if each else z[0]
+        x[j] = zj * prev[j] + (1 - zj) * x[j]
+
+
+@jit_inline
+def _keep(d, kept, z, each):
+    """Zoneout's backward: kept = z * d (what reaches the previous state directly), d *= 1 - z
+    (what reaches the step's own new state)."""
+    if kept.shape[0] != d.shape[0] or (each and z.shape[0] != d.shape[0]) or z.shape[0] == 0:
+        raise ValueError("driver: rows of different lengths")
+    for j in range(d.shape[0]):
+        zj = z[j] if each else z[0]
+        kept[j] = zj * d[j]
+        d[j] = (1 - zj) * d[j]
+
+
+@jit_inline
+def _regular(h_mask, z_h, z_c, raw, T, B, Ho, Hc, r1):
+    """(masked, zone_h, zone_c, keep_raw, each_h, each_c) of the loops' regularizer arrays (see
+    the legend), checked against the T steps, B rows (r1 at most B) and the sizes of h and c."""
+    masked = h_mask.shape[0] > 0
+    zone_h = z_h.shape[0] > 0
+    zone_c = z_c.shape[0] > 0
+    each_h = z_h.shape[0] == T and z_h.shape[1] == B and z_h.shape[2] == Ho
+    each_c = z_c.shape[0] == T and z_c.shape[1] == B and z_c.shape[2] == Hc
+    keep_raw = raw.shape[0] == T and raw.shape[1] == B
+    if (masked and (h_mask.shape[0] < r1 or h_mask.shape[1] != Ho)) \
+            or (zone_h and not each_h and z_h.shape[2] == 0) or (zone_c and not each_c and z_c.shape[2] == 0):
+        raise ValueError("driver: regularizer arrays do not fit")
+    return masked, zone_h, zone_c, keep_raw, each_h, each_c
+
+
 def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
-                  m_seq, hw, own, i0, i1, r0, r1, col_threads):
+                  m_seq, hw, own, h_mask, z_h, z_c, raw, hm, prev_h, prev_c, i0, i1, r0, r1, col_threads):
     """Run rows [r0, r1) through the steps i0 <= i < i1 in processing order (step i is time
     T-1-i when reverse, else i), continuing the state kept in h_n / c_n (started from h0 / c0
     when i0 == 0). xw holds the input projection of those steps only: xw[k] is time t_lo + k,
-    t_lo the earliest of them. hw (B, GH) is scratch."""
+    t_lo the earliest of them. hw (B, GH) is scratch; so are hm, prev_h, prev_c (see the
+    regularizers in the legend)."""
     # every array borrowed (see kernels/borrow.py): the loops' views then cost no atomics
     xw, w_hh_t, b_hh, w_hr_t, h0, c0 = borrow(xw), borrow(w_hh_t), borrow(b_hh), borrow(w_hr_t), borrow(h0), borrow(c0)
     weight_hh = borrow(weight_hh)
     out, c_seq, h_n, c_n, saved = borrow(out), borrow(c_seq), borrow(h_n), borrow(c_n), borrow(saved)
     m_seq, hw, steps = borrow(m_seq), borrow(hw), borrow(steps)
+    h_mask, z_h, z_c, raw = borrow(h_mask), borrow(z_h), borrow(z_c), borrow(raw)
+    hm, prev_h, prev_c = borrow(hm), borrow(prev_h), borrow(prev_c)
     T, B = out.shape[0], out.shape[1]
+    masked, zone_h, zone_c, keep_raw, each_h, each_c = _regular(h_mask, z_h, z_c, raw, T, B, h_n.shape[1],
+                                                                c_n.shape[1], r1)
     t_lo = T - i1 if reverse else i0
     # training: keep every step's saved values (else saved is one (1, 1, S) scratch row; the
     # batch size tells them apart when T == 1)
@@ -165,14 +238,25 @@ def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, o
         t = T - 1 - i if reverse else i
         x_t = xw[t - t_lo]
         n = min(max(steps[t], r0), r1)  # rows [r0, n) are active at step t
-        if col_threads > 1 and packed:  # hw = h @ W_hh^T + b_hh
-            matmul_packed_columns(h, w_hh_t, hw, r0, n, b_hh, col_threads)
+        h_in = h  # what enters W_hh: h, or h * h_mask (recurrent dropout)
+        if masked:
+            for r in range(r0, n):
+                _product(hm[r], h[r], h_mask[r])
+            h_in = hm
+        if col_threads > 1 and packed:  # hw = h_in @ W_hh^T + b_hh
+            matmul_packed_columns(h_in, w_hh_t, hw, r0, n, b_hh, col_threads)
         elif col_threads > 1:
-            linear(h, weight_hh, b_hh, hw, r0, n, col_threads)
+            linear(h_in, weight_hh, b_hh, hw, r0, n, col_threads)
         elif packed:  # (strip order alternating)
-            matmul_packed(h, w_hh_t, hw, r0, n, b_hh, i % 2 == 1)
+            matmul_packed(h_in, w_hh_t, hw, r0, n, b_hh, i % 2 == 1)
         else:
-            linear_rows(h, weight_hh, b_hh, hw, r0, n, 0, weight_hh.shape[0])
+            linear_rows(h_in, weight_hh, b_hh, hw, r0, n, 0, weight_hh.shape[0])
+        if zone_h or zone_c:  # (zoneout: the state before the step, to blend with after it)
+            for r in range(r0, n):
+                if zone_h:
+                    _copy(prev_h[r], h[r])
+                if zone_c:
+                    _copy(prev_c[r], c[r])
         if project:
             m = m_seq[t if keep_m else 0]
             for r in range(r0, n):
@@ -180,11 +264,17 @@ def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, o
                     cell_forward(x_t[r], hw[r], m[r], c[r], saved[t, r], own)
                 else:
                     cell_infer(x_t[r], hw[r], m[r], c[r], saved[0, 0], own)
+                if zone_c:
+                    _blend(c[r], prev_c[r], z_c[t, r] if each_c else z_c[0, 0], each_c)
                 if keep_c:
                     _copy(c_seq[t, r], c[r])
                 h[r, :] = 0.0
             matmul_packed(m, w_hr_t, h, r0, n)  # h_t = m_t @ W_hr^T
             for r in range(r0, n):
+                if zone_h:
+                    if keep_raw:
+                        _copy(raw[t, r], h[r])
+                    _blend(h[r], prev_h[r], z_h[t, r] if each_h else z_h[0, 0], each_h)
                 _copy(out[t, r], h[r])
             if keep_m:
                 for r in range(n, r1):
@@ -195,6 +285,12 @@ def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, o
                     cell_forward(x_t[r], hw[r], h[r], c[r], saved[t, r], own)
                 else:
                     cell_infer(x_t[r], hw[r], h[r], c[r], saved[0, 0], own)
+                if zone_h:
+                    if keep_raw:
+                        _copy(raw[t, r], h[r])
+                    _blend(h[r], prev_h[r], z_h[t, r] if each_h else z_h[0, 0], each_h)
+                if zone_c:
+                    _blend(c[r], prev_c[r], z_c[t, r] if each_c else z_c[0, 0], each_c)
                 _copy(out[t, r], h[r])
                 if keep_c:
                     _copy(c_seq[t, r], c[r])
@@ -205,14 +301,15 @@ def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, o
 
 
 def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
-                   d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, i0, i1, r0, r1, col_threads):
+                   d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, h_mask, z_h, z_c, raw, d_in, kept_h,
+                   kept_c, i0, i1, r0, r1, col_threads):
     """BPTT for rows [r0, r1) over the steps i0 <= i < i1 of the reverse-time loop (step i is
     time i when reverse, else T-1-i), continuing the running gradient kept in d_h0 / d_c0
     (started from d_hn / d_cn when i0 == 0). Fills, for those steps only (index k is time
     t_lo + k, t_lo the earliest of them), d_xw, d_hw (n, B, GH) and d_h_seq; and d_first[r]
     with d_hw at row r's first step, whose h_prev is h0[r] (at every other step h_prev is the
     output of the step before, so dL/dW_hh needs no copy of it). dm (B, H) is scratch
-    (projecting only)."""
+    (projecting only); so are d_in, kept_h, kept_c (see the regularizers in the legend)."""
     # every array borrowed, as in _forward_rows
     w_hh, w_hr, d_out, d_hn, d_cn = borrow(w_hh), borrow(w_hr), borrow(d_out), borrow(d_hn), borrow(d_cn)
     weight_hh = borrow(weight_hh)
@@ -220,7 +317,11 @@ def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, 
     out, c_seq, m_seq, h0, c0, steps = borrow(out), borrow(c_seq), borrow(m_seq), borrow(h0), borrow(c0), borrow(steps)
     d_xw, d_hw, d_h_seq, d_first, dm = borrow(d_xw), borrow(d_hw), borrow(d_h_seq), borrow(d_first), borrow(dm)
     d_h0, d_c0 = borrow(d_h0), borrow(d_c0)
+    h_mask, z_h, z_c, raw = borrow(h_mask), borrow(z_h), borrow(z_c), borrow(raw)
+    d_in, kept_h, kept_c = borrow(d_in), borrow(kept_h), borrow(kept_c)
     T = out.shape[0]
+    masked, zone_h, zone_c, keep_raw, each_h, each_c = _regular(h_mask, z_h, z_c, raw, T, out.shape[1],
+                                                                out.shape[2], c0.shape[1], r1)
     t_lo = i0 if reverse else T - i1
     project = w_hr.shape[0] > 0
     per_step = d_out.shape[0] == T  # else one (1, ., Ho) gradient for every step
@@ -241,6 +342,8 @@ def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, 
             for r in range(r0, n):
                 dhr = dh[r]
                 _add(dhr, d_out[t if per_step else 0, r if per_row else 0])
+                if zone_h:  # dL/dh_prev gets z * dL/dh_t; the step's new h (1 - z) * dL/dh_t
+                    _keep(dhr, kept_h[r], z_h[t, r] if each_h else z_h[0, 0], each_h)
                 _copy(d_h_seq[k, r], dhr)
                 dm[r, :] = 0.0
             matmul_packed(dh, w_hr, dm, r0, n)  # dm_t = dh_t @ W_hr
@@ -250,47 +353,72 @@ def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, 
             first = tp < 0 or tp >= T or r >= steps[tp]
             hp = h0[r] if first else out[tp, r]
             cp = c0[r] if first else c_seq[tp, r]
+            if zone_c:
+                _keep(dc[r], kept_c[r], z_c[t, r] if each_c else z_c[0, 0], each_c)
             if project:
                 cell_backward(dm[r], dc[r], saved[t, r], hp, cp, m_seq[t, r], d_xw[k, r], d_hw[k, r], own)
-                dh[r, :] = 0.0  # no path from h_t to h_prev bypasses W_hh (see the legend)
+                if zone_h:
+                    _copy(dh[r], kept_h[r])
+                else:
+                    dh[r, :] = 0.0  # no path from h_t to h_prev bypasses W_hh (see the legend)
             else:
                 dhr = dh[r]
                 _add(dhr, d_out[t if per_step else 0, r if per_row else 0])
-                cell_backward(dhr, dc[r], saved[t, r], hp, cp, out[t, r], d_xw[k, r], d_hw[k, r], own)
+                if zone_h:
+                    _keep(dhr, kept_h[r], z_h[t, r] if each_h else z_h[0, 0], each_h)
+                    # (the cell's own output, before the blend)
+                    cell_backward(dhr, dc[r], saved[t, r], hp, cp, raw[t, r] if keep_raw else out[t, r],
+                                  d_xw[k, r], d_hw[k, r], own)
+                    _add(dhr, kept_h[r])
+                else:
+                    cell_backward(dhr, dc[r], saved[t, r], hp, cp, out[t, r], d_xw[k, r], d_hw[k, r], own)
+            if zone_c:
+                _add(dc[r], kept_c[r])
             if first:
                 _copy(d_first[r], d_hw[k, r])
         for r in range(n, r1):
             d_xw[k, r, :] = 0.0
             d_hw[k, r, :] = 0.0
+        d_to = dh  # dh += d_hw W_hh, or (recurrent dropout) dh += (d_hw W_hh) * h_mask
+        if masked:
+            for r in range(r0, n):
+                d_in[r, :] = 0.0
+            d_to = d_in
         if col_threads > 1 and packed:
-            matmul_packed_columns(d_hw[k], w_hh, dh, r0, n, None, col_threads)
+            matmul_packed_columns(d_hw[k], w_hh, d_to, r0, n, None, col_threads)
         elif col_threads > 1:
-            matmul_acc_columns(d_hw[k], weight_hh, dh, r0, n, col_threads)
+            matmul_acc_columns(d_hw[k], weight_hh, d_to, r0, n, col_threads)
         elif packed:
-            matmul_packed(d_hw[k], w_hh, dh, r0, n)
+            matmul_packed(d_hw[k], w_hh, d_to, r0, n)
         else:
-            matmul_acc(d_hw[k], weight_hh, dh, r0, n)
+            matmul_acc(d_hw[k], weight_hh, d_to, r0, n)
+        if masked:
+            for r in range(r0, n):
+                _add_product(dh[r], d_in[r], h_mask[r])
 
 
 def _forward_chunks(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
-                    m_seq, hw, own, i0, i1, chunks):
+                    m_seq, hw, own, h_mask, z_h, z_c, raw, hm, prev_h, prev_c, i0, i1, chunks):
     """_forward_rows over ``chunks`` slices of the batch, one thread each."""
     B = out.shape[1]
     size = (B + chunks - 1) // chunks
     for j in prange(chunks):
         r0 = j * size
         forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
-                     m_seq, hw, own, i0, i1, r0, min(r0 + size, B), 1)  # (1: no parallel region inside this one)
+                     m_seq, hw, own, h_mask, z_h, z_c, raw, hm, prev_h, prev_c, i0, i1, r0,
+                     min(r0 + size, B), 1)  # (1: no parallel region inside this one)
 
 
 def _backward_chunks(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
-                     d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, i0, i1, chunks):
+                     d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, h_mask, z_h, z_c, raw, d_in, kept_h,
+                     kept_c, i0, i1, chunks):
     B = out.shape[1]
     size = (B + chunks - 1) // chunks
     for j in prange(chunks):
         r0 = j * size
         backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
-                      d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, i0, i1, r0, min(r0 + size, B), 1)
+                      d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, h_mask, z_h, z_c, raw, d_in, kept_h,
+                      kept_c, i0, i1, r0, min(r0 + size, B), 1)
 
 
 def _step_rows(x, w_ih, b_ih, weight_hh, b_hh, h0, c0, h, c, out, xw, hw, saved, keep, own):
@@ -419,6 +547,13 @@ class ForwardArgs(NamedTuple):
     m_seq: object
     hw: object
     own: tuple
+    h_mask: object
+    z_h: object
+    z_c: object
+    raw: object
+    hm: object
+    prev_h: object
+    prev_c: object
 
 
 class BackwardArgs(NamedTuple):
@@ -446,6 +581,13 @@ class BackwardArgs(NamedTuple):
     d_h0: object
     d_c0: object
     own: tuple
+    h_mask: object
+    z_h: object
+    z_c: object
+    raw: object
+    d_in: object
+    kept_h: object
+    kept_c: object
 
 
 class StepArgs(NamedTuple):
