@@ -11,7 +11,7 @@ import torch
 from oracle import TOL, assert_backends_agree, twins
 
 import rnnkit
-from rnnkit._driver import bernoulli
+from rnnkit._driver import zone_masks
 
 KINDS = {"tanh": ("RNN", {}), "relu": ("RNN", {"nonlinearity": "relu"}), "gru": ("GRU", {}),
          "lstm": ("LSTM", {}), "lstm-proj": ("LSTM", {"proj_size": 3})}
@@ -52,11 +52,9 @@ def oracle(module, x, recurrent_dropout, zoneout, weight_drop, training):
         if training and recurrent_dropout:
             mask = torch.empty(B, h_out, dtype=x.dtype).bernoulli_(1 - recurrent_dropout) / (1 - recurrent_dropout)
         keep = [None, None]
-        if zoneout and training:  # (rnnkit's sampler of many Bernoulli draws: see test_bernoulli)
-            keep = [bernoulli((T, B, h_out), zoneout, x)]
-            if mode == "LSTM":
-                keep.append(bernoulli((T, B, hidden), zoneout, x))
-            keep += [None]
+        if zoneout and training:  # (rnnkit's counter-based draws from two seeds: see test_zone_masks)
+            seeds = torch.empty(2, dtype=torch.int64).random_().tolist()
+            keep = [zone_masks((T, B, h_out), zoneout, seeds[0], x), zone_masks((T, B, hidden), zoneout, seeds[1], x)]
         elif zoneout:
             keep = [zoneout, zoneout]
         draws.append((w_hh, mask, keep))
@@ -274,18 +272,20 @@ def test_fused_loops_in_every_arrangement(how):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.05, 0.5, 0.97, 1.0])
-def test_bernoulli(p):
-    """Zoneout's sampler: 0/1 of the asked dtype, mean p (within 5 standard deviations over a
-    million draws), reproduced by torch.manual_seed, fresh at every call, on torch's generator."""
+def test_zone_masks(p):
+    """Zoneout's masks: 0/1 of the asked dtype, mean p (within 5 standard deviations over a
+    million draws), the same from the same seed, independent between seeds and between
+    neighbouring elements; and the fused loops draw the same (the definitions' test)."""
     like = torch.empty(0, dtype=torch.float64)
-    torch.manual_seed(5)
-    a = bernoulli((1000, 1001), p, like)
+    a = zone_masks((1000, 1001), p, 12345, like)
     assert a.dtype == torch.float64 and a.shape == (1000, 1001)
     assert ((a == 0) | (a == 1)).all()
-    assert abs(a.mean().item() - p) <= 5 * (p * (1 - p) / a.numel()) ** 0.5
-    b = bernoulli((1000, 1001), p, like)
-    torch.manual_seed(5)
-    assert torch.equal(bernoulli((1000, 1001), p, like), a)
-    assert p in (0.0, 1.0) or not torch.equal(a, b)
-    odd = bernoulli((3,), 0.5, like)  # (an odd count: half a draw unused)
-    assert odd.shape == (3,)
+    sd = (p * (1 - p) / a.numel()) ** 0.5
+    assert abs(a.mean().item() - p) <= 5 * sd
+    assert torch.equal(zone_masks((1000, 1001), p, 12345, like), a)
+    b = zone_masks((1000, 1001), p, 12346, like)
+    both = (a * b).mean().item()  # independent masks: P(both) = p^2
+    assert abs(both - p * p) <= 5 * (p * p * (1 - p * p) / a.numel()) ** 0.5 + 1e-12
+    flat = a.reshape(-1)
+    neighbours = (flat[1:] * flat[:-1]).mean().item()
+    assert abs(neighbours - p * p) <= 5 * (p * p * (1 - p * p) / flat.numel()) ** 0.5 + 1e-12

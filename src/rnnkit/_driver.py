@@ -37,12 +37,13 @@ LayerFn = Callable[..., tuple]
 
 class Regular(NamedTuple):
     """One layer-direction's recurrent regularizers in one call (rnnkit's own options; see
-    ``draw_regular``), applied by ``reference_layer``."""
+    ``draw_regular``), applied by ``reference_layer`` and the fused loops alike."""
 
     h_mask: Optional[Tensor]  # recurrent dropout: (B, Ho), 0 or 1/(1-p), on h where it enters W_hh
-    # zoneout: per state tensor (h, then c), the weight of its previous value at each step:
-    # (T, B, .) masks of 0 or 1 in training, the probability p in eval; () when off
-    keep: tuple
+    zoneout: float  # zoneout's p (0: none)
+    # training: the seeds of zoneout's masks for h and c (``zone_masks``); None: eval, where the
+    # previous state's weight is p itself (the expectation)
+    seeds: Optional[tuple]
 
 
 def reference_layer(
@@ -58,43 +59,56 @@ def reference_layer(
     # Input projection for every step in one GEMM; unbind (not xw[t]) so backward stays O(T).
     steps = cell.input_projection(x, p).unbind(0)
     n_steps, batch = len(steps), x.shape[1]
+    h_mask, keep = None, ()
+    if regular is not None:
+        h_mask = regular.h_mask
+        if regular.zoneout and regular.seeds is None:
+            keep = (regular.zoneout,) * len(state)
+        elif regular.zoneout:
+            keep = tuple(zone_masks((n_steps, batch, s.shape[-1]), regular.zoneout, seed, x)
+                         for s, seed in zip(state, regular.seeds))
     outs: list = [None] * n_steps
     for t in reversed(range(n_steps)) if reverse else range(n_steps):
         active = batch if batch_sizes is None else batch_sizes[t]
         if active == batch:
-            state = _step(cell, steps[t], state, p, regular, t)
+            state = _step(cell, steps[t], state, p, h_mask, keep, t)
             outs[t] = state[0]
         else:  # rows past their length keep their state, and their output is zero
-            new = _step(cell, steps[t][:active], tuple(s[:active] for s in state), p, regular, t)
+            new = _step(cell, steps[t][:active], tuple(s[:active] for s in state), p, h_mask, keep, t)
             state = tuple(torch.cat((n, s[active:])) for n, s in zip(new, state))
             outs[t] = torch.cat((new[0], new[0].new_zeros(batch - active, new[0].shape[1])))
     return torch.stack(outs), state
 
 
-def _step(cell: Cell, xw: Tensor, state: tuple, p, regular: Optional[Regular], t: int) -> tuple:
-    """The cell's step at time t on the first xw.shape[0] rows, regularized."""
-    if regular is None:
+def _step(cell: Cell, xw: Tensor, state: tuple, p, h_mask: Optional[Tensor], keep: tuple, t: int) -> tuple:
+    """The cell's step at time t on the first xw.shape[0] rows, regularized: h * h_mask enters
+    W_hh; zoneout blends each state with its previous value by ``keep`` (per state: p, or (T, B,
+    .) masks)."""
+    if h_mask is None and not keep:
         return cell.step(xw, state, p)
     rows = xw.shape[0]
-    h_in = None if regular.h_mask is None else state[0] * regular.h_mask[:rows]
-    new = cell.step(xw, state, p, h_in)
-    if not regular.keep:
+    new = cell.step(xw, state, p, None if h_mask is None else state[0] * h_mask[:rows])
+    if not keep:
         return new
-    # zoneout: z * previous + (1 - z) * new, z a 0/1 mask (training) or p (eval)
-    keep = [z if isinstance(z, float) else z[t, :rows] for z in regular.keep]
+    keep = [z if isinstance(z, float) else z[t, :rows] for z in keep]
     return tuple(z * s + (1 - z) * n for n, s, z in zip(new, state, keep))
 
 
-def bernoulli(shape: tuple, p: float, like: Tensor) -> Tensor:
-    """A mask of 0s and 1s, each 1 with probability p, of ``like``'s dtype and device, from torch's
-    default generator: 31 random bits per element (p resolved to 2^-31), taken two per 64-bit
-    draw. (Zoneout draws T*B*H per state: torch's bernoulli_ and rand, 9-14 ns an element on
-    this 2-core host, cost a small layer's training step 10-20%; this costs a third of it.)"""
-    n = math.prod(shape)
-    words = torch.empty((n + 1) // 2, dtype=torch.int64).random_()  # (63 random bits each)
-    bits = words.numpy().view(np.uint32)[:n] & np.uint32(0x7FFFFFFF)
-    mask = torch.from_numpy(bits < np.uint32(min(round(p * 2.0 ** 31), 2 ** 31)))
+def zone_masks(shape: tuple, p: float, seed: int, like: Tensor) -> Tensor:
+    """Zoneout's mask of ``shape`` (T, B, size) drawn from ``seed``: 1 (keep the previous value)
+    with probability p, as ``like``'s dtype and device. Element (t, r, j) is 1 where
+    kernels.driver.zone_bits(seed, (t * B + r) * size + j) < p 2^31, the draw the fused loops
+    make for it where they use it."""
+    from .kernels.driver import zone_bits
+
+    bits = zone_bits(np.uint64(seed), np.arange(math.prod(shape), dtype=np.uint64))
+    mask = torch.from_numpy(bits < np.uint64(zone_threshold(p)))
     return mask.to(device=like.device, dtype=like.dtype).reshape(shape)
+
+
+def zone_threshold(p: float) -> int:
+    """What 31 random bits must stay under for probability p."""
+    return min(round(p * 2.0 ** 31), 2 ** 31)
 
 
 def draw_regular(cell: Cell, x: Tensor, params: list, recurrent_dropout: float, zoneout: float, weight_drop: float,
@@ -102,29 +116,21 @@ def draw_regular(cell: Cell, x: Tensor, params: list, recurrent_dropout: float, 
     """(params, regulars) of a call on x (T, B, I): W_hh of every layer-direction dropped (weight
     drop, training: one Bernoulli(1-p) mask over its elements per call, scaled by 1/(1-p); the
     gradient reaches the stored weight through it), and per layer-direction the ``Regular`` of
-    recurrent dropout (training) and zoneout (training: masks; eval: p), or None when neither
-    is in force. Masks come from torch's default generator, drawn here, before anything runs,
-    per layer-direction in order: W_hh's, h's, then zoneout's for h and for c."""
-    T, B = x.shape[0], x.shape[1]
+    recurrent dropout (training) and zoneout, or None when neither is in force. Everything comes
+    from torch's default generator, drawn here, before anything runs, per layer-direction in
+    order: W_hh's mask, h's mask, then the two seeds of zoneout's masks for h and c (training)."""
+    B = x.shape[1]
     dropping = training and recurrent_dropout > 0
-    zoning = zoneout > 0
-    if not (training and weight_drop > 0) and not dropping and not zoning:
+    if not (training and weight_drop > 0) and not dropping and not zoneout > 0:
         return params, None
     params, regulars = list(params), []
     for k, p in enumerate(params):
         if training and weight_drop > 0:
             params[k] = p = p._replace(weight_hh=F.dropout(p.weight_hh, weight_drop, True))
-        h_out, gates = p.weight_hh.shape[1], p.weight_hh.shape[0]
-        h_mask = F.dropout(x.new_ones(B, h_out), recurrent_dropout, True) if dropping else None
-        if not zoning:
-            keep: tuple = ()
-        elif training:
-            sizes = (h_out, gates // cell.gates)[:cell.state_size]
-            keep = tuple(bernoulli((T, B, size), zoneout, x) for size in sizes)
-        else:
-            keep = (float(zoneout),) * cell.state_size
-        regulars.append(Regular(h_mask, keep))
-    if not dropping and not zoning:
+        h_mask = F.dropout(x.new_ones(B, p.weight_hh.shape[1]), recurrent_dropout, True) if dropping else None
+        seeds = tuple(torch.empty(2, dtype=torch.int64).random_().tolist()) if zoneout > 0 and training else None
+        regulars.append(Regular(h_mask, float(zoneout), seeds))
+    if not dropping and not zoneout > 0:
         regulars = None
     return params, regulars
 

@@ -73,16 +73,18 @@ class Kept(NamedTuple):
 
 class Regular(NamedTuple):
     """A layer-direction's regularizer arrays for the loops (see the legend of
-    kernels/driver.py; ``absent`` where off): h_mask (B, Ho), z_h (T, B, Ho) or (1, 1, 1),
-    z_c (T, B, Hc) or (1, 1, 1)."""
+    kernels/driver.py; ``absent`` where off): h_mask (B, Ho), zone_p (2,), zone_draw (4,)."""
 
     h_mask: np.ndarray
-    z_h: np.ndarray
-    z_c: np.ndarray
+    zone_p: np.ndarray
+    zone_draw: np.ndarray
 
 
 def no_regular(dtype) -> Regular:
-    return Regular(absent(dtype, 2), absent(dtype, 3), absent(dtype, 3))
+    return Regular(absent(dtype, 2), absent(dtype, 1), _NO_DRAW)
+
+
+_NO_DRAW = np.empty(0, np.uint64)
 
 
 def own(cell: Cell, p) -> tuple:
@@ -243,10 +245,11 @@ def forward(cell: Cell, steps: np.ndarray, reverse: bool, training: bool, x: np.
     b_hh = p.bias_hh if p.bias_hh is not None else np.zeros(GH, dtype)
     hw = np.empty((B, GH), dtype)  # scratch
     reg = no_regular(dtype) if reg is None else reg
-    raw = np.empty((T, B, Ho), dtype) if training and reg.z_h.size else absent(dtype, 3)
+    zoning = reg.zone_p.size > 0
+    raw = np.empty((T, B, Ho), dtype) if training and zoning and cell.reads_output else absent(dtype, 3)
     hm = np.empty((B, Ho), dtype) if reg.h_mask.size else absent(dtype, 2)
-    prev_h = np.empty((B, Ho), dtype) if reg.z_h.size else absent(dtype, 2)
-    prev_c = np.empty((B, Hc), dtype) if reg.z_c.size else absent(dtype, 2)
+    prev_h = np.empty((B, Ho), dtype) if zoning else absent(dtype, 2)
+    prev_c = np.empty((B, Hc), dtype) if zoning else absent(dtype, 2)
     for i0, i1, t_lo in _time_chunks(T, L, reverse, backward=False):
         n = i1 - i0
         x_n, xw_n = x[t_lo:t_lo + n].reshape(n * B, I), xw[:n].reshape(n * B, GH)
@@ -256,8 +259,8 @@ def forward(cell: Cell, steps: np.ndarray, reverse: bool, training: bool, x: np.
             matmul_packed(x_n, w_ih_t, b_ih, xw_n)
         args = ForwardArgs(xw=xw[:n], w_hh_t=w_hh_t, weight_hh=w_hh, b_hh=b_hh, w_hr_t=w_hr_t, h0=h0, c0=c0,
                            steps=steps, reverse=reverse, out=out, c_seq=c_seq, h_n=h_n, c_n=c_n, saved=saved,
-                           m_seq=m_seq, hw=hw, own=own(cell, p), h_mask=reg.h_mask, z_h=reg.z_h,
-                           z_c=reg.z_c, raw=raw, hm=hm, prev_h=prev_h, prev_c=prev_c)
+                           m_seq=m_seq, hw=hw, own=own(cell, p), h_mask=reg.h_mask,
+                           zone_p=reg.zone_p, zone_draw=reg.zone_draw, raw=raw, hm=hm, prev_h=prev_h, prev_c=prev_c)
         _launch(kernels.forward_rows, kernels.forward_chunks, args, B, T, work, col_threads, i0, i1)
     return out, h_n, c_n, Kept(x, out, c_seq, saved, m_seq, raw)
 
@@ -300,8 +303,8 @@ def backward(cell: Cell, steps: np.ndarray, reverse: bool, need, d_out: np.ndarr
     reg = no_regular(dtype) if reg is None else reg
     masked = reg.h_mask.size > 0
     d_in = np.empty((B, Ho), dtype) if masked else absent(dtype, 2)
-    kept_h = np.empty((B, Ho), dtype) if reg.z_h.size else absent(dtype, 2)
-    kept_c = np.empty((B, c0.shape[-1]), dtype) if reg.z_c.size else absent(dtype, 2)
+    kept_h = np.empty((B, Ho), dtype) if reg.zone_p.size else absent(dtype, 2)
+    kept_c = np.empty((B, c0.shape[-1]), dtype) if reg.zone_p.size else absent(dtype, 2)
     # what entered W_hh: h_prev * h_mask with recurrent dropout (dL/dW_hh = sum_t d_hw^T h_in)
     h_in = out * reg.h_mask if masked and dw_hh is not None else out
     for i0, i1, t_lo in _time_chunks(T, L, reverse, backward=True):
@@ -309,8 +312,8 @@ def backward(cell: Cell, steps: np.ndarray, reverse: bool, need, d_out: np.ndarr
         args = BackwardArgs(w_hh=w_hh_p, weight_hh=w_hh, w_hr=w_hr_p, d_out=d_out, d_hn=d_hn, d_cn=d_cn,
                             saved=saved, out=out, c_seq=c_seq, m_seq=m_seq, h0=h0, c0=c0, steps=steps,
                             reverse=reverse, d_xw=d_xw[:n], d_hw=d_hw[:n], d_h_seq=d_h_seq[:n], d_first=d_first,
-                            dm=dm, d_h0=d_h0, d_c0=d_c0, own=own(cell, p), h_mask=reg.h_mask, z_h=reg.z_h,
-                            z_c=reg.z_c, raw=raw, d_in=d_in, kept_h=kept_h, kept_c=kept_c)
+                            dm=dm, d_h0=d_h0, d_c0=d_c0, own=own(cell, p), h_mask=reg.h_mask,
+                            zone_p=reg.zone_p, zone_draw=reg.zone_draw, raw=raw, d_in=d_in, kept_h=kept_h, kept_c=kept_c)
         _launch(kernels.backward_rows, kernels.backward_chunks, args, B, T, work, col_threads, i0, i1)
         if n == 0:
             continue

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import _loops, _stack
 from ._arrays import NP_DTYPE, absent, array, batched, output_grad, tensors, weight_arrays
-from ._driver import Packing, Regular, contract, reference_layer, run_layers
+from ._driver import Packing, Regular, contract, reference_layer, run_layers, zone_threshold
 from ._stack import Needs, Plan
 from .cells import Cell, dims_of
 
@@ -88,24 +88,26 @@ def run_stack(plan: Plan, x: Tensor, state0: Optional[tuple], params: list, grad
 
 
 def regular_arrays(regular: Optional[Regular], dtype) -> Optional[_loops.Regular]:
-    """A layer-direction's regularizers (rnnkit._driver.Regular, tensors) as the loops' arrays
-    of numpy ``dtype`` (a zoneout probability as a (1, 1, 1) array)."""
+    """A layer-direction's regularizers (rnnkit._driver.Regular) as the loops' arrays, numpy
+    ``dtype`` (see the legend of kernels/driver.py)."""
     if regular is None:
         return None
-    keep = (*regular.keep, None, None)[:2]
-    return _loops.Regular(absent(dtype, 2) if regular.h_mask is None else array(regular.h_mask),
-                          *(absent(dtype, 3) if z is None else np.full((1, 1, 1), z, dtype) if isinstance(z, float)
-                            else array(z) for z in keep))
+    h_mask, p, seeds = regular
+    zone_p = np.array([p, p], dtype) if p > 0 else absent(dtype, 1)
+    zone_draw = np.empty(0, np.uint64)
+    if seeds is not None:
+        threshold = zone_threshold(p)
+        zone_draw = np.array([*seeds, threshold, threshold], np.uint64)
+    return _loops.Regular(absent(dtype, 2) if h_mask is None else array(h_mask), zone_p, zone_draw)
 
 
 def regular_tensors(regular: Optional[_loops.Regular]) -> Optional[Regular]:
     """``regular_arrays``' inverse (for the differentiable fallback)."""
     if regular is None:
         return None
-    h_mask, z_h, z_c = regular
-    keep = tuple(float(z[0, 0, 0]) if z.shape == (1, 1, 1) else torch.from_numpy(z) for z in (z_h, z_c)
-                 if z.size)
-    return Regular(torch.from_numpy(h_mask) if h_mask.size else None, keep)
+    h_mask, zone_p, zone_draw = regular
+    return Regular(torch.from_numpy(h_mask) if h_mask.size else None, float(zone_p[0]) if zone_p.size else 0.0,
+                   tuple(int(seed) for seed in zone_draw[:2]) if zone_draw.size else None)
 
 
 def layer_fn(step: bool, grad: bool):

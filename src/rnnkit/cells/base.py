@@ -107,6 +107,9 @@ class Cell:
     # fused kernels: True when dL/dxw differs from dL/dhw (GRU's n gate: r scales only hw);
     # otherwise the backward writes one array for both.
     separate_input_grad: bool = False
+    # fused kernels: True when the backward reads ``h``, the step's output (Elman's activation
+    # derivative): with zoneout the driver then keeps h before the blend for it
+    reads_output: bool = False
     # where the cell lives among the modules: torch.nn's class name and constructor arguments
     module: str = "RNN"
     module_kwargs: dict = field(default_factory=dict)

@@ -49,6 +49,6 @@ def _relu_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw, own):
 
 
 TANH = Cell(mode="RNN_TANH", gates=1, step=_elman_step(torch.tanh), kernels=(_tanh_forward, _tanh_backward),
-            module="RNN", module_kwargs={"nonlinearity": "tanh"}, key="rnn_tanh")
+            reads_output=True, module="RNN", module_kwargs={"nonlinearity": "tanh"}, key="rnn_tanh")
 RELU = Cell(mode="RNN_RELU", gates=1, step=_elman_step(torch.relu), kernels=(_relu_forward, _relu_backward),
-            module="RNN", module_kwargs={"nonlinearity": "relu"}, key="rnn_relu")
+            reads_output=True, module="RNN", module_kwargs={"nonlinearity": "relu"}, key="rnn_relu")

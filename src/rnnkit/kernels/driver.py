@@ -45,12 +45,16 @@ Regularizers (rnnkit's recurrent_dropout and zoneout; absent arrays, ``absent``,
     h_mask   (B, Ho)     recurrent dropout: h_in = h_prev * h_mask enters W_hh (the cell itself
                          still reads h_prev), so dh_prev += (d_hw @ W_hh) * h_mask; the caller
                          masks h_prev likewise for dL/dW_hh
-    z_h      (T, B, Ho)  zoneout: the weight z of the previous h at each step and row (0 or 1 in
-                         training), or (1, 1, 1) one weight for all (p: eval's expectation);
-                         h_t = z * h_prev + (1 - z) * h~_t, h~_t the step's (projected) new h
-    z_c      (T, B, Hc)  zoneout of c alike (LSTM)
-    raw      (T, B, Ho)  training with z_h: h~_t, which the cell's backward reads as ``h``
-                         (out holds the blend); else unread
+    zone_p   (2,)        zoneout's probability p for h and for c (0: that state has none), in
+                         the layer's dtype: h_t = z * h_prev + (1 - z) * h~_t, h~_t the step's
+                         (projected) new h; c alike. z is p itself (eval: the expectation) ...
+    zone_draw (4,) uint64 ... or, when given (training), a 0/1 draw per element, keep (z = 1)
+                         where zone_draw_bits(seed, index) < threshold: [seed_h, seed_c,
+                         threshold_h, threshold_c], index (t * B + r) * size + j (see
+                         ``zone_bits``: the masks are computed where they are used, forward and
+                         backward, never stored)
+    raw      (T, B, Ho)  training with zoneout on h, for cells whose backward reads h (Elman):
+                         h~_t, which out does not hold (it holds the blend); else unread
     hm, prev_h (B, Ho), prev_c (B, Hc); d_in (B, Ho), kept_h (B, Ho), kept_c (B, Hc): scratch
 
 Time chunks: each loop runs the steps i0 <= i < i1 of its processing order (forward: time i,
@@ -96,6 +100,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 from numba import prange
 
 from . import mathfn  # noqa: F401  (registers the compiled tanh / sigmoid the cells call)
@@ -165,46 +170,69 @@ def _add_product(dst, a, b):
         dst[j] += a[j] * b[j]
 
 
+def zone_bits(seed, index):
+    """31 random bits (0 <= value < 2^31) for element ``index`` of a zoneout mask drawn from
+    ``seed`` (uint64s): SplitMix64's output function of the seed's index-th state. A counter-based
+    draw: any element's computed on its own, so the loops draw the masks where they use them,
+    forward and backward, instead of reading T * B * H stored values (rnnkit._driver.zone_masks
+    is the same function over whole arrays)."""
+    z = seed + (index + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return z >> np.uint64(33)
+
+
+_zone_bits = jit_inline(zone_bits)
+
+
 @jit_inline
-def _blend(x, prev, z, each):
-    """Zoneout: x = z * prev + (1 - z) * x, with z[j] per element (``each``) or z[0] for all."""
-    if prev.shape[0] != x.shape[0] or (each and z.shape[0] != x.shape[0]) or z.shape[0] == 0:
+def _zone(zone_p, zone_draw, which, index):
+    """Zoneout's z for one element of state ``which`` (0: h, 1: c): 0 or 1 drawn (training), or p."""
+    if zone_draw.shape[0] == 0:
+        return zone_p[which] * 1.0
+    return 1.0 if _zone_bits(zone_draw[which], np.uint64(index)) < zone_draw[2 + which] else 0.0
+
+
+@jit_inline
+def _blend(x, prev, zone_p, zone_draw, which, base):
+    """Zoneout: x = z * prev + (1 - z) * x, z of elements base, base + 1, ... (see _zone)."""
+    if prev.shape[0] != x.shape[0]:
         raise ValueError("driver: rows of different lengths")
     for j in range(x.shape[0]):
-        zj = z[j] if each else z[0]
+        zj = _zone(zone_p, zone_draw, which, base + j)
         x[j] = zj * prev[j] + (1 - zj) * x[j]
 
 
 @jit_inline
-def _keep(d, kept, z, each):
+def _keep(d, kept, zone_p, zone_draw, which, base):
     """Zoneout's backward: kept = z * d (what reaches the previous state directly), d *= 1 - z
     (what reaches the step's own new state)."""
-    if kept.shape[0] != d.shape[0] or (each and z.shape[0] != d.shape[0]) or z.shape[0] == 0:
+    if kept.shape[0] != d.shape[0]:
         raise ValueError("driver: rows of different lengths")
     for j in range(d.shape[0]):
-        zj = z[j] if each else z[0]
+        zj = _zone(zone_p, zone_draw, which, base + j)
         kept[j] = zj * d[j]
         d[j] = (1 - zj) * d[j]
 
 
 @jit_inline
-def _regular(h_mask, z_h, z_c, raw, T, B, Ho, Hc, r1):
-    """(masked, zone_h, zone_c, keep_raw, each_h, each_c) of the loops' regularizer arrays (see
-    the legend), checked against the T steps, B rows (r1 at most B) and the sizes of h and c."""
+def _regular(h_mask, zone_p, zone_draw, raw, T, B, Ho, r1):
+    """(masked, zone_h, zone_c, keep_raw) of the loops' regularizer arrays (see the legend),
+    checked against the T steps, B rows (r1 at most B) and h's size."""
     masked = h_mask.shape[0] > 0
-    zone_h = z_h.shape[0] > 0
-    zone_c = z_c.shape[0] > 0
-    each_h = z_h.shape[0] == T and z_h.shape[1] == B and z_h.shape[2] == Ho
-    each_c = z_c.shape[0] == T and z_c.shape[1] == B and z_c.shape[2] == Hc
-    keep_raw = raw.shape[0] == T and raw.shape[1] == B
-    if (masked and (h_mask.shape[0] < r1 or h_mask.shape[1] != Ho)) \
-            or (zone_h and not each_h and z_h.shape[2] == 0) or (zone_c and not each_c and z_c.shape[2] == 0):
+    zoning = zone_p.shape[0] > 0
+    if (masked and (h_mask.shape[0] < r1 or h_mask.shape[1] != Ho)) or (zoning and zone_p.shape[0] != 2) \
+            or (zone_draw.shape[0] != 0 and zone_draw.shape[0] != 4):
         raise ValueError("driver: regularizer arrays do not fit")
-    return masked, zone_h, zone_c, keep_raw, each_h, each_c
+    zone_h = zoning and zone_p[0] > 0
+    zone_c = zoning and zone_p[1] > 0
+    keep_raw = raw.shape[0] == T and raw.shape[1] == B
+    return masked, zone_h, zone_c, keep_raw
 
 
 def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
-                  m_seq, hw, own, h_mask, z_h, z_c, raw, hm, prev_h, prev_c, i0, i1, r0, r1, col_threads):
+                  m_seq, hw, own, h_mask, zone_p, zone_draw, raw, hm, prev_h, prev_c, i0, i1, r0, r1, col_threads):
     """Run rows [r0, r1) through the steps i0 <= i < i1 in processing order (step i is time
     T-1-i when reverse, else i), continuing the state kept in h_n / c_n (started from h0 / c0
     when i0 == 0). xw holds the input projection of those steps only: xw[k] is time t_lo + k,
@@ -215,11 +243,11 @@ def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, o
     weight_hh = borrow(weight_hh)
     out, c_seq, h_n, c_n, saved = borrow(out), borrow(c_seq), borrow(h_n), borrow(c_n), borrow(saved)
     m_seq, hw, steps = borrow(m_seq), borrow(hw), borrow(steps)
-    h_mask, z_h, z_c, raw = borrow(h_mask), borrow(z_h), borrow(z_c), borrow(raw)
+    h_mask, zone_p, zone_draw, raw = borrow(h_mask), borrow(zone_p), borrow(zone_draw), borrow(raw)
     hm, prev_h, prev_c = borrow(hm), borrow(prev_h), borrow(prev_c)
     T, B = out.shape[0], out.shape[1]
-    masked, zone_h, zone_c, keep_raw, each_h, each_c = _regular(h_mask, z_h, z_c, raw, T, B, h_n.shape[1],
-                                                                c_n.shape[1], r1)
+    masked, zone_h, zone_c, keep_raw = _regular(h_mask, zone_p, zone_draw, raw, T, B, h_n.shape[1], r1)
+    Ho, Hc = h_n.shape[1], c_n.shape[1]
     t_lo = T - i1 if reverse else i0
     # training: keep every step's saved values (else saved is one (1, 1, S) scratch row; the
     # batch size tells them apart when T == 1)
@@ -265,7 +293,7 @@ def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, o
                 else:
                     cell_infer(x_t[r], hw[r], m[r], c[r], saved[0, 0], own)
                 if zone_c:
-                    _blend(c[r], prev_c[r], z_c[t, r] if each_c else z_c[0, 0], each_c)
+                    _blend(c[r], prev_c[r], zone_p, zone_draw, 1, (t * B + r) * Hc)
                 if keep_c:
                     _copy(c_seq[t, r], c[r])
                 h[r, :] = 0.0
@@ -274,7 +302,7 @@ def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, o
                 if zone_h:
                     if keep_raw:
                         _copy(raw[t, r], h[r])
-                    _blend(h[r], prev_h[r], z_h[t, r] if each_h else z_h[0, 0], each_h)
+                    _blend(h[r], prev_h[r], zone_p, zone_draw, 0, (t * B + r) * Ho)
                 _copy(out[t, r], h[r])
             if keep_m:
                 for r in range(n, r1):
@@ -288,9 +316,9 @@ def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, o
                 if zone_h:
                     if keep_raw:
                         _copy(raw[t, r], h[r])
-                    _blend(h[r], prev_h[r], z_h[t, r] if each_h else z_h[0, 0], each_h)
+                    _blend(h[r], prev_h[r], zone_p, zone_draw, 0, (t * B + r) * Ho)
                 if zone_c:
-                    _blend(c[r], prev_c[r], z_c[t, r] if each_c else z_c[0, 0], each_c)
+                    _blend(c[r], prev_c[r], zone_p, zone_draw, 1, (t * B + r) * Hc)
                 _copy(out[t, r], h[r])
                 if keep_c:
                     _copy(c_seq[t, r], c[r])
@@ -301,7 +329,7 @@ def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, o
 
 
 def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
-                   d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, h_mask, z_h, z_c, raw, d_in, kept_h,
+                   d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, h_mask, zone_p, zone_draw, raw, d_in, kept_h,
                    kept_c, i0, i1, r0, r1, col_threads):
     """BPTT for rows [r0, r1) over the steps i0 <= i < i1 of the reverse-time loop (step i is
     time i when reverse, else T-1-i), continuing the running gradient kept in d_h0 / d_c0
@@ -317,11 +345,12 @@ def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, 
     out, c_seq, m_seq, h0, c0, steps = borrow(out), borrow(c_seq), borrow(m_seq), borrow(h0), borrow(c0), borrow(steps)
     d_xw, d_hw, d_h_seq, d_first, dm = borrow(d_xw), borrow(d_hw), borrow(d_h_seq), borrow(d_first), borrow(dm)
     d_h0, d_c0 = borrow(d_h0), borrow(d_c0)
-    h_mask, z_h, z_c, raw = borrow(h_mask), borrow(z_h), borrow(z_c), borrow(raw)
+    h_mask, zone_p, zone_draw, raw = borrow(h_mask), borrow(zone_p), borrow(zone_draw), borrow(raw)
     d_in, kept_h, kept_c = borrow(d_in), borrow(kept_h), borrow(kept_c)
     T = out.shape[0]
-    masked, zone_h, zone_c, keep_raw, each_h, each_c = _regular(h_mask, z_h, z_c, raw, T, out.shape[1],
-                                                                out.shape[2], c0.shape[1], r1)
+    B = out.shape[1]
+    masked, zone_h, zone_c, keep_raw = _regular(h_mask, zone_p, zone_draw, raw, T, B, out.shape[2], r1)
+    Ho, Hc = out.shape[2], c0.shape[1]
     t_lo = i0 if reverse else T - i1
     project = w_hr.shape[0] > 0
     per_step = d_out.shape[0] == T  # else one (1, ., Ho) gradient for every step
@@ -343,7 +372,7 @@ def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, 
                 dhr = dh[r]
                 _add(dhr, d_out[t if per_step else 0, r if per_row else 0])
                 if zone_h:  # dL/dh_prev gets z * dL/dh_t; the step's new h (1 - z) * dL/dh_t
-                    _keep(dhr, kept_h[r], z_h[t, r] if each_h else z_h[0, 0], each_h)
+                    _keep(dhr, kept_h[r], zone_p, zone_draw, 0, (t * B + r) * Ho)
                 _copy(d_h_seq[k, r], dhr)
                 dm[r, :] = 0.0
             matmul_packed(dh, w_hr, dm, r0, n)  # dm_t = dh_t @ W_hr
@@ -354,7 +383,7 @@ def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, 
             hp = h0[r] if first else out[tp, r]
             cp = c0[r] if first else c_seq[tp, r]
             if zone_c:
-                _keep(dc[r], kept_c[r], z_c[t, r] if each_c else z_c[0, 0], each_c)
+                _keep(dc[r], kept_c[r], zone_p, zone_draw, 1, (t * B + r) * Hc)
             if project:
                 cell_backward(dm[r], dc[r], saved[t, r], hp, cp, m_seq[t, r], d_xw[k, r], d_hw[k, r], own)
                 if zone_h:
@@ -365,7 +394,7 @@ def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, 
                 dhr = dh[r]
                 _add(dhr, d_out[t if per_step else 0, r if per_row else 0])
                 if zone_h:
-                    _keep(dhr, kept_h[r], z_h[t, r] if each_h else z_h[0, 0], each_h)
+                    _keep(dhr, kept_h[r], zone_p, zone_draw, 0, (t * B + r) * Ho)
                     # (the cell's own output, before the blend)
                     cell_backward(dhr, dc[r], saved[t, r], hp, cp, raw[t, r] if keep_raw else out[t, r],
                                   d_xw[k, r], d_hw[k, r], own)
@@ -398,26 +427,26 @@ def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, 
 
 
 def _forward_chunks(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
-                    m_seq, hw, own, h_mask, z_h, z_c, raw, hm, prev_h, prev_c, i0, i1, chunks):
+                    m_seq, hw, own, h_mask, zone_p, zone_draw, raw, hm, prev_h, prev_c, i0, i1, chunks):
     """_forward_rows over ``chunks`` slices of the batch, one thread each."""
     B = out.shape[1]
     size = (B + chunks - 1) // chunks
     for j in prange(chunks):
         r0 = j * size
         forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, out, c_seq, h_n, c_n, saved,
-                     m_seq, hw, own, h_mask, z_h, z_c, raw, hm, prev_h, prev_c, i0, i1, r0,
+                     m_seq, hw, own, h_mask, zone_p, zone_draw, raw, hm, prev_h, prev_c, i0, i1, r0,
                      min(r0 + size, B), 1)  # (1: no parallel region inside this one)
 
 
 def _backward_chunks(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
-                     d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, h_mask, z_h, z_c, raw, d_in, kept_h,
+                     d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, h_mask, zone_p, zone_draw, raw, d_in, kept_h,
                      kept_c, i0, i1, chunks):
     B = out.shape[1]
     size = (B + chunks - 1) // chunks
     for j in prange(chunks):
         r0 = j * size
         backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
-                      d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, h_mask, z_h, z_c, raw, d_in, kept_h,
+                      d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, h_mask, zone_p, zone_draw, raw, d_in, kept_h,
                       kept_c, i0, i1, r0, min(r0 + size, B), 1)
 
 
@@ -548,8 +577,8 @@ class ForwardArgs(NamedTuple):
     hw: object
     own: tuple
     h_mask: object
-    z_h: object
-    z_c: object
+    zone_p: object
+    zone_draw: object
     raw: object
     hm: object
     prev_h: object
@@ -582,8 +611,8 @@ class BackwardArgs(NamedTuple):
     d_c0: object
     own: tuple
     h_mask: object
-    z_h: object
-    z_c: object
+    zone_p: object
+    zone_draw: object
     raw: object
     d_in: object
     kept_h: object
