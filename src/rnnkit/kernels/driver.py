@@ -187,33 +187,40 @@ _zone_bits = jit_inline(zone_bits)
 
 
 @jit_inline
-def _zone(zone_p, zone_draw, which, index):
-    """Zoneout's z for one element of state ``which`` (0: h, 1: c): 0 or 1 drawn (training), or p."""
-    if zone_draw.shape[0] == 0:
-        return zone_p[which] * 1.0
-    return 1.0 if _zone_bits(zone_draw[which], np.uint64(index)) < zone_draw[2 + which] else 0.0
-
-
-@jit_inline
 def _blend(x, prev, zone_p, zone_draw, which, base):
-    """Zoneout: x = z * prev + (1 - z) * x, z of elements base, base + 1, ... (see _zone)."""
+    """Zoneout: x = z * prev + (1 - z) * x for state ``which`` (0: h, 1: c), z of elements base,
+    base + 1, ...: 0 or 1 drawn (training: 1 where zone_bits(seed, index) < threshold), or p."""
     if prev.shape[0] != x.shape[0]:
         raise ValueError("driver: rows of different lengths")
-    for j in range(x.shape[0]):
-        zj = _zone(zone_p, zone_draw, which, base + j)
-        x[j] = zj * prev[j] + (1 - zj) * x[j]
+    if zone_draw.shape[0] == 0:
+        z = zone_p[which]
+        for j in range(x.shape[0]):
+            x[j] = z * prev[j] + (1 - z) * x[j]
+    else:
+        # (one: 1 in the state's dtype, p / p with p > 0 here, so z * prev stays in that dtype)
+        seed, threshold, one = zone_draw[which], zone_draw[2 + which], zone_p[which] / zone_p[which]
+        for j in range(x.shape[0]):
+            z = one if _zone_bits(seed, np.uint64(base + j)) < threshold else one - one
+            x[j] = z * prev[j] + (1 - z) * x[j]
 
 
 @jit_inline
 def _keep(d, kept, zone_p, zone_draw, which, base):
     """Zoneout's backward: kept = z * d (what reaches the previous state directly), d *= 1 - z
-    (what reaches the step's own new state)."""
+    (what reaches the step's own new state); z as in _blend."""
     if kept.shape[0] != d.shape[0]:
         raise ValueError("driver: rows of different lengths")
-    for j in range(d.shape[0]):
-        zj = _zone(zone_p, zone_draw, which, base + j)
-        kept[j] = zj * d[j]
-        d[j] = (1 - zj) * d[j]
+    if zone_draw.shape[0] == 0:
+        z = zone_p[which]
+        for j in range(d.shape[0]):
+            kept[j] = z * d[j]
+            d[j] = (1 - z) * d[j]
+    else:
+        seed, threshold, one = zone_draw[which], zone_draw[2 + which], zone_p[which] / zone_p[which]
+        for j in range(d.shape[0]):
+            z = one if _zone_bits(seed, np.uint64(base + j)) < threshold else one - one
+            kept[j] = z * d[j]
+            d[j] = (1 - z) * d[j]
 
 
 @jit_inline
