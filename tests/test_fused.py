@@ -178,7 +178,7 @@ def _module(mode: str, hidden: int, input_size: int = 1, **kwargs):
 
 def test_auto_uses_fused_for_cpu_float32_and_float64_only():
     x32 = torch.zeros(2, 1, 1)
-    for mode in CELLS:
+    for mode in (mode for mode, cell in CELLS.items() if cell.kernels is not None):
         m = _module(mode, 4)
         assert route_of(m, x32).fused
         assert route_of(m.double(), x32.double()).fused
@@ -480,7 +480,8 @@ for cls, kw, by_blas in [("RNN", {}, True), ("RNN", {"nonlinearity": "relu"}, Fa
     assert torch.allclose(out.data, ref_out.data, atol=1e-9), (cls, kw)
     m.recurrent_dropout, m.zoneout = 0.3, 0.2  # the regularizers' paths, training and eval
     for training in (True, False):
-        out, h = m.train(training)(packed)
+        again = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 2, 4, 1]), enforce_sorted=False)
+        out, h = m.train(training)(again)
         out.data.sum().backward()
     m.recurrent_dropout = m.zoneout = 0.0
     for batch in (0, 1, 3, 6):

@@ -124,3 +124,15 @@ def test_lengths_with_packed_input_refused():
     packed = pack_padded_sequence(torch.randn(4, 2, 2), [4, 2])
     with pytest.raises(ValueError, match="lengths= is for padded input"):
         layer(packed, lengths=[4, 2])
+
+
+def test_lengths_edge_forms():
+    layer = rnnkit.GRU(2, 3)
+    x = torch.randn(4, 1, 2)
+    want, _ = layer(x, lengths=[3])
+    got, _ = layer(x, lengths=torch.tensor(3))  # (one row: a bare number)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="got 9223372036854775807 at row 0"):
+        layer(x, lengths=np.array([2 ** 64 - 1], dtype=np.uint64))
+    with pytest.raises(ValueError, match="meta device"):
+        layer(x, lengths=torch.empty(1, dtype=torch.int64, device="meta"))

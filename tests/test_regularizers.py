@@ -289,3 +289,26 @@ def test_zone_masks(p):
     flat = a.reshape(-1)
     neighbours = (flat[1:] * flat[:-1]).mean().item()
     assert abs(neighbours - p * p) <= 5 * (p * p * (1 - p * p) / flat.numel()) ** 0.5 + 1e-12
+
+
+@pytest.mark.filterwarnings(  # (dynamo's own, as in test_ecosystem's compile tests)
+    "ignore:The .grad attribute of a Tensor that is not a leaf Tensor is being accessed:UserWarning")
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
+def test_under_torch_compile():
+    """torch.compile runs the regularizers on the reference ops (zoneout's masks are made
+    outside the traced graph), with the numbers of the eager call."""
+    module = _make("gru", torch.float32, zoneout=0.2, recurrent_dropout=0.2, weight_drop=0.2)
+    x = torch.randn(4, 2, 4)
+    torch.manual_seed(9)
+    want = module(x)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: module(x)[0], backend="aot_eager")  # (see test_ecosystem)
+    torch.manual_seed(9)
+    torch.testing.assert_close(compiled(x), want, **TOL[torch.float32])
+
+
+def test_values_set_later_are_checked():
+    module = _make("lstm", torch.float32)
+    module.zoneout = 1.5
+    with pytest.raises(ValueError, match=r"zoneout should be a probability, a number in \[0, 1\]; got 1.5"):
+        module(torch.randn(3, 1, 4))

@@ -3,8 +3,7 @@
 ``"auto"`` (the default) lets ``rnnkit._plan.route`` pick, per call, the fused kernels where
 they run faster and the torch-ops reference elsewhere; ``"reference"`` or ``"fused"`` force one
 (forcing the kernels on tensors they do not support raises; what has no kernels yet, the
-layer-normalized cells and the recurrent_dropout and zoneout options, runs the reference under
-either). The environment variable
+layer-normalized cells, runs the reference under either). The environment variable
 ``RNNKIT_BACKEND`` sets the default at import.
 """
 

@@ -94,6 +94,7 @@ def _step(cell: Cell, xw: Tensor, state: tuple, p, h_mask: Optional[Tensor], kee
     return tuple(z * s + (1 - z) * n for n, s, z in zip(new, state, keep))
 
 
+@torch.compiler.disable  # (NumPy's uint64 arithmetic: the tracer cannot follow it; a mask is a constant)
 def zone_masks(shape: tuple, p: float, seed: int, like: Tensor) -> Tensor:
     """Zoneout's mask of ``shape`` (T, B, size) drawn from ``seed``: 1 (keep the previous value)
     with probability p, as ``like``'s dtype and device. Element (t, r, j) is 1 where
@@ -119,6 +120,9 @@ def draw_regular(cell: Cell, x: Tensor, params: list, recurrent_dropout: float, 
     recurrent dropout (training) and zoneout, or None when neither is in force. Everything comes
     from torch's default generator, drawn here, before anything runs, per layer-direction in
     order: W_hh's mask, h's mask, then the two seeds of zoneout's masks for h and c (training)."""
+    for name, value in (("recurrent_dropout", recurrent_dropout), ("zoneout", zoneout), ("weight_drop", weight_drop)):
+        if not 0 <= value <= 1:  # (set on the module after construction)
+            raise ValueError(f"{name} should be a probability, a number in [0, 1]; got {value!r}")
     B = x.shape[1]
     dropping = training and recurrent_dropout > 0
     if not (training and weight_drop > 0) and not dropping and not zoneout > 0:

@@ -40,8 +40,14 @@ def _refuse_torchscript(module: nn.Module, how: str) -> None:
     """TorchScript cannot follow rnnkit's forward (Python around numba kernels): say so before
     it fails somewhere obscure (or, tracing, warns and records a graph of the wrong ops), and
     name the ways out."""
+    name = type(module).__name__
+    if not hasattr(nn, name) or any(getattr(module, n, 0) for n in ("recurrent_dropout", "zoneout", "weight_drop")):
+        raise RuntimeError(  # (rnnkit's own layers and options: no torch.nn twin to convert to)
+            f"torch.jit.{how} does not support rnnkit.{name}, and torch.nn has no twin of it (rnnkit's own layer "
+            "or options) to convert it to: use torch.export.export or torch.compile, which take rnnkit's modules "
+            "as they are")
     raise RuntimeError(
-        f"torch.jit.{how} does not support rnnkit.{type(module).__name__}: convert it to torch.nn "
+        f"torch.jit.{how} does not support rnnkit.{name}: convert it to torch.nn "
         "first and trace that, torch.jit.trace(rnnkit.to_torch(module), example_inputs) (in a model, "
         "swap each rnnkit layer or cell for its rnnkit.to_torch twin); or use torch.export.export or "
         "torch.compile, which take rnnkit's modules as they are"
@@ -116,6 +122,8 @@ def _lengths(lengths, steps: int, batch: int, batched: bool, label: str) -> Tens
     if isinstance(lengths, Tensor):
         if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
             raise TypeError(f"{label}: lengths must hold integers, got a tensor of {lengths.dtype}")
+        if lengths.is_meta:
+            raise ValueError(f"{label}: lengths must hold values, got a tensor on the meta device")
         values = lengths.detach().to("cpu", torch.int64)
     else:
         if isinstance(lengths, numbers.Integral) and not isinstance(lengths, (bool, np.bool_)):
@@ -124,8 +132,10 @@ def _lengths(lengths, steps: int, batch: int, batched: bool, label: str) -> Tens
         if array.dtype == object or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
             raise TypeError(f"{label}: lengths must be integers (a list, NumPy array or tensor), "
                             f"got {type(lengths).__name__} of {array.dtype}")
+        if array.dtype == np.uint64:  # (values past int64's range: as large as int64 goes, refused below)
+            array = np.minimum(array, np.iinfo(np.int64).max)
         values = torch.from_numpy(array.astype(np.int64, copy=False).copy())
-    if not batched and values.dim() == 0:
+    if values.dim() == 0 and (batch == 1 or not batched):  # (one row: one length, as a bare number)
         values = values.reshape(1)
     if values.dim() != 1 or values.shape[0] != batch:
         what = f"{batch} value{'s' if batch != 1 else ''}" + ("" if batched else " (unbatched input: one row)")

@@ -106,7 +106,9 @@ def regular_tensors(regular: Optional[_loops.Regular]) -> Optional[Regular]:
     if regular is None:
         return None
     h_mask, zone_p, zone_draw = regular
-    return Regular(torch.from_numpy(h_mask) if h_mask.size else None, float(zone_p[0]) if zone_p.size else 0.0,
+    # (training: p as its threshold gives it, exactly: zone_p holds it rounded to the layer's dtype)
+    p = float(zone_draw[2]) / 2.0 ** 31 if zone_draw.size else float(zone_p[0]) if zone_p.size else 0.0
+    return Regular(torch.from_numpy(h_mask) if h_mask.size else None, p,
                    tuple(int(seed) for seed in zone_draw[:2]) if zone_draw.size else None)
 
 

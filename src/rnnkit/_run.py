@@ -142,8 +142,8 @@ def layer_fast(module, input, hx=None):
             or torch._C._is_any_autocast_enabled() or torch._C._are_functorch_transforms_active()
             or torch.autograd.forward_ad._current_level >= 0 or torch._C._get_tracing_state() is not None
             or module.mode != entry.mode or module.training != entry.training or module.dropout != entry.dropout
-            or module.batch_first != entry.batch_first or module.zoneout or module.recurrent_dropout
-            or module.weight_drop):  # (the regularizers: see RNNBase)
+            or module.batch_first != entry.batch_first or module.zoneout
+            or (entry.training and (module.recurrent_dropout or module.weight_drop))):  # (see RNNBase)
         return None
     try:
         flat = list(map(entry.get, entry.names))
