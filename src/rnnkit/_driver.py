@@ -23,6 +23,7 @@ and backward).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -112,6 +113,12 @@ def zone_threshold(p: float) -> int:
     return min(round(p * 2.0 ** 31), 2 ** 31)
 
 
+def check_probability(name: str, value) -> None:
+    """A regularizer's p: a real number in [0, 1] (not a bool)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} should be a probability, a number in [0, 1]; got {value!r}")
+
+
 def draw_regular(cell: Cell, x: Tensor, params: list, recurrent_dropout: float, zoneout: float, weight_drop: float,
                  training: bool) -> tuple:
     """(params, regulars) of a call on x (T, B, I): W_hh of every layer-direction dropped (weight
@@ -121,8 +128,7 @@ def draw_regular(cell: Cell, x: Tensor, params: list, recurrent_dropout: float, 
     from torch's default generator, drawn here, before anything runs, per layer-direction in
     order: W_hh's mask, h's mask, then the two seeds of zoneout's masks for h and c (training)."""
     for name, value in (("recurrent_dropout", recurrent_dropout), ("zoneout", zoneout), ("weight_drop", weight_drop)):
-        if not 0 <= value <= 1:  # (set on the module after construction)
-            raise ValueError(f"{name} should be a probability, a number in [0, 1]; got {value!r}")
+        check_probability(name, value)  # (again: they may be set on the module after construction)
     B = x.shape[1]
     dropping = training and recurrent_dropout > 0
     if not (training and weight_drop > 0) and not dropping and not zoneout > 0:

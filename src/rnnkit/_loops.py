@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from . import _plan, _warmup  # noqa: F401  (_warmup: the one-line notice when a kernel compiles on demand)
-from ._arrays import absent, or_absent
+from ._arrays import absent, array, or_absent
+from ._driver import Regular, zone_threshold
 from ._plan import chunks
 from .cells import CELLS, Cell
 from .kernels import blas, driver
@@ -71,7 +72,7 @@ class Kept(NamedTuple):
     raw: np.ndarray
 
 
-class Regular(NamedTuple):
+class _Regular(NamedTuple):
     """A layer-direction's regularizer arrays for the loops (see the legend of
     kernels/driver.py; ``absent`` where off): h_mask (B, Ho), zone_p (2,), zone_draw (4,)."""
 
@@ -80,8 +81,17 @@ class Regular(NamedTuple):
     zone_draw: np.ndarray
 
 
-def no_regular(dtype) -> Regular:
-    return Regular(absent(dtype, 2), absent(dtype, 1), _NO_DRAW)
+def _regular_arrays(regular: Optional[Regular], dtype) -> _Regular:
+    """The loops' arrays of a layer-direction's regularizers (rnnkit._driver.Regular; None: none)."""
+    if regular is None:
+        return _Regular(absent(dtype, 2), absent(dtype, 1), _NO_DRAW)
+    h_mask, p, seeds = regular
+    zone_draw = _NO_DRAW
+    if seeds is not None:
+        threshold = zone_threshold(p)
+        zone_draw = np.array([*seeds, threshold, threshold], np.uint64)
+    return _Regular(absent(dtype, 2) if h_mask is None else array(h_mask),
+                    np.array([p, p], dtype) if p > 0 else absent(dtype, 1), zone_draw)
 
 
 _NO_DRAW = np.empty(0, np.uint64)
@@ -244,7 +254,7 @@ def forward(cell: Cell, steps: np.ndarray, reverse: bool, training: bool, x: np.
     work = B * (Ho * GH + (0 if w_hr is None else w_hr.size))
     b_hh = p.bias_hh if p.bias_hh is not None else np.zeros(GH, dtype)
     hw = np.empty((B, GH), dtype)  # scratch
-    reg = no_regular(dtype) if reg is None else reg
+    reg = _regular_arrays(reg, dtype)
     zoning = reg.zone_p.size > 0
     raw = np.empty((T, B, Ho), dtype) if training and zoning and cell.reads_output else absent(dtype, 3)
     hm = np.empty((B, Ho), dtype) if reg.h_mask.size else absent(dtype, 2)
@@ -300,7 +310,7 @@ def backward(cell: Cell, steps: np.ndarray, reverse: bool, need, d_out: np.ndarr
     w_ih_p = pack_weights(w_ih, False) if dx is not None and not plain else None
     kernels = KERNELS[cell.mode]
     work = B * (Ho * GH + (0 if w_hr is None else w_hr.size))
-    reg = no_regular(dtype) if reg is None else reg
+    reg = _regular_arrays(reg, dtype)
     masked = reg.h_mask.size > 0
     d_in = np.empty((B, Ho), dtype) if masked else absent(dtype, 2)
     kept_h = np.empty((B, Ho), dtype) if reg.zone_p.size else absent(dtype, 2)

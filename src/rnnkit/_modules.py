@@ -18,7 +18,7 @@ from torch.nn import Parameter
 from torch.nn.utils.rnn import PackedSequence
 
 from . import _cell, _run
-from ._driver import Packing, draw_regular
+from ._driver import Packing, check_probability, draw_regular
 from .cells import CELLS, Cell, Dims
 from .cells.base import init_
 
@@ -41,7 +41,7 @@ def _refuse_torchscript(module: nn.Module, how: str) -> None:
     it fails somewhere obscure (or, tracing, warns and records a graph of the wrong ops), and
     name the ways out."""
     name = type(module).__name__
-    if not hasattr(nn, name) or any(getattr(module, n, 0) for n in ("recurrent_dropout", "zoneout", "weight_drop")):
+    if not hasattr(nn, name) or any(getattr(module, n) for n in getattr(module, "_regular_names", ())):
         raise RuntimeError(  # (rnnkit's own layers and options: no torch.nn twin to convert to)
             f"torch.jit.{how} does not support rnnkit.{name}, and torch.nn has no twin of it (rnnkit's own layer "
             "or options) to convert it to: use torch.export.export or torch.compile, which take rnnkit's modules "
@@ -228,8 +228,7 @@ class RNNBase(nn.Module):
 
         regular = {"recurrent_dropout": recurrent_dropout, "zoneout": zoneout, "weight_drop": weight_drop}
         for name, value in regular.items():
-            if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)) or not 0 <= value <= 1:
-                raise ValueError(f"{name} should be a probability, a number in [0, 1]; got {value!r}")
+            check_probability(name, value)
 
         self.mode = mode
         self.input_size = input_size

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _loops, _stack
-from ._arrays import NP_DTYPE, absent, array, batched, output_grad, tensors, weight_arrays
-from ._driver import Packing, Regular, contract, reference_layer, run_layers, zone_threshold
+from . import _stack
+from ._arrays import array, batched, output_grad, tensors, weight_arrays
+from ._driver import Packing, Regular, contract, reference_layer, run_layers
 from ._stack import Needs, Plan
 from .cells import Cell, dims_of
 
@@ -87,31 +87,6 @@ def run_stack(plan: Plan, x: Tensor, state0: Optional[tuple], params: list, grad
     return out, ((h_n, c_n) if plan.cell.state_size == 2 else (h_n,))
 
 
-def regular_arrays(regular: Optional[Regular], dtype) -> Optional[_loops.Regular]:
-    """A layer-direction's regularizers (rnnkit._driver.Regular) as the loops' arrays, numpy
-    ``dtype`` (see the legend of kernels/driver.py)."""
-    if regular is None:
-        return None
-    h_mask, p, seeds = regular
-    zone_p = np.array([p, p], dtype) if p > 0 else absent(dtype, 1)
-    zone_draw = np.empty(0, np.uint64)
-    if seeds is not None:
-        threshold = zone_threshold(p)
-        zone_draw = np.array([*seeds, threshold, threshold], np.uint64)
-    return _loops.Regular(absent(dtype, 2) if h_mask is None else array(h_mask), zone_p, zone_draw)
-
-
-def regular_tensors(regular: Optional[_loops.Regular]) -> Optional[Regular]:
-    """``regular_arrays``' inverse (for the differentiable fallback)."""
-    if regular is None:
-        return None
-    h_mask, zone_p, zone_draw = regular
-    # (training: p as its threshold gives it, exactly: zone_p holds it rounded to the layer's dtype)
-    p = float(zone_draw[2]) / 2.0 ** 31 if zone_draw.size else float(zone_p[0]) if zone_p.size else 0.0
-    return Regular(torch.from_numpy(h_mask) if h_mask.size else None, p,
-                   tuple(int(seed) for seed in zone_draw[:2]) if zone_draw.size else None)
-
-
 def layer_fn(step: bool, grad: bool):
     """The driver's layer function (rnnkit._driver) on the kernels, for the layer-by-layer
     route: each layer-direction as a stack of one."""
@@ -119,7 +94,7 @@ def layer_fn(step: bool, grad: bool):
     def layer(cell: Cell, x: Tensor, state: tuple, p, batch_sizes, reverse: bool,
               regular: Optional[Regular] = None) -> tuple:
         plan = Plan(cell, steps_of(x.shape[0], x.shape[1], batch_sizes), 1, (reverse,), step,
-                    None if regular is None else (regular_arrays(regular, NP_DTYPE[x.dtype]),))
+                    None if regular is None else (regular,))
         out, state_n = run_stack(plan, x, tuple(s.unsqueeze(0) for s in state), [p], grad)
         return out, tuple(s[0] for s in state_n)
 
@@ -223,10 +198,9 @@ def reference_grads(plan: Plan, x, h0, c0, flat, grad_outputs, needs) -> list:
     params = unflatten(cell, flat)
     state0 = None if h0 is None else (h0,) if cell.state_size == 1 else (h0, c0)
     packing = Packing(torch.from_numpy(plan.steps))
-    regulars = None if plan.regulars is None else [regular_tensors(r) for r in plan.regulars]
     with torch.enable_grad():
         out, state_n = run_layers(cell, reference_layer, x, state0, params, plan.num_layers, plan.reverses, 0.0,
-                                  False, packing, regulars)
+                                  False, packing, plan.regulars)
     outputs = (out, state_n[0], state_n[1] if cell.state_size == 2 else None)
     return contract(outputs, grad_outputs, (x, h0, c0, *flat), needs)
 

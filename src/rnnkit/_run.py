@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _plan
-from ._arrays import NP_DTYPE, weight_arrays
+from ._arrays import weight_arrays
 from ._driver import Packing, layer_dims, reference_layer, run_layers
 from .cells import Cell
 
@@ -111,8 +111,7 @@ def run(cell: Cell, x: Tensor, state: Optional[tuple], params: Sequence, num_lay
         if not route.by_layer:
             steps = nodes.steps_of(x.shape[0], x.shape[1], None if packing is None else packing.batch_sizes)
             plan = nodes.Plan(cell, steps, num_layers, reverses, route.path == "step",
-                              None if regulars is None else
-                              tuple(nodes.regular_arrays(r, NP_DTYPE[x.dtype]) for r in regulars))
+                              None if regulars is None else tuple(regulars))
             if module is not None and packing is None and not key[13] and regulars is None:
                 _remember(module, key, plan, params, state)
             return nodes.run_stack(plan, x, state, list(params), grad)

@@ -38,8 +38,8 @@ class Plan(NamedTuple):
     num_layers: int
     reverses: tuple  # per direction: (False,), (False, True), or (True,) for one reverse layer
     step: bool  # the step executor
-    # per layer-direction, the regularizers' arrays (rnnkit._loops.Regular), or None: none in
-    # force (the sequence executor only)
+    # per layer-direction, the regularizers in force (rnnkit._driver.Regular), or None: none
+    # (the sequence executor only)
     regulars: Optional[tuple] = None
 
 
