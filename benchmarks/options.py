@@ -10,6 +10,7 @@ layer-normalized layers against the same model written as a loop of torch ops.
 Timings interleaved in one process after warm-up, medians (rnnkit.bench.interleaved).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/options.py [--shapes T,B,I,H ...]
+        [--only options|layernorm]
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["100,32,64,128", "100,64,512,512"])
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--only", choices=["options", "layernorm"], help="one of the two comparisons")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rnnkit {rnnkit.__version__}")
@@ -88,29 +90,43 @@ def main() -> None:
         x = torch.randn(T, B, I)
         lengths = torch.randint(T // 2, T + 1, (B,))
         for kind, cls in (("lstm", rnnkit.LSTM), ("gru", rnnkit.GRU)):
-            options = {"plain": {}, "recurrent_dropout=0.25": {"recurrent_dropout": 0.25},
-                       "zoneout=0.1": {"zoneout": 0.1}, "weight_drop=0.5": {"weight_drop": 0.5}}
-            runs = {}
-            for name, kwargs in options.items():
-                layer = cls(I, H, **kwargs)
-                runs[name] = train_step(lambda x, layer=layer: layer(x)[0], x)
-            plain = cls(I, H)
-            runs["lengths="] = train_step(lambda x: plain(x, lengths=lengths)[0], x)
-            times = interleaved(runs, args.reps, warmup=1, min_time=0.2)
-            base = median(times["plain"])
-            print(f"{kind} training step T={T} B={B} I={I} H={H}: plain {base * 1e3:.1f} ms")
-            for name in runs:
-                if name != "plain":
-                    t = median(times[name])
-                    print(f"  {name:24s} {t * 1e3:9.1f} ms  {t / base:5.2f}x the plain layer")
-            ours = (rnnkit.LayerNormLSTM if kind == "lstm" else rnnkit.LayerNormGRU)(I, H)
-            loop = LoopLayerNormCell(kind, I, H)
-            times = interleaved({"rnnkit": train_step(lambda x: ours(x)[0], x),
-                                 "torch loop": train_step(lambda x: loop_layer(loop, x), x)},
-                                args.reps, warmup=1, min_time=0.2)
-            a, b = median(times["rnnkit"]), median(times["torch loop"])
-            print(f"  LayerNorm{kind.upper()}: rnnkit {a * 1e3:.1f} ms, torch-ops loop {b * 1e3:.1f} ms: "
-                  f"{b / a:.2f}x")
+            if args.only != "layernorm":
+                options_cost(kind, cls, x, H, lengths, args.reps)
+            if args.only != "options":
+                layer_norm_speed(kind, x, H, args.reps)
+
+
+def options_cost(kind: str, cls, x, H: int, lengths, reps: int) -> None:
+    """The same layer's training step with each option against without it."""
+    T, B, I = x.shape
+    options = {"plain": {}, "recurrent_dropout=0.25": {"recurrent_dropout": 0.25},
+               "zoneout=0.1": {"zoneout": 0.1}, "weight_drop=0.5": {"weight_drop": 0.5}}
+    runs = {}
+    for name, kwargs in options.items():
+        layer = cls(I, H, **kwargs)
+        runs[name] = train_step(lambda x, layer=layer: layer(x)[0], x)
+    plain = cls(I, H)
+    runs["lengths="] = train_step(lambda x: plain(x, lengths=lengths)[0], x)
+    times = interleaved(runs, reps, warmup=1, min_time=0.2)
+    base = median(times["plain"])
+    print(f"{kind} training step T={T} B={B} I={I} H={H}: plain {base * 1e3:.1f} ms")
+    for name in runs:
+        if name != "plain":
+            t = median(times[name])
+            print(f"  {name:24s} {t * 1e3:9.1f} ms  {t / base:5.2f}x the plain layer")
+
+
+def layer_norm_speed(kind: str, x, H: int, reps: int) -> None:
+    """rnnkit's layer-normalized layer against the hand-written loop, a training step each."""
+    T, B, I = x.shape
+    ours = (rnnkit.LayerNormLSTM if kind == "lstm" else rnnkit.LayerNormGRU)(I, H)
+    loop = LoopLayerNormCell(kind, I, H)
+    times = interleaved({"rnnkit": train_step(lambda x: ours(x)[0], x),
+                         "torch loop": train_step(lambda x: loop_layer(loop, x), x)},
+                        reps, warmup=1, min_time=0.2)
+    a, b = median(times["rnnkit"]), median(times["torch loop"])
+    print(f"LayerNorm{kind.upper()} training step T={T} B={B} I={I} H={H}: rnnkit {a * 1e3:.1f} ms, "
+          f"torch-ops loop {b * 1e3:.1f} ms: {b / a:.2f}x")
 
 
 if __name__ == "__main__":

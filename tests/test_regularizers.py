@@ -15,6 +15,7 @@ from rnnkit._driver import zone_masks
 
 KINDS = {"tanh": ("RNN", {}), "relu": ("RNN", {"nonlinearity": "relu"}), "gru": ("GRU", {}),
          "lstm": ("LSTM", {}), "lstm-proj": ("LSTM", {"proj_size": 3})}
+LAYER_NORM = {"ln-lstm": ("LayerNormLSTM", {}), "ln-gru": ("LayerNormGRU", {})}  # (their oracle: test_layer_norm)
 
 
 def _step(mode, xw, h, c, h_in, w_hh, b_hh):
@@ -92,7 +93,7 @@ def oracle(module, x, recurrent_dropout, zoneout, weight_drop, training):
 
 
 def _make(kind, dtype=torch.float64, **kwargs):
-    cls, extra = KINDS[kind]
+    cls, extra = {**KINDS, **LAYER_NORM}[kind]
     torch.manual_seed(0)
     return getattr(rnnkit, cls)(4, 5, **extra, dtype=dtype, **kwargs)
 
@@ -138,7 +139,7 @@ def test_backends_agree_in_training(kind):
 
 @pytest.mark.parametrize("kind", ["relu", "gru", "lstm"])
 def test_gradcheck(kind):
-    cls, extra = KINDS[kind]
+    cls, extra = {**KINDS, **LAYER_NORM}[kind]
     module = getattr(rnnkit, cls)(2, 3, 2, **extra, dtype=torch.float64, recurrent_dropout=0.3, zoneout=0.25,
                                   weight_drop=0.2)
     x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
@@ -257,7 +258,7 @@ def test_fused_loops_in_every_arrangement(how):
               "columns": dict(min_column_work=1, min_loop_work=1, plain_max_row_steps=0),
               "chunks": dict(chunk_min_elements=0, chunk_rows=1, time_chunks=3), "by_layer": {}}[how]
     extra = {"dropout": 0.3} if how == "by_layer" else {}
-    for kind in ("tanh", "gru", "lstm-proj"):
+    for kind in ("tanh", "gru", "lstm-proj", "ln-lstm", "ln-gru"):
         module = _make(kind, num_layers=2, bidirectional=True, recurrent_dropout=0.3, zoneout=0.2, **extra)
         x = torch.randn(6, 4, 4, dtype=torch.float64)
         threads = torch.get_num_threads()

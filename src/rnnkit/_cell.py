@@ -255,7 +255,7 @@ def _scratch(cell: Cell, B: int, GH: int, H: int, dtype) -> tuple:
             _SCRATCH.clear()
         zero_c = np.zeros((B, H if cell.state_size == 2 else 0), dtype)
         found = _SCRATCH[key] = (np.empty((B, GH), dtype), np.empty((B, GH), dtype),
-                                 np.empty((1, 1, max(1, cell.saved) * H), dtype), np.zeros((B, H), dtype), zero_c)
+                                 np.empty((1, 1, max(H, cell.saved_size(H))), dtype), np.zeros((B, H), dtype), zero_c)
     return found
 
 
@@ -345,7 +345,7 @@ class _CellNode(torch.autograd.Function):
         c0_np = zero_c if c0 is None else state_array(c0)
         h, out = np.empty((B, H), dtype), np.empty((B, H), dtype)
         c = np.empty(zero_c.shape, dtype)
-        saved = np.empty((1, B, cell.saved * H), dtype)
+        saved = np.empty((1, B, cell.saved_size(H)), dtype)
         _kernels(cell).step_rows(x_np, w_ih, b_ih, w_hh, b_hh, h0_np, c0_np, h, c, out, xw, hw, saved, True, own)
         # what backward reads goes through save_for_backward (an in-place change of it then
         # raises, as in torch.nn); backward reads the arrays themselves (their views)
@@ -386,7 +386,8 @@ class _CellNode(torch.autograd.Function):
         _kernels(cell).step_back_rows(
             dh, dc, saved, x, h0, c0, h, w_ih, w_hh, d_xw, d_hw, needs[2], dx,
             none2 if g.weight_ih is None else g.weight_ih, none2 if g.weight_hh is None else g.weight_hh,
-            none1 if g.bias_ih is None else g.bias_ih, none1 if g.bias_hh is None else g.bias_hh, own)
+            none1 if g.bias_ih is None else g.bias_ih, none1 if g.bias_hh is None else g.bias_hh, own,
+            np.empty((B, 0)))  # (d_own: the cells with single steps have no own parameters)
         return (None, torch.from_numpy(dx) if needs[1] else None, torch.from_numpy(dh) if needs[2] else None,
                 torch.from_numpy(dc) if needs[3] else None,
                 *(None if a is None else torch.from_numpy(a) for a in grads))

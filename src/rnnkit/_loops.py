@@ -98,9 +98,34 @@ _NO_DRAW = np.empty(0, np.uint64)
 
 
 def own(cell: Cell, p) -> tuple:
-    """The cell's own parameters for its row functions (``own`` in kernels/driver.py)."""
+    """The cell's own parameters for its row functions (``own`` in kernels/driver.py): with
+    ``biases_inside``, b_ih and b_hh first (zeros where absent)."""
     names = cell.own_params
-    return tuple([getattr(p, name) for name in names]) if names else ()
+    mine = tuple([getattr(p, name) for name in names]) if names else ()
+    if cell.biases_inside:
+        GH, dtype = p.weight_hh.shape[0], p.weight_hh.dtype
+        mine = tuple(np.zeros(GH, dtype) if b is None else b for b in (p.bias_ih, p.bias_hh)) + mine
+    return mine
+
+
+def _product_biases(cell: Cell, p) -> tuple:
+    """(b_ih, b_hh) of the loops' products: None where absent, and where the cell adds them itself."""
+    return (None, None) if cell.biases_inside else (p.bias_ih, p.bias_hh)
+
+
+def _own_grads(cell: Cell, p, g, d_own: np.ndarray, dtype) -> dict:
+    """The own parameters' gradients (biases too, with ``biases_inside``) that ``g`` asks for,
+    from the loops' per-row sums d_own (B, K): field name -> array."""
+    if d_own.shape[1] == 0:
+        return {}
+    total = d_own.sum(0)
+    H = p.weight_hh.shape[0] // cell.gates
+    grads = {}
+    for name, start in cell.d_own:
+        if getattr(g, name):
+            size = getattr(p, name).shape[0]
+            grads[name] = total[start * H:start * H + size].astype(dtype)
+    return grads
 
 
 def no_cell_state(B: int, dtype) -> np.ndarray:
@@ -231,7 +256,8 @@ def forward(cell: Cell, steps: np.ndarray, reverse: bool, training: bool, x: np.
     of arrays, h0 (B, Ho), c0 (B, Hc) (no_cell_state without one), ``reg`` its regularizers;
     kept (a ``Kept``) is what ``backward`` reads."""
     T, B, I = x.shape
-    w_ih, w_hh, b_ih, w_hr = p.weight_ih, p.weight_hh, p.bias_ih, p.weight_hr
+    w_ih, w_hh, w_hr = p.weight_ih, p.weight_hh, getattr(p, "weight_hr", None)
+    b_ih, b_hh = _product_biases(cell, p)
     GH, Ho = w_hh.shape  # Ho: proj_size with projections, else H
     H = GH // cell.gates
     dtype = x.dtype
@@ -240,7 +266,7 @@ def forward(cell: Cell, steps: np.ndarray, reverse: bool, training: bool, x: np.
     c_seq = np.empty((T if training else 0, B, Hc), dtype)  # only backward reads it
     h_n = np.empty((B, Ho), dtype)
     c_n = np.empty((B, Hc), dtype)
-    saved = np.empty((T, B, cell.saved * H) if training else (1, 1, cell.saved * H), dtype)
+    saved = np.empty((T, B, cell.saved_size(H)) if training else (1, 1, cell.saved_size(H)), dtype)
     if w_hr is None:
         w_hr_t, m_seq = absent(dtype, 3), absent(dtype, 3)
     else:
@@ -252,7 +278,7 @@ def forward(cell: Cell, steps: np.ndarray, reverse: bool, training: bool, x: np.
     w_ih_t = None if plain else pack_weights(w_ih, True)
     kernels = KERNELS[cell.mode]
     work = B * (Ho * GH + (0 if w_hr is None else w_hr.size))
-    b_hh = p.bias_hh if p.bias_hh is not None else np.zeros(GH, dtype)
+    b_hh = b_hh if b_hh is not None else np.zeros(GH, dtype)
     hw = np.empty((B, GH), dtype)  # scratch
     reg = _regular_arrays(reg, dtype)
     zoning = reg.zone_p.size > 0
@@ -282,7 +308,7 @@ def backward(cell: Cell, steps: np.ndarray, reverse: bool, need, d_out: np.ndarr
     x, out, c_seq, saved, m_seq, raw = kept
     T, B, Ho = out.shape
     I = x.shape[-1]
-    w_ih, w_hh, w_hr = p.weight_ih, p.weight_hh, p.weight_hr
+    w_ih, w_hh, w_hr = p.weight_ih, p.weight_hh, getattr(p, "weight_hr", None)
     GH = w_hh.shape[0]
     dtype = out.dtype
     L = chunk_steps(T, B, GH * (2 if cell.separate_input_grad else 1))
@@ -304,8 +330,10 @@ def backward(cell: Cell, steps: np.ndarray, reverse: bool, need, d_out: np.ndarr
     dx = np.empty((T, B, I), dtype) if need.x else None
     dw_ih = np.zeros(w_ih.shape, dtype) if g.weight_ih else None
     dw_hh = np.zeros(w_hh.shape, dtype) if g.weight_hh else None
-    db_ih = np.zeros(GH, dtype) if g.bias_ih else None
-    db_hh = np.zeros(GH, dtype) if g.bias_hh else None
+    inside = cell.biases_inside  # (then the biases' gradients are the cell's: d_own)
+    db_ih = np.zeros(GH, dtype) if g.bias_ih and not inside else None
+    db_hh = np.zeros(GH, dtype) if g.bias_hh and not inside else None
+    d_own = np.zeros((B, cell.d_own_size * (GH // cell.gates)), np.float64)
     dw_hr = np.zeros(w_hr.shape, dtype) if project and g.weight_hr else None
     w_ih_p = pack_weights(w_ih, False) if dx is not None and not plain else None
     kernels = KERNELS[cell.mode]
@@ -322,8 +350,9 @@ def backward(cell: Cell, steps: np.ndarray, reverse: bool, need, d_out: np.ndarr
         args = BackwardArgs(w_hh=w_hh_p, weight_hh=w_hh, w_hr=w_hr_p, d_out=d_out, d_hn=d_hn, d_cn=d_cn,
                             saved=saved, out=out, c_seq=c_seq, m_seq=m_seq, h0=h0, c0=c0, steps=steps,
                             reverse=reverse, d_xw=d_xw[:n], d_hw=d_hw[:n], d_h_seq=d_h_seq[:n], d_first=d_first,
-                            dm=dm, d_h0=d_h0, d_c0=d_c0, own=own(cell, p), h_mask=reg.h_mask,
-                            zone_p=reg.zone_p, zone_draw=reg.zone_draw, raw=raw, d_in=d_in, kept_h=kept_h, kept_c=kept_c)
+                            dm=dm, d_h0=d_h0, d_c0=d_c0, own=own(cell, p), d_own=d_own, h_mask=reg.h_mask,
+                            zone_p=reg.zone_p, zone_draw=reg.zone_draw, raw=raw, d_in=d_in, kept_h=kept_h,
+                            kept_c=kept_c)
         _launch(kernels.backward_rows, kernels.backward_chunks, args, B, T, work, col_threads, i0, i1)
         if n == 0:
             continue
@@ -354,5 +383,9 @@ def backward(cell: Cell, steps: np.ndarray, reverse: bool, need, d_out: np.ndarr
     # must still make NaN, as in torch; a sum is finite only if every term is)
     if dw_hh is not None and (h0.any() or not math.isfinite(d_first.sum())):
         matmul_t(d_first, h0 * reg.h_mask if masked else h0, dw_hh)
-    grads = type(p)(weight_ih=dw_ih, weight_hh=dw_hh, bias_ih=db_ih, bias_hh=db_hh, weight_hr=dw_hr)
+    grads = dict(weight_ih=dw_ih, weight_hh=dw_hh, bias_ih=db_ih, bias_hh=db_hh)
+    grads.update(_own_grads(cell, p, g, d_own, dtype))
+    if w_hr is not None:
+        grads["weight_hr"] = dw_hr
+    grads = type(p)(**grads)
     return dx, grads, d_h0 if need.h0 else None, d_c0 if need.c0 else None

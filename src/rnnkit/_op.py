@@ -48,7 +48,7 @@ def _kept_shapes(cell: Cell, x, params, c0, training: bool) -> tuple:
     T, B = x.shape[0], x.shape[1]
     p = cell.record._make(params[:len(cell.record._fields)])
     dims = dims_of(cell, p.weight_ih.shape, p.weight_hh.shape)
-    S = cell.saved * dims.hidden
+    S = cell.saved_size(dims.hidden)
     m_seq = (0, 0, 0) if dims.proj == 0 else (T if training else 1, B, dims.hidden)
     return (T if training else 0, B, c0.shape[-1]), ((T, B, S) if training else (1, 1, S)), m_seq
 

@@ -149,7 +149,7 @@ def _step_forward(plan: Plan, training: bool, x, h0, c0, params) -> tuple:
     hs = np.empty((LD, B, Ho), dtype) if training else h_n
     copy = None if training else np.empty((B, Ho), dtype)  # (inference: step_rows' copy of h, unread)
     c_n = np.empty((LD, B, 0), dtype) if c0 is None else np.empty(c0.shape, dtype)
-    saved = np.empty((LD if training else 1, 1, B if training else 1, cell.saved * GH // cell.gates), dtype)
+    saved = np.empty((LD if training else 1, 1, B if training else 1, cell.saved_size(GH // cell.gates)), dtype)
     xw, hw = np.empty((B, GH), dtype), np.empty((B, GH), dtype)  # scratch
     step = _loops.KERNELS[cell.mode].step_rows
     b_none = absent(dtype, 1)
@@ -201,7 +201,7 @@ def _step_backward(plan: Plan, kept: tuple, needs: Needs, d_out, d_hn, d_cn, h0,
         back(d_h0[k], d_c0[k], saved[k], inp, h0[k], c0[k], hs[k], p.weight_ih, p.weight_hh, d_xw, d_hw, needs.h0,
              none2 if dx is None else dx, none2 if d.weight_ih is None else d.weight_ih,
              none2 if d.weight_hh is None else d.weight_hh, none1 if d.bias_ih is None else d.bias_ih,
-             none1 if d.bias_hh is None else d.bias_hh, _loops.own(cell, p))
+             none1 if d.bias_hh is None else d.bias_hh, _loops.own(cell, p), np.empty((B, 0)))  # (d_own: none)
         grads[k] = d
         return dx
 

@@ -150,7 +150,7 @@ class Stream:
         self._step_shape = (self.batch_size, dims.input)
         self._out_shape = (self.batch_size, dims.out)
         self._np_dtype = np.dtype(NP_DTYPE.get(dtype, np.float32))
-        self._fused = supported(cell, dtype, device.type)
+        self._fused = supported(cell, dtype, device.type) and cell.single_steps
         shapes = self._state_shapes()
         changed = dtype != self.dtype or self._h is None or (self._h.shape, self._c.shape) != shapes
         self.dtype = dtype
@@ -190,7 +190,7 @@ class Stream:
             None,  # out
             np.empty((B, GH), np_dtype), np.empty((B, GH), np_dtype),  # xw, hw
             np.empty((B, dims.hidden), np_dtype) if dims.proj else b2,  # m
-            np.empty((1, 1, max(1, cell.saved) * dims.hidden), np_dtype),  # saved (scratch)
+            np.empty((1, 1, max(dims.hidden, cell.saved_size(dims.hidden))), np_dtype),  # saved (scratch)
         ]
         from . import _loops
 

@@ -118,6 +118,20 @@ class Cell:
     # the reference's input projection of every step, (x (T, B, I), p) -> xw (T, B, GH); None:
     # torch.nn's x W_ih^T + b_ih (see ``input_projection``)
     project: Optional[Callable] = None
+    # fused kernels: values saved per row and step beyond ``saved`` * H (a few per-row scalars)
+    saved_scalars: int = 0
+    # fused kernels: True when the cell's row functions add b_ih and b_hh themselves, after
+    # their own transform of the bare products (the layer-normalized cells): the loops' products
+    # then take no biases, and ``own`` starts with the two (zeros where absent)
+    biases_inside: bool = False
+    # fused kernels: where the backward's d_own row (see kernels/driver.py) holds each own
+    # parameter's gradient: (name, start in units of H), the biases too when ``biases_inside``
+    # (two names may share a segment); ``d_own_size`` is the row's length in units of H
+    d_own: tuple = ()
+    d_own_size: int = 0
+    # fused kernels: False when only the sequence loops run the cell; its single steps (the
+    # step route, cell modules, rnnkit.Stream) and torch.compile then take the reference
+    single_steps: bool = True
 
     @property
     def state_size(self) -> int:
@@ -139,6 +153,10 @@ class Cell:
         object.__setattr__(self, "record", record)
         standard = {p.name for p in TORCH_PARAMS}
         object.__setattr__(self, "own_params", tuple(n for n in names if n not in standard))
+
+    def saved_size(self, hidden: int) -> int:
+        """S, the values the fused kernels save per row and step for backward."""
+        return self.saved * hidden + self.saved_scalars
 
     def input_projection(self, x: Tensor, p) -> Tensor:
         """xw of the reference step from x (., I): what the step adds W_hh h to."""

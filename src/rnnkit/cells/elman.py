@@ -26,7 +26,7 @@ def _tanh_forward(xw, hw, h, c, saved, own):
         h[j] = tanh(xw[j] + hw[j])
 
 
-def _tanh_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw, own):
+def _tanh_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw, own, d_own):
     for j in range(h.shape[0]):
         da = dh[j] * (1 - h[j] * h[j])
         dxw[j] = da
@@ -40,7 +40,7 @@ def _relu_forward(xw, hw, h, c, saved, own):
         h[j] = 0 if a < 0 else a  # relu(NaN) stays NaN, as in torch
 
 
-def _relu_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw, own):
+def _relu_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw, own, d_own):
     for j in range(h.shape[0]):
         da = 0 if h[j] <= 0 else dh[j]  # (a NaN output passes its gradient on, as torch's relu does)
         dxw[j] = da

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels.scalars import sigmoid, tanh
+from ..kernels.scalars import norm_backward, norm_forward, sigmoid, tanh
 from ..kernels.templates import specialise
 from .base import Cell
 
@@ -37,11 +37,19 @@ def gru_update(xw, hw, h):
 # saved = [r | z | n | W_hn h + b_hn], 4H per row and step.
 
 
-SAVE = True  # the template's switch, frozen per copy below
+SAVE = True  # the templates' switches, frozen per copy below (NORMS: the layer-normalized GRU's copies)
+NORMS = False
+EPS = 0.0  # (set in the layer-normalized GRU's copies: cells/layernorm.py)
 
 
 def _gru_pointwise(xw, hw, h, c, saved, own):
     H = h.shape[0]
+    if NORMS:  # LayerNormGRU (cells/layernorm.py): xw, hw the bare products, normalized in place
+        rx = norm_forward(xw, own[2], own[0], EPS, saved[4 * H:7 * H], SAVE)
+        rh = norm_forward(hw, own[3], own[1], EPS, saved[7 * H:10 * H], SAVE)
+        if SAVE:
+            saved[10 * H] = rx
+            saved[10 * H + 1] = rh
     for j in range(H):
         r = sigmoid(xw[j] + hw[j])
         z = sigmoid(xw[H + j] + hw[H + j])
@@ -57,11 +65,11 @@ def _gru_pointwise(xw, hw, h, c, saved, own):
 
 # One template, two copies: training saves the gates; inference writes nothing to ``saved``
 # (see "infer" in kernels/driver.py).
-_gru_forward = specialise(_gru_pointwise, "_gru_forward", SAVE=True)
-_gru_infer = specialise(_gru_pointwise, "_gru_infer", SAVE=False)
+_gru_forward = specialise(_gru_pointwise, "_gru_forward", SAVE=True, NORMS=False)
+_gru_infer = specialise(_gru_pointwise, "_gru_infer", SAVE=False, NORMS=False)
 
 
-def _gru_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw, own):
+def _gru_backward_template(dh, dc, saved, h_prev, c_prev, h, dxw, dhw, own, d_own):
     H = h.shape[0]
     for j in range(H):
         r = saved[j]
@@ -79,6 +87,16 @@ def _gru_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw, own):
         dhw[H + j] = dz
         dhw[2 * H + j] = dn * r
         dh[j] = g * z
+    if NORMS:  # LayerNormGRU (cells/layernorm.py, its saved values and d_own there): both biases,
+        G = 3 * H  # then through the two normalizations
+        for q in range(G):
+            d_own[q] += dxw[q]
+            d_own[G + q] += dhw[q]
+        norm_backward(dxw, saved[4 * H:7 * H], saved[10 * H], own[2], d_own[2 * G:3 * G])
+        norm_backward(dhw, saved[7 * H:10 * H], saved[10 * H + 1], own[3], d_own[3 * G:4 * G])
+
+
+_gru_backward = specialise(_gru_backward_template, "_gru_backward", NORMS=False)
 
 
 GRU = Cell(mode="GRU", gates=3, step=_gru_step, label="GRU", saved=4,

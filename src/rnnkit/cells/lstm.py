@@ -71,7 +71,7 @@ _lstm_forward = specialise(_lstm_pointwise, "_lstm_forward", SAVE=True)
 _lstm_infer = specialise(_lstm_pointwise, "_lstm_infer", SAVE=False)
 
 
-def _lstm_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw, own):
+def _lstm_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw, own, d_own):
     H = h.shape[0]
     for j in range(H):
         i = saved[j]

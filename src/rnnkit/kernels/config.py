@@ -47,11 +47,13 @@ def _source_hash() -> str:
 
 
 def cache_dir() -> Path:
+    """The folder of this version's kernels (and, under NUMBA_BOUNDSCHECK=1, of their bounds-
+    checked builds: numba's cache index does not tell the two apart)."""
     root = os.environ.get("RNNKIT_CACHE_DIR")
     if root is None:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         root = os.path.join(base, "rnnkit", "numba")
-    return Path(root) / _source_hash()
+    return Path(root) / (_source_hash() + ("-boundscheck" if numba.config.BOUNDSCHECK else ""))
 
 
 class _PackageCacheLocator(caching.UserProvidedCacheLocator):

@@ -40,6 +40,11 @@ Legend (all arrays C-contiguous, float32 or float64 unless said):
     d_hw     (n, B, GH)  backward: dL/d(h_prev W_hh^T + b_hh) likewise (d_xw itself for cells
                          whose two are equal)
     d_first  (B, GH)     backward: d_hw at each row's first step, where h_prev is h0[r]
+    d_own    (B, K)      backward: each row's running sums of dL/d(the cell's own parameters),
+                         which its backward adds its step's share to (K = 0 for cells without
+                         any; float64, whatever the layer's dtype: sums over many steps). Per
+                         row, so threads taking slices of the batch never add to one place; the
+                         caller sums the rows after the loop
 
 Regularizers (rnnkit's recurrent_dropout and zoneout; absent arrays, ``absent``, when off):
     h_mask   (B, Ho)     recurrent dropout: h_in = h_prev * h_mask enters W_hh (the cell itself
@@ -76,9 +81,14 @@ its own name. A cell plugs in as pointwise row functions registered under an int
             and LSTM's cost more than their math at small H
     backward(dh (H,) in: dL/dh_t, out: the part of dL/dh_prev that bypasses W_hh,
              dc (Hc,) in: dL/dc_t, out: dL/dc_prev, saved (S,), h_prev (H,), c_prev (Hc,),
-             h (H,), dxw (GH,) out: dL/dxw_t, dhw (GH,) out: dL/d(h_prev W_hh^T + b_hh), own)
+             h (H,), dxw (GH,) out: dL/dxw_t, dhw (GH,) out: dL/d(h_prev W_hh^T + b_hh), own,
+             d_own (K,) in/out: adds the step's dL/d(own) (see d_own above))
 where ``own`` is the tuple of the cell's own parameters for this layer-direction (those it
 declares beyond torch.nn's five, in declaration order, as arrays; ``()`` for cells without any).
+A cell that adds the biases itself, after its own transform of the two products (the
+layer-normalized cells: ``Cell.biases_inside``), gets b_ih and b_hh at the head of ``own``
+instead: its xw and hw are then the bare products x W_ih^T and h_prev W_hh^T, and its dxw and
+dhw the gradients of those.
 The driver owns everything else: reversal, per-sequence lengths (inactive rows keep their
 state, so the reverse direction starts each sequence at its own last step), the recurrent
 products, the optional projection, and row ranges [r0, r1) so threads can each take a slice of
@@ -103,7 +113,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import prange
 
-from . import mathfn  # noqa: F401  (registers the compiled tanh / sigmoid the cells call)
+from . import mathfn, scalars  # noqa: F401  (mathfn registers the compiled tanh / sigmoid the cells call)
 from .borrow import borrow
 from .config import jit, jit_inline, jit_parallel, specialise
 from .linalg import column_sums, linear, linear_any, linear_rows, matmul_acc, matmul_acc_columns, matmul_t
@@ -112,11 +122,23 @@ from .tiles import matmul_packed, matmul_packed_columns
 _CELLS: dict[int, tuple] = {}
 
 
+# The vector helpers a cell's row functions may call (kernels/scalars.py), compiled to be inlined
+# as the row functions are (given to them by name: the cells import no numba). (numba's overloads
+# inlined twice into one function lose track of their loops' variables; these do not.)
+_HELPERS: dict = {}
+for _name in ("moments", "norm_forward", "norm_backward"):  # (each may call those before it)
+    _HELPERS[_name] = jit_inline(specialise(getattr(scalars, _name), _name, **_HELPERS))
+
+
+def _row_function(fn):
+    return jit_inline(specialise(fn, fn.__name__, **_HELPERS))
+
+
 def register_cell(kind: int, forward, backward, infer=None) -> None:
     """Make a cell's pointwise row functions (plain Python, see rnnkit.cells) available to the
     driver under the id ``kind``, compiled to be inlined into its loops."""
-    forward, backward = jit_inline(forward), jit_inline(backward)
-    _CELLS[kind] = (forward, backward, forward if infer is None else jit_inline(infer))
+    forward, backward = _row_function(forward), _row_function(backward)
+    _CELLS[kind] = (forward, backward, forward if infer is None else _row_function(infer))
 
 
 # The cell's row functions inside the loops below: each compiled copy of the loops (see
@@ -129,7 +151,7 @@ def cell_infer(xw, hw, h, c, saved, own):
     raise NotImplementedError
 
 
-def cell_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw, own):
+def cell_backward(dh, dc, saved, h_prev, c_prev, h, dxw, dhw, own, d_own):
     raise NotImplementedError
 
 
@@ -336,8 +358,8 @@ def _forward_rows(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse, o
 
 
 def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
-                   d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, h_mask, zone_p, zone_draw, raw, d_in, kept_h,
-                   kept_c, i0, i1, r0, r1, col_threads):
+                   d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, d_own, h_mask, zone_p, zone_draw, raw, d_in,
+                   kept_h, kept_c, i0, i1, r0, r1, col_threads):
     """BPTT for rows [r0, r1) over the steps i0 <= i < i1 of the reverse-time loop (step i is
     time i when reverse, else T-1-i), continuing the running gradient kept in d_h0 / d_c0
     (started from d_hn / d_cn when i0 == 0). Fills, for those steps only (index k is time
@@ -353,9 +375,11 @@ def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, 
     d_xw, d_hw, d_h_seq, d_first, dm = borrow(d_xw), borrow(d_hw), borrow(d_h_seq), borrow(d_first), borrow(dm)
     d_h0, d_c0 = borrow(d_h0), borrow(d_c0)
     h_mask, zone_p, zone_draw, raw = borrow(h_mask), borrow(zone_p), borrow(zone_draw), borrow(raw)
-    d_in, kept_h, kept_c = borrow(d_in), borrow(kept_h), borrow(kept_c)
+    d_in, kept_h, kept_c, d_own = borrow(d_in), borrow(kept_h), borrow(kept_c), borrow(d_own)
     T = out.shape[0]
     B = out.shape[1]
+    if d_own.shape[0] < r1:
+        raise ValueError("driver: d_own has fewer rows than the batch")
     masked, zone_h, zone_c, keep_raw = _regular(h_mask, zone_p, zone_draw, raw, T, B, out.shape[2], r1)
     Ho, Hc = out.shape[2], c0.shape[1]
     t_lo = i0 if reverse else T - i1
@@ -392,7 +416,7 @@ def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, 
             if zone_c:
                 _keep(dc[r], kept_c[r], zone_p, zone_draw, 1, (t * B + r) * Hc)
             if project:
-                cell_backward(dm[r], dc[r], saved[t, r], hp, cp, m_seq[t, r], d_xw[k, r], d_hw[k, r], own)
+                cell_backward(dm[r], dc[r], saved[t, r], hp, cp, m_seq[t, r], d_xw[k, r], d_hw[k, r], own, d_own[r])
                 if zone_h:
                     _copy(dh[r], kept_h[r])
                 else:
@@ -404,10 +428,10 @@ def _backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, 
                     _keep(dhr, kept_h[r], zone_p, zone_draw, 0, (t * B + r) * Ho)
                     # (the cell's own output, before the blend)
                     cell_backward(dhr, dc[r], saved[t, r], hp, cp, raw[t, r] if keep_raw else out[t, r],
-                                  d_xw[k, r], d_hw[k, r], own)
+                                  d_xw[k, r], d_hw[k, r], own, d_own[r])
                     _add(dhr, kept_h[r])
                 else:
-                    cell_backward(dhr, dc[r], saved[t, r], hp, cp, out[t, r], d_xw[k, r], d_hw[k, r], own)
+                    cell_backward(dhr, dc[r], saved[t, r], hp, cp, out[t, r], d_xw[k, r], d_hw[k, r], own, d_own[r])
             if zone_c:
                 _add(dc[r], kept_c[r])
             if first:
@@ -446,15 +470,15 @@ def _forward_chunks(xw, w_hh_t, weight_hh, b_hh, w_hr_t, h0, c0, steps, reverse,
 
 
 def _backward_chunks(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
-                     d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, h_mask, zone_p, zone_draw, raw, d_in, kept_h,
-                     kept_c, i0, i1, chunks):
+                     d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, d_own, h_mask, zone_p, zone_draw, raw, d_in,
+                     kept_h, kept_c, i0, i1, chunks):
     B = out.shape[1]
     size = (B + chunks - 1) // chunks
     for j in prange(chunks):
         r0 = j * size
         backward_rows(w_hh, weight_hh, w_hr, d_out, d_hn, d_cn, saved, out, c_seq, m_seq, h0, c0, steps, reverse,
-                      d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, h_mask, zone_p, zone_draw, raw, d_in, kept_h,
-                      kept_c, i0, i1, r0, min(r0 + size, B), 1)
+                      d_xw, d_hw, d_h_seq, d_first, dm, d_h0, d_c0, own, d_own, h_mask, zone_p, zone_draw, raw, d_in,
+                      kept_h, kept_c, i0, i1, r0, min(r0 + size, B), 1)
 
 
 def _step_rows(x, w_ih, b_ih, weight_hh, b_hh, h0, c0, h, c, out, xw, hw, saved, keep, own):
@@ -482,7 +506,7 @@ def _step_rows(x, w_ih, b_ih, weight_hh, b_hh, h0, c0, h, c, out, xw, hw, saved,
 
 
 def _step_back_rows(dh, dc, saved, x, h0, c0, h, w_ih, weight_hh, d_xw, d_hw, need_dh, dx, dw_ih, dw_hh, db_ih,
-                    db_hh, own):
+                    db_hh, own, d_own):
     """Backward of _step_rows (keep) from its inputs x, h0, c0 and its h and saved: dh (B, H)
     in: dL/dh, out: dL/dh0 (only the part that bypasses W_hh unless ``need_dh``); dc likewise
     for c. Adds dL/dx to dx (B, I) and writes dL/dW_ih, dL/dW_hh (as stored), dL/db_ih and
@@ -490,10 +514,10 @@ def _step_back_rows(dh, dc, saved, x, h0, c0, h, w_ih, weight_hh, d_xw, d_hw, ne
     for cells whose two are equal)."""
     B = dh.shape[0]
     if (dc.shape[0] != B or saved.shape[1] != B or x.shape[0] != B or h0.shape[0] != B or c0.shape[0] != B
-            or h.shape[0] != B or d_xw.shape[0] != B or d_hw.shape[0] != B):
+            or h.shape[0] != B or d_xw.shape[0] != B or d_hw.shape[0] != B or d_own.shape[0] != B):
         raise ValueError("driver: rows of different counts")
     for r in range(B):
-        cell_backward(dh[r], dc[r], saved[0, r], h0[r], c0[r], h[r], d_xw[r], d_hw[r], own)
+        cell_backward(dh[r], dc[r], saved[0, r], h0[r], c0[r], h[r], d_xw[r], d_hw[r], own, d_own[r])
     if need_dh:
         matmul_acc(d_hw, weight_hh, dh, 0, B)  # dL/dh0 = the part bypassing W_hh + d_hw W_hh
     if dx.shape[0] > 0:
@@ -617,6 +641,7 @@ class BackwardArgs(NamedTuple):
     d_h0: object
     d_c0: object
     own: tuple
+    d_own: object
     h_mask: object
     zone_p: object
     zone_draw: object
@@ -667,6 +692,7 @@ class StepBackArgs(NamedTuple):
     db_ih: object
     db_hh: object
     own: tuple
+    d_own: object
 
 
 class StreamArgs(NamedTuple):

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .config import jit_inline
-from .scalars import sigmoid, tanh
+from .scalars import cast, sigmoid, tanh
 
 _CLAMP = 9.0  # tanh(9) == 1 in float32
 _P = (0.999999992324803, 0.1257953319962659, 0.0024085822682210693, -9.02481739441783e-06,
@@ -140,3 +142,11 @@ def _sigmoid(x):
         half = types.float32(0.5)
         return lambda x: half + half * tanh(half * x)
     return lambda x: 1.0 / (1.0 + exp64(-x))
+
+
+@overload(cast)
+def _cast(x, like):
+    if like == types.float32:
+        return lambda x, like: np.float32(x)
+    return lambda x, like: np.float64(x)
+
