@@ -197,6 +197,24 @@ def test_fused_kernels_run_and_agree_in_float32(kind, monkeypatch):
     _backends_agree_float32(module, lambda x: (x, None, [7, 3, 5, 1]), x, seed=4)
 
 
+def test_one_step_with_only_c_n_in_the_loss():
+    """c_n of one step does not depend on c's normalization: its gradients are None, as the
+    reference's (the fused route's bookkeeping of an unreached W_hr, here for LN's c)."""
+    module = rnnkit.LayerNormLSTM(2, 3, 2, dtype=torch.float64)
+    _randomize(module)
+    x = torch.randn(1, 2, 2, dtype=torch.float64)
+    grads = []
+    for backend in ("reference", "fused"):
+        module.zero_grad(set_to_none=True)
+        with rnnkit.use_backend(backend):
+            module(x)[1][1].sum().backward()
+        grads.append([p.grad for p in module.parameters()])
+    for want, got in zip(*grads):
+        assert (want is None) == (got is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
 def test_gradients_of_frozen_parameters_are_none():
     module = rnnkit.LayerNormLSTM(3, 4, dtype=torch.float64)
     _randomize(module)
@@ -286,3 +304,13 @@ def test_stream_runs_the_module():
     stream = rnnkit.Stream(module)
     got = torch.stack([stream(x_t) for x_t in x])
     torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+def test_a_cell_with_kernels_places_every_own_gradient():
+    from dataclasses import replace
+
+    from rnnkit import _loops
+    from rnnkit.cells.layernorm import LN_GRU
+
+    with pytest.raises(ValueError, match="d_own must place the gradient of every own parameter"):
+        _loops._check_d_own(replace(LN_GRU, d_own=LN_GRU.d_own[:-1]))

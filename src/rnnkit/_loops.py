@@ -47,10 +47,21 @@ def _start_threads() -> None:
 
 _start_threads()
 
+def _check_d_own(cell: Cell) -> None:
+    """A cell with own parameters (its biases too, with ``biases_inside``) places every one's
+    gradient in its d_own row; a parameter left out would get no gradient, silently."""
+    names = {p.name for p in cell.params}
+    wanted = set(cell.own_params) | ({"bias_ih", "bias_hh"} & names if cell.biases_inside else set())
+    if {name for name, _ in cell.d_own} != wanted:
+        raise ValueError(f"cell {cell.mode}: d_own must place the gradient of every own parameter "
+                         f"({sorted(wanted)}), got {sorted(name for name, _ in cell.d_own)}")
+
+
 # Every cell that has fused kernels, compiled lazily on first use: mode -> driver.CellKernels.
 KERNELS = {}
 for _kind, _cell in enumerate(CELLS.values()):
     if _cell.kernels is not None:
+        _check_d_own(_cell)
         driver.register_cell(_kind, *_cell.kernels)
         KERNELS[_cell.mode] = driver.kernels_for(_kind, _cell.mode.lower())
 

@@ -96,6 +96,9 @@ def _sequence_forward(plan: Plan, training: bool, x, h0, c0, params) -> tuple:
     return out, h_n, None if c0 is None else c_n, tuple(kept)
 
 
+_AFTER_C = ("weight_hr", "layer_norm_c_weight", "layer_norm_c_bias")  # parameters only h_t's path from c_t reads
+
+
 def _sequence_backward(plan: Plan, kept: tuple, needs: Needs, d_out, d_hn, d_cn, h0, c0, params) -> tuple:
     cell = plan.cell
     LD, B, Ho = h0.shape
@@ -103,9 +106,9 @@ def _sequence_backward(plan: Plan, kept: tuple, needs: Needs, d_out, d_hn, d_cn,
     if c0 is None:
         c0 = np.empty((LD, B, 0), dtype)
     n = len(_loops.Kept._fields)
-    # the loss reached the last layer's W_hr not at all when only c_n has a gradient and there
-    # is one step (its projected h feeds nothing but out and h_n): None as in torch.nn, not
-    # zeros (an optimizer skips None, but decays a zero gradient's weight)
+    # the loss reached the last layer's W_hr (or c's normalization) not at all when only c_n
+    # has a gradient and there is one step (its h feeds nothing but out and h_n): None as in
+    # torch.nn, not zeros (an optimizer skips None, but decays a zero gradient's weight)
     unreached = d_out is None and d_hn is None and len(plan.steps) == 1
     d_top = np.zeros((1, 1, len(plan.reverses) * Ho), dtype) if d_out is None else d_out
     d_hn = np.zeros(h0.shape, dtype) if d_hn is None else d_hn
@@ -126,10 +129,11 @@ def _sequence_backward(plan: Plan, kept: tuple, needs: Needs, d_out, d_hn, d_cn,
         return dx
 
     dx = walk_back(plan.num_layers, plan.reverses, d_top, back_one, lambda d, i: _split(d, i, Ho), _add)
-    if unreached:
+    after_c = {n: None for n in _AFTER_C if n in cell.record._fields}
+    if unreached and after_c:
         for k in range(LD - len(plan.reverses), LD):
             if grads[k] is not None:
-                grads[k] = grads[k]._replace(weight_hr=None)
+                grads[k] = grads[k]._replace(**after_c)
     return dx if needs.x else None, d_h0, d_c0, grads
 
 
