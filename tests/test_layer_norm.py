@@ -1,7 +1,7 @@
 """rnnkit's layer-normalized LSTM and GRU (layers and cells) against their definitions written
 here from scratch, and their API: parameters, initialisation, lengths, packing, regularizers.
-The layers run on the fused loops (``backend``: each backend in turn); their cells and
-single steps on the torch-ops reference."""
+Layers, single steps, cells and rnnkit.Stream run on the fused kernels (``backend``: each
+backend in turn)."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def test_float32_outputs(kind):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_cells_follow_the_definitions(kind):
+def test_cells_follow_the_definitions(backend, kind):
     cls = rnnkit.LayerNormLSTMCell if kind == "lstm" else rnnkit.LayerNormGRUCell
     cell = cls(3, 4, dtype=torch.float64)
     _randomize(cell)
@@ -213,6 +213,18 @@ def test_one_step_with_only_c_n_in_the_loss():
         assert (want is None) == (got is None)
         if want is not None:
             torch.testing.assert_close(got, want, **TOL[torch.float64])
+    cell = rnnkit.LayerNormLSTMCell(2, 3, dtype=torch.float64)
+    _randomize(cell)
+    grads = []
+    for backend in ("reference", "fused"):
+        cell.zero_grad(set_to_none=True)
+        with rnnkit.use_backend(backend):
+            cell(x[0])[1].sum().backward()
+        grads.append([p.grad for p in cell.parameters()])
+    for want, got in zip(*grads):
+        assert (want is None) == (got is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, **TOL[torch.float64])
 
 
 def test_gradients_of_frozen_parameters_are_none():
@@ -297,13 +309,47 @@ def test_refusals():
         rnnkit.LayerNormGRU(3, 4)(torch.randn(2, 1, 3), torch.randn(1, 1, 5))
 
 
-def test_stream_runs_the_module():
-    module = rnnkit.LayerNormGRU(3, 4, 2).eval()
-    x = torch.randn(4, 1, 3)
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_stream_equals_the_whole_sequence(kind, bias):
+    module = getattr(rnnkit, LAYERS[kind])(3, 4, 2, bias=bias).eval()
+    _randomize(module)
+    x = torch.randn(5, 2, 3)
     want, _ = module(x)
-    stream = rnnkit.Stream(module)
+    stream = rnnkit.Stream(module, batch_size=2)
     got = torch.stack([stream(x_t) for x_t in x])
     torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("training", [True, False])
+def test_one_step_calls_follow_the_definitions(backend, kind, training):
+    """T == 1 (the single-step route where the kernels run it), with and without gradients."""
+    module = getattr(rnnkit, LAYERS[kind])(4, 5, 2, bidirectional=True, dtype=torch.float64)
+    _randomize(module)
+    x = torch.randn(1, 3, 4, dtype=torch.float64)
+    states = [torch.randn(4, 3, 5, dtype=torch.float64) for _ in range(2 if kind == "lstm" else 1)]
+
+    def ours(x, *s):
+        return _flat(module(x, s[0] if kind == "gru" else tuple(s)))
+
+    if training:
+        _compare(ours, lambda x, *s: _flat(oracle(kind, module, x, *s)), module, [x, *states], torch.float64)
+    else:
+        with torch.no_grad():
+            for got, want in zip(ours(x, *states), _flat(oracle(kind, module, x, *states))):
+                torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
+def test_under_torch_compile():
+    module = rnnkit.LayerNormLSTM(3, 4, 2)
+    _randomize(module)
+    x = torch.randn(4, 2, 3)
+    want = module(x)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: module(x)[0], backend="aot_eager")  # (see test_ecosystem)
+    torch.testing.assert_close(compiled(x), want, **TOL[torch.float32])
 
 
 def test_a_cell_with_kernels_places_every_own_gradient():

@@ -91,3 +91,15 @@ def batched(*grads) -> bool:
     microseconds.)"""
     return any(g is not None and (torch._C._functorch.is_batchedtensor(g)
                                   or "Batched" in str(torch._C._dispatch_keys(g))) for g in grads)
+
+
+def kernel_params(cell, a) -> tuple:
+    """(b_ih, b_hh, own) of a layer-direction's parameter record of arrays ``a`` as the kernels
+    take them: the biases of the products (None where absent, and where the cell adds them
+    itself: ``Cell.biases_inside``) and the cell's own parameters (``own`` in kernels/driver.py;
+    with ``biases_inside``, b_ih and b_hh first, zeros where absent)."""
+    mine = tuple([getattr(a, name) for name in cell.own_params]) if cell.own_params else ()
+    if not cell.biases_inside:
+        return a.bias_ih, a.bias_hh, mine
+    GH, dtype = a.weight_hh.shape[0], a.weight_hh.dtype
+    return None, None, tuple(np.zeros(GH, dtype) if b is None else b for b in (a.bias_ih, a.bias_hh)) + mine

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from . import _backend, _plan
-from ._arrays import NP_DTYPE, absent, array, batched, weight_arrays
-from ._driver import contract
+from ._arrays import NP_DTYPE, absent, array, batched, kernel_params, weight_arrays
+from ._driver import AFTER_C, contract
 from ._run import forget, needs
 from .cells import Cell, Dims
 
@@ -265,8 +265,8 @@ def _weights(cell: Cell, params) -> tuple:
     updates show through."""
     a = weight_arrays(params)
     none = absent(a.weight_ih.dtype, 1)
-    return (a.weight_ih, none if a.bias_ih is None else a.bias_ih, a.weight_hh,
-            none if a.bias_hh is None else a.bias_hh, tuple(getattr(a, n) for n in cell.own_params))
+    b_ih, b_hh, own = kernel_params(cell, a)
+    return (a.weight_ih, none if b_ih is None else b_ih, a.weight_hh, none if b_hh is None else b_hh, own)
 
 
 _data_ptr = Tensor.data_ptr
@@ -351,7 +351,7 @@ class _CellNode(torch.autograd.Function):
         # raises, as in torch.nn); backward reads the arrays themselves (their views)
         ctx.save_for_backward(x, h0, c0, *params)
         ctx.cell = cell
-        ctx.arrays = (x_np, h0_np, c0_np, h, saved, w_ih, w_hh, own)
+        ctx.arrays = (x_np, h0_np, c0_np, h, saved, w_ih, w_hh, own, record)
         # the caller gets ``out``, a copy of h, which it may change in place (h is backward's)
         if cell.state_size == 2:
             return returned(out), returned(c)
@@ -362,7 +362,7 @@ class _CellNode(torch.autograd.Function):
         cell = ctx.cell
         saved_tensors = ctx.saved_tensors  # (checks that nothing was changed in place)
         needs = ctx.needs_input_grad  # (cell, x, h0, c0, *params)
-        x, h0, c0, h, saved, w_ih, w_hh, own = ctx.arrays
+        x, h0, c0, h, saved, w_ih, w_hh, own, record = ctx.arrays
         B, (GH, H) = x.shape[0], w_hh.shape
         dtype = x.dtype
         dh = dc = None
@@ -383,11 +383,20 @@ class _CellNode(torch.autograd.Function):
                  for t, need in zip(saved_tensors[3:], needs[4:])]
         g = cell.record(*grads)
         none1, none2 = absent(dtype, 1), absent(dtype, 2)
+        inside = cell.biases_inside  # (the biases' gradients then come with the own parameters')
+        d_own = np.zeros((B, cell.d_own_size * H), np.float64)  # (see d_own in kernels/driver.py)
         _kernels(cell).step_back_rows(
             dh, dc, saved, x, h0, c0, h, w_ih, w_hh, d_xw, d_hw, needs[2], dx,
             none2 if g.weight_ih is None else g.weight_ih, none2 if g.weight_hh is None else g.weight_hh,
-            none1 if g.bias_ih is None else g.bias_ih, none1 if g.bias_hh is None else g.bias_hh, own,
-            np.empty((B, 0)))  # (d_own: the cells with single steps have no own parameters)
+            none1 if g.bias_ih is None or inside else g.bias_ih, none1 if g.bias_hh is None or inside else g.bias_hh,
+            own, d_own)
+        if d_own.shape[1]:
+            from . import _loops
+
+            mine = _loops.own_grads(cell, record, cell.record(*needs[4:]), d_own, dtype)
+            grads = [mine.get(name, a) for name, a in zip(cell.record._fields, grads)]
+            if d_h is None:  # (only c' in the loss: c's normalization unreached, None as on the reference)
+                grads = [None if name in AFTER_C else a for name, a in zip(cell.record._fields, grads)]
         return (None, torch.from_numpy(dx) if needs[1] else None, torch.from_numpy(dh) if needs[2] else None,
                 torch.from_numpy(dc) if needs[3] else None,
                 *(None if a is None else torch.from_numpy(a) for a in grads))

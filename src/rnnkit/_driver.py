@@ -33,6 +33,10 @@ from torch import Tensor
 
 from .cells import Cell, Dims, dims_of
 
+# The parameters only h_t's path from c_t reads (the projection, c's normalization): a loss
+# that reads nothing but one step's c_t does not reach them, and their gradients are None.
+AFTER_C = ("weight_hr", "layer_norm_c_weight", "layer_norm_c_bias")
+
 LayerFn = Callable[..., tuple]
 
 

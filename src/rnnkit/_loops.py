@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import _plan, _warmup  # noqa: F401  (_warmup: the one-line notice when a kernel compiles on demand)
-from ._arrays import absent, array, or_absent
+from ._arrays import absent, array, kernel_params, or_absent
 from ._driver import Regular, zone_threshold
 from ._plan import chunks
 from .cells import CELLS, Cell
@@ -111,20 +111,10 @@ _NO_DRAW = np.empty(0, np.uint64)
 def own(cell: Cell, p) -> tuple:
     """The cell's own parameters for its row functions (``own`` in kernels/driver.py): with
     ``biases_inside``, b_ih and b_hh first (zeros where absent)."""
-    names = cell.own_params
-    mine = tuple([getattr(p, name) for name in names]) if names else ()
-    if cell.biases_inside:
-        GH, dtype = p.weight_hh.shape[0], p.weight_hh.dtype
-        mine = tuple(np.zeros(GH, dtype) if b is None else b for b in (p.bias_ih, p.bias_hh)) + mine
-    return mine
+    return kernel_params(cell, p)[2]
 
 
-def _product_biases(cell: Cell, p) -> tuple:
-    """(b_ih, b_hh) of the loops' products: None where absent, and where the cell adds them itself."""
-    return (None, None) if cell.biases_inside else (p.bias_ih, p.bias_hh)
-
-
-def _own_grads(cell: Cell, p, g, d_own: np.ndarray, dtype) -> dict:
+def own_grads(cell: Cell, p, g, d_own: np.ndarray, dtype) -> dict:
     """The own parameters' gradients (biases too, with ``biases_inside``) that ``g`` asks for,
     from the loops' per-row sums d_own (B, K): field name -> array."""
     if d_own.shape[1] == 0:
@@ -137,6 +127,12 @@ def _own_grads(cell: Cell, p, g, d_own: np.ndarray, dtype) -> dict:
             size = getattr(p, name).shape[0]
             grads[name] = total[start * H:start * H + size].astype(dtype)
     return grads
+
+
+def d_own_rows(cell: Cell, B: int, GH: int) -> np.ndarray:
+    """The loops' per-row sums of the own parameters' gradients (``d_own`` in kernels/driver.py),
+    zeros: (B, K), float64; (B, 0) for cells without own parameters."""
+    return np.zeros((B, cell.d_own_size * (GH // cell.gates)), np.float64)
 
 
 def no_cell_state(B: int, dtype) -> np.ndarray:
@@ -268,7 +264,7 @@ def forward(cell: Cell, steps: np.ndarray, reverse: bool, training: bool, x: np.
     kept (a ``Kept``) is what ``backward`` reads."""
     T, B, I = x.shape
     w_ih, w_hh, w_hr = p.weight_ih, p.weight_hh, getattr(p, "weight_hr", None)
-    b_ih, b_hh = _product_biases(cell, p)
+    b_ih, b_hh, _ = kernel_params(cell, p)
     GH, Ho = w_hh.shape  # Ho: proj_size with projections, else H
     H = GH // cell.gates
     dtype = x.dtype
@@ -344,7 +340,7 @@ def backward(cell: Cell, steps: np.ndarray, reverse: bool, need, d_out: np.ndarr
     inside = cell.biases_inside  # (then the biases' gradients are the cell's: d_own)
     db_ih = np.zeros(GH, dtype) if g.bias_ih and not inside else None
     db_hh = np.zeros(GH, dtype) if g.bias_hh and not inside else None
-    d_own = np.zeros((B, cell.d_own_size * (GH // cell.gates)), np.float64)
+    d_own = d_own_rows(cell, B, GH)
     dw_hr = np.zeros(w_hr.shape, dtype) if project and g.weight_hr else None
     w_ih_p = pack_weights(w_ih, False) if dx is not None and not plain else None
     kernels = KERNELS[cell.mode]
@@ -395,7 +391,7 @@ def backward(cell: Cell, steps: np.ndarray, reverse: bool, need, d_out: np.ndarr
     if dw_hh is not None and (h0.any() or not math.isfinite(d_first.sum())):
         matmul_t(d_first, h0 * reg.h_mask if masked else h0, dw_hh)
     grads = dict(weight_ih=dw_ih, weight_hh=dw_hh, bias_ih=db_ih, bias_hh=db_hh)
-    grads.update(_own_grads(cell, p, g, d_own, dtype))
+    grads.update(own_grads(cell, p, g, d_own, dtype))
     if w_hr is not None:
         grads["weight_hr"] = dw_hr
     grads = type(p)(**grads)

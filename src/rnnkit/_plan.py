@@ -213,12 +213,11 @@ def route(call: Call) -> Route:
                 f"rnnkit backend 'fused' does not support {call.cell.mode} with {call.dtype} tensors on "
                 f"{call.device_type}; use rnnkit.set_backend('auto') or 'reference'")
         return native
-    single = call.cell.single_steps  # (False: only the sequence loops run this cell)
     if call.compiling:  # (a cell's torch ops and the regularizers trace as they are)
-        return Route("reference") if cell_module or call.regular or not single else Route("compiled", by_layer=True)
+        return Route("reference") if cell_module or call.regular else Route("compiled", by_layer=True)
     if cell_module:
-        return Route("cell") if single and (call.backend == "fused" or _cell_pays(call)) else native
-    step = single and call.steps == 1 and not call.regular and step_fits(call, call.grad)
+        return Route("cell") if call.backend == "fused" or _cell_pays(call) else native
+    step = call.steps == 1 and not call.regular and step_fits(call, call.grad)
     if call.backend == "auto" and not _fused_pays(call, step):
         return Route("reference")
     return Route("step" if step else "sequence", by_layer=call.dropout)

@@ -25,8 +25,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import _loops
-from ._arrays import absent
-from ._driver import walk, walk_back
+from ._arrays import absent, kernel_params
+from ._driver import AFTER_C, walk, walk_back
 from .cells import Cell
 
 
@@ -96,7 +96,14 @@ def _sequence_forward(plan: Plan, training: bool, x, h0, c0, params) -> tuple:
     return out, h_n, None if c0 is None else c_n, tuple(kept)
 
 
-_AFTER_C = ("weight_hr", "layer_norm_c_weight", "layer_norm_c_bias")  # parameters only h_t's path from c_t reads
+def _unreached(plan: Plan, grads: list, unreached: bool) -> None:
+    """None for the last layer's parameters the loss did not reach (see _sequence_backward)."""
+    after_c = {n: None for n in AFTER_C if n in plan.cell.record._fields}
+    if unreached and after_c:
+        LD = len(grads)
+        for k in range(LD - len(plan.reverses), LD):
+            if grads[k] is not None:
+                grads[k] = grads[k]._replace(**after_c)
 
 
 def _sequence_backward(plan: Plan, kept: tuple, needs: Needs, d_out, d_hn, d_cn, h0, c0, params) -> tuple:
@@ -129,11 +136,7 @@ def _sequence_backward(plan: Plan, kept: tuple, needs: Needs, d_out, d_hn, d_cn,
         return dx
 
     dx = walk_back(plan.num_layers, plan.reverses, d_top, back_one, lambda d, i: _split(d, i, Ho), _add)
-    after_c = {n: None for n in _AFTER_C if n in cell.record._fields}
-    if unreached and after_c:
-        for k in range(LD - len(plan.reverses), LD):
-            if grads[k] is not None:
-                grads[k] = grads[k]._replace(**after_c)
+    _unreached(plan, grads, unreached)
     return dx if needs.x else None, d_h0, d_c0, grads
 
 
@@ -160,11 +163,12 @@ def _step_forward(plan: Plan, training: bool, x, h0, c0, params) -> tuple:
 
     def run_one(k, layer, reverse, inp):
         p = params[k]
+        b_ih, b_hh, own = kernel_params(cell, p)
         # (StepArgs' fields in order, passed as they are: a step's glue is most of its cost, and a
         # bundle built by keyword costs a microsecond per layer-direction)
-        step(inp, p.weight_ih, b_none if p.bias_ih is None else p.bias_ih, p.weight_hh,
-             b_none if p.bias_hh is None else p.bias_hh, h0[k], c_n[k] if c0 is None else c0[k], hs[k], c_n[k],
-             h_n[k] if training else copy, xw, hw, saved[k if training else 0], training, _loops.own(cell, p))
+        step(inp, p.weight_ih, b_none if b_ih is None else b_ih, p.weight_hh, b_none if b_hh is None else b_hh,
+             h0[k], c_n[k] if c0 is None else c0[k], hs[k], c_n[k], h_n[k] if training else copy, xw, hw,
+             saved[k if training else 0], training, own)
         return hs[k], None
 
     last, _ = walk(plan.num_layers, plan.reverses, x, run_one, _join)
@@ -197,20 +201,23 @@ def _step_backward(plan: Plan, kept: tuple, needs: Needs, d_out, d_hn, d_cn, h0,
         inp = x if layer == 0 else _join([hs[j] for j in range((layer - 1) * D, layer * D)])
         dx = np.zeros(inp.shape, dtype) if layer > 0 or needs.x else None
         p, g = params[k], needs.params[k]
+        inside = cell.biases_inside  # (then the biases' gradients are the cell's: d_own)
         d = type(p)(weight_ih=np.empty(p.weight_ih.shape, dtype) if g.weight_ih else None,
                     weight_hh=np.empty(p.weight_hh.shape, dtype) if g.weight_hh else None,
-                    bias_ih=np.empty(GH, dtype) if g.bias_ih else None,
-                    bias_hh=np.empty(GH, dtype) if g.bias_hh else None)
+                    bias_ih=np.empty(GH, dtype) if g.bias_ih and not inside else None,
+                    bias_hh=np.empty(GH, dtype) if g.bias_hh and not inside else None)
+        d_own = _loops.d_own_rows(cell, B, GH)
         # (StepBackArgs' fields in order, as in _step_forward)
         back(d_h0[k], d_c0[k], saved[k], inp, h0[k], c0[k], hs[k], p.weight_ih, p.weight_hh, d_xw, d_hw, needs.h0,
              none2 if dx is None else dx, none2 if d.weight_ih is None else d.weight_ih,
              none2 if d.weight_hh is None else d.weight_hh, none1 if d.bias_ih is None else d.bias_ih,
-             none1 if d.bias_hh is None else d.bias_hh, _loops.own(cell, p), np.empty((B, 0)))  # (d_own: none)
-        grads[k] = d
+             none1 if d.bias_hh is None else d.bias_hh, _loops.own(cell, p), d_own)
+        grads[k] = d._replace(**_loops.own_grads(cell, p, g, d_own, dtype))
         return dx
 
     d_top = None if d_out is None else d_out[0]
     dx = walk_back(plan.num_layers, plan.reverses, d_top, back_one, lambda d, i: d[:, i * Ho:(i + 1) * Ho], _add)
+    _unreached(plan, grads, d_out is None and d_hn is None)
     return (dx.reshape(1, B, dx.shape[-1]) if needs.x else None, d_h0 if needs.h0 else None,
             d_c0 if needs.c0 else None, grads)
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._arrays import NP_DTYPE, absent, array
+from ._arrays import NP_DTYPE, absent, array, kernel_params
 from ._plan import supported
 from .cells import CELLS, Cell, dims_of
 
@@ -150,7 +150,7 @@ class Stream:
         self._step_shape = (self.batch_size, dims.input)
         self._out_shape = (self.batch_size, dims.out)
         self._np_dtype = np.dtype(NP_DTYPE.get(dtype, np.float32))
-        self._fused = supported(cell, dtype, device.type) and cell.single_steps
+        self._fused = supported(cell, dtype, device.type)
         shapes = self._state_shapes()
         changed = dtype != self.dtype or self._h is None or (self._h.shape, self._c.shape) != shapes
         self.dtype = dtype
@@ -178,14 +178,15 @@ class Stream:
         # one entry per layer, padded with the last layer's to 1, 2, 4, 8, ... entries (the
         # kernel compiles once per tuple length)
         arrays += [arrays[-1]] * (_padded(len(arrays)) - len(arrays))
+        kernel = [kernel_params(cell, a) for a in arrays]  # (b_ih, b_hh, own) of each
         self._args = [
             None,  # x
             tuple(a.weight_ih for a in arrays),
-            tuple(b1 if a.bias_ih is None else a.bias_ih for a in arrays),
+            tuple(b1 if b_ih is None else b_ih for b_ih, _, _ in kernel),
             tuple(a.weight_hh for a in arrays),
-            tuple(b1 if a.bias_hh is None else a.bias_hh for a in arrays),
+            tuple(b1 if b_hh is None else b_hh for _, b_hh, _ in kernel),
             tuple(b2 if getattr(a, "weight_hr", None) is None else a.weight_hr for a in arrays),
-            tuple(tuple(getattr(a, n) for n in cell.own_params) for a in arrays),
+            tuple(own for _, _, own in kernel),
             self._h, self._c,
             None,  # out
             np.empty((B, GH), np_dtype), np.empty((B, GH), np_dtype),  # xw, hw

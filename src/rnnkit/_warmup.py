@@ -317,7 +317,7 @@ def _cells() -> list:
     import rnnkit
 
     return [(rnnkit.RNNCell, {"nonlinearity": "tanh"}), (rnnkit.RNNCell, {"nonlinearity": "relu"}),
-            (rnnkit.GRUCell, {}), (rnnkit.LSTMCell, {})]
+            (rnnkit.GRUCell, {}), (rnnkit.LSTMCell, {}), (rnnkit.LayerNormGRUCell, {}), (rnnkit.LayerNormLSTMCell, {})]
 
 
 def _run_layer(mode: str, s: _Shape, dtype) -> None:

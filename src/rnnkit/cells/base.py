@@ -129,9 +129,6 @@ class Cell:
     # (two names may share a segment); ``d_own_size`` is the row's length in units of H
     d_own: tuple = ()
     d_own_size: int = 0
-    # fused kernels: False when only the sequence loops run the cell; its single steps (the
-    # step route, cell modules, rnnkit.Stream) and torch.compile then take the reference
-    single_steps: bool = True
 
     @property
     def state_size(self) -> int:

@@ -149,11 +149,11 @@ _ln_gru_backward = specialise(_gru_backward_template, "_ln_gru_backward", NORMS=
 LN_LSTM = Cell(mode="LN_LSTM", gates=4, step=_ln_lstm_step, label="LayerNormLSTM", states=H_C_STATE,
                params=_TORCH_FOUR + _GATE_NORMS + _CELL_NORM, module="LayerNormLSTM", project=_project,
                kernels=(_ln_lstm_forward, _ln_lstm_backward, _ln_lstm_infer), saved=12, saved_scalars=2,
-               separate_input_grad=True, biases_inside=True, single_steps=False, d_own_size=14,
+               separate_input_grad=True, biases_inside=True, d_own_size=14,
                d_own=(("bias_ih", 0), ("bias_hh", 0), ("layer_norm_ih", 4), ("layer_norm_hh", 8),
                       ("layer_norm_c_weight", 12), ("layer_norm_c_bias", 13)))
 LN_GRU = Cell(mode="LN_GRU", gates=3, step=_ln_gru_step, label="LayerNormGRU", params=_TORCH_FOUR + _GATE_NORMS,
               module="LayerNormGRU", project=_project,
               kernels=(_ln_gru_forward, _ln_gru_backward, _ln_gru_infer), saved=10, saved_scalars=2,
-              separate_input_grad=True, biases_inside=True, single_steps=False, d_own_size=12,
+              separate_input_grad=True, biases_inside=True, d_own_size=12,
               d_own=(("bias_ih", 0), ("bias_hh", 3), ("layer_norm_ih", 6), ("layer_norm_hh", 9)))
