@@ -383,20 +383,20 @@ class _CellNode(torch.autograd.Function):
                  for t, need in zip(saved_tensors[3:], needs[4:])]
         g = cell.record(*grads)
         none1, none2 = absent(dtype, 1), absent(dtype, 2)
+        from . import _loops  # (loaded with the kernels)
+
         inside = cell.biases_inside  # (the biases' gradients then come with the own parameters')
-        d_own = np.zeros((B, cell.d_own_size * H), np.float64)  # (see d_own in kernels/driver.py)
+        d_own = _loops.d_own_rows(cell, B, GH)
         _kernels(cell).step_back_rows(
             dh, dc, saved, x, h0, c0, h, w_ih, w_hh, d_xw, d_hw, needs[2], dx,
             none2 if g.weight_ih is None else g.weight_ih, none2 if g.weight_hh is None else g.weight_hh,
             none1 if g.bias_ih is None or inside else g.bias_ih, none1 if g.bias_hh is None or inside else g.bias_hh,
             own, d_own)
-        if d_own.shape[1]:
-            from . import _loops
-
-            mine = _loops.own_grads(cell, record, cell.record(*needs[4:]), d_own, dtype)
+        mine = _loops.own_grads(cell, record, cell.record(*needs[4:]), d_own, dtype)
+        if mine:
             grads = [mine.get(name, a) for name, a in zip(cell.record._fields, grads)]
-            if d_h is None:  # (only c' in the loss: c's normalization unreached, None as on the reference)
-                grads = [None if name in AFTER_C else a for name, a in zip(cell.record._fields, grads)]
+        if d_h is None:  # (only c' in the loss: what only h's path reads is unreached, None as on the reference)
+            grads = [None if name in AFTER_C else a for name, a in zip(cell.record._fields, grads)]
         return (None, torch.from_numpy(dx) if needs[1] else None, torch.from_numpy(dh) if needs[2] else None,
                 torch.from_numpy(dc) if needs[3] else None,
                 *(None if a is None else torch.from_numpy(a) for a in grads))

@@ -108,12 +108,6 @@ def _regular_arrays(regular: Optional[Regular], dtype) -> _Regular:
 _NO_DRAW = np.empty(0, np.uint64)
 
 
-def own(cell: Cell, p) -> tuple:
-    """The cell's own parameters for its row functions (``own`` in kernels/driver.py): with
-    ``biases_inside``, b_ih and b_hh first (zeros where absent)."""
-    return kernel_params(cell, p)[2]
-
-
 def own_grads(cell: Cell, p, g, d_own: np.ndarray, dtype) -> dict:
     """The own parameters' gradients (biases too, with ``biases_inside``) that ``g`` asks for,
     from the loops' per-row sums d_own (B, K): field name -> array."""
@@ -264,7 +258,7 @@ def forward(cell: Cell, steps: np.ndarray, reverse: bool, training: bool, x: np.
     kept (a ``Kept``) is what ``backward`` reads."""
     T, B, I = x.shape
     w_ih, w_hh, w_hr = p.weight_ih, p.weight_hh, getattr(p, "weight_hr", None)
-    b_ih, b_hh, _ = kernel_params(cell, p)
+    b_ih, b_hh, mine = kernel_params(cell, p)
     GH, Ho = w_hh.shape  # Ho: proj_size with projections, else H
     H = GH // cell.gates
     dtype = x.dtype
@@ -302,7 +296,7 @@ def forward(cell: Cell, steps: np.ndarray, reverse: bool, training: bool, x: np.
             matmul_packed(x_n, w_ih_t, b_ih, xw_n)
         args = ForwardArgs(xw=xw[:n], w_hh_t=w_hh_t, weight_hh=w_hh, b_hh=b_hh, w_hr_t=w_hr_t, h0=h0, c0=c0,
                            steps=steps, reverse=reverse, out=out, c_seq=c_seq, h_n=h_n, c_n=c_n, saved=saved,
-                           m_seq=m_seq, hw=hw, own=own(cell, p), h_mask=reg.h_mask,
+                           m_seq=m_seq, hw=hw, own=mine, h_mask=reg.h_mask,
                            zone_p=reg.zone_p, zone_draw=reg.zone_draw, raw=raw, hm=hm, prev_h=prev_h, prev_c=prev_c)
         _launch(kernels.forward_rows, kernels.forward_chunks, args, B, T, work, col_threads, i0, i1)
     return out, h_n, c_n, Kept(x, out, c_seq, saved, m_seq, raw)
@@ -341,6 +335,7 @@ def backward(cell: Cell, steps: np.ndarray, reverse: bool, need, d_out: np.ndarr
     db_ih = np.zeros(GH, dtype) if g.bias_ih and not inside else None
     db_hh = np.zeros(GH, dtype) if g.bias_hh and not inside else None
     d_own = d_own_rows(cell, B, GH)
+    mine = kernel_params(cell, p)[2]  # (the cell's own parameters: see kernel_params)
     dw_hr = np.zeros(w_hr.shape, dtype) if project and g.weight_hr else None
     w_ih_p = pack_weights(w_ih, False) if dx is not None and not plain else None
     kernels = KERNELS[cell.mode]
@@ -357,7 +352,7 @@ def backward(cell: Cell, steps: np.ndarray, reverse: bool, need, d_out: np.ndarr
         args = BackwardArgs(w_hh=w_hh_p, weight_hh=w_hh, w_hr=w_hr_p, d_out=d_out, d_hn=d_hn, d_cn=d_cn,
                             saved=saved, out=out, c_seq=c_seq, m_seq=m_seq, h0=h0, c0=c0, steps=steps,
                             reverse=reverse, d_xw=d_xw[:n], d_hw=d_hw[:n], d_h_seq=d_h_seq[:n], d_first=d_first,
-                            dm=dm, d_h0=d_h0, d_c0=d_c0, own=own(cell, p), d_own=d_own, h_mask=reg.h_mask,
+                            dm=dm, d_h0=d_h0, d_c0=d_c0, own=mine, d_own=d_own, h_mask=reg.h_mask,
                             zone_p=reg.zone_p, zone_draw=reg.zone_draw, raw=raw, d_in=d_in, kept_h=kept_h,
                             kept_c=kept_c)
         _launch(kernels.backward_rows, kernels.backward_chunks, args, B, T, work, col_threads, i0, i1)

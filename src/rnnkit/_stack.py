@@ -211,7 +211,7 @@ def _step_backward(plan: Plan, kept: tuple, needs: Needs, d_out, d_hn, d_cn, h0,
         back(d_h0[k], d_c0[k], saved[k], inp, h0[k], c0[k], hs[k], p.weight_ih, p.weight_hh, d_xw, d_hw, needs.h0,
              none2 if dx is None else dx, none2 if d.weight_ih is None else d.weight_ih,
              none2 if d.weight_hh is None else d.weight_hh, none1 if d.bias_ih is None else d.bias_ih,
-             none1 if d.bias_hh is None else d.bias_hh, _loops.own(cell, p), d_own)
+             none1 if d.bias_hh is None else d.bias_hh, kernel_params(cell, p)[2], d_own)
         grads[k] = d._replace(**_loops.own_grads(cell, p, g, d_own, dtype))
         return dx
 
