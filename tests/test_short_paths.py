@@ -55,16 +55,23 @@ def test_changes_between_calls_are_seen(cls, args):
         lambda m: m.eval(),
         lambda m: m.train(),
     ]
+    _replay(ref, ours, changes, x, [None])
+
+
+def _replay(ref, ours, changes, x, states):
+    """Each change made to both modules, then each state's call twice (the second takes the
+    short path), with and without gradients, compared."""
     for change in changes:
         torch.manual_seed(1)
         change(ref)
         torch.manual_seed(1)
         change(ours)
         ours.load_state_dict(ref.state_dict())
-        for _ in range(2):  # (the second call takes the short path)
-            _same(_call(ref, x), _call(ours, x))
-            with torch.no_grad():
-                _same(_call(ref, x), _call(ours, x))
+        for _ in range(2):
+            for h in states:
+                _same(_call(ref, x, h), _call(ours, x, h))
+                with torch.no_grad():
+                    _same(_call(ref, x, h), _call(ours, x, h))
 
 
 def test_a_subclass_forward_and_hooks_still_run():
@@ -172,3 +179,87 @@ def test_short_paths_forget_deleted_modules():
     del cell, layer
     gc.collect()
     assert keys[0] not in _cell._FAST and keys[1] not in _run._KNOWN and weight() is None
+
+
+NATIVE = dict(cell_max_rows=0, cell_max_weights=0)  # (every cell step on torch.nn's op)
+
+
+@pytest.mark.parametrize("cls, kwargs", [("RNNCell", {}), ("RNNCell", {"nonlinearity": "relu"}), ("GRUCell", {}),
+                                         ("LSTMCell", {}), ("LSTMCell", {"bias": False})])
+def test_cell_steps_on_torch_nn_op_take_the_short_path(cls, kwargs):
+    """The short path on torch.nn's op reads the parameters as they are at each call."""
+    from rnnkit import _cell, _plan
+
+    ref, ours = _twins(cls, 4, 5, **kwargs)
+    x = torch.randn(3, 4, dtype=F64)
+    state = torch.randn(3, 5, dtype=F64)
+    hx = (state, state.flip(0)) if cls == "LSTMCell" else state
+    changes = [
+        lambda m: None,
+        lambda m: m.requires_grad_(False),
+        lambda m: m.requires_grad_(True),
+        lambda m: torch.nn.init.zeros_(next(m.parameters()).data),
+        lambda m: setattr(m, "weight_hh", nn.Parameter(torch.randn_like(m.weight_hh))),
+    ]
+    with _plan.limits(**NATIVE):
+        _replay(ref, ours, changes, x, [None, hx])
+        routes = {route[0] for route in _cell._FAST[id(ours)].routes.values()}
+    assert routes == {"native"}
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_cell_frozen_without_biases_in_grad_mode(native):
+    from rnnkit import _plan
+
+    ref, ours = _twins("GRUCell", 4, 5, bias=False)
+    for m in (ref, ours):
+        m.requires_grad_(False)
+    x = torch.randn(2, 4, dtype=F64)
+    with _plan.limits(**(NATIVE if native else {})):
+        for _ in range(3):
+            out = ours(x)
+            assert not out.requires_grad
+            torch.testing.assert_close(out, ref(x), **TOL[F64])
+        x.requires_grad_(True)
+        for _ in range(2):
+            _same(_call(ref, x), _call(ours, x))
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_cell_parameter_deleted_then_added_again(native):
+    from rnnkit import _plan
+
+    ref, ours = _twins("RNNCell", 4, 5)
+    x = torch.randn(2, 4, dtype=F64)
+    with torch.no_grad(), _plan.limits(**(NATIVE if native else {})):
+        for m in (ref, ours):
+            m(x)
+            m(x)
+            del m.bias_hh
+        ours.register_parameter("bias_hh", None)  # (torch.nn's op needs the name; ours takes either)
+        ref.register_parameter("bias_hh", None)
+        for _ in range(2):
+            torch.testing.assert_close(ours(x), ref(x), **TOL[F64])
+        bias = nn.Parameter(torch.randn(5, dtype=F64))
+        ref.bias_hh = ours.bias_hh = bias
+        for _ in range(2):
+            torch.testing.assert_close(ours(x), ref(x), **TOL[F64])
+        ours.register_parameter("extra", nn.Parameter(torch.zeros(1, dtype=F64)))  # (not the cell's)
+        for _ in range(2):
+            torch.testing.assert_close(ours(x), ref(x), **TOL[F64])
+
+
+def test_a_cell_subclass_forward_still_runs():
+    class Halved(rnnkit.LSTMCell):
+        def forward(self, input, hx=None):
+            h, c = super().forward(input, hx)
+            return h / 2, c
+
+    m = Halved(4, 5)
+    plain = rnnkit.LSTMCell(4, 5)
+    plain.load_state_dict(m.state_dict())
+    x = torch.randn(2, 4)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            for _ in range(3):
+                torch.testing.assert_close(m(x)[0], plain(x)[0] / 2)

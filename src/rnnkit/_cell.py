@@ -94,42 +94,64 @@ def run(cell: Cell, x: Tensor, state, params, module=None) -> tuple:
 # and records what the short path needs (``_remember``).
 class _Fast:
     __slots__ = ("module", "mode", "cell", "input_size", "hidden", "dtype", "np_dtype", "get", "names", "params",
-                 "present", "slots", "addresses", "weights", "routes", "kernel")
+                 "present", "slots", "in_order", "addresses", "weights", "routes", "kernel", "registered", "count")
 
 
 _FAST: dict = {}  # id(module) -> _Fast
 
 
-def step_fast(module, x, hx=None):
-    """A cell module's step of x (B, I) like one the full path ran before, or None."""
+# (bound once: each lookup through torch's modules costs a step of a small cell a few percent)
+_autocast, _transforms, _tracing = (torch._C._is_any_autocast_enabled, torch._C._are_functorch_transforms_active,
+                                    torch._C._get_tracing_state)
+_grad_enabled, _num_threads, _compiling = torch.is_grad_enabled, torch.get_num_threads, torch.compiler.is_compiling
+_forward_ad, _hooks = torch.autograd.forward_ad, torch.nn.modules.module
+_empty = np.empty
+
+
+def step_fast(module, args: tuple, kwargs: dict, forward):
+    """A cell module's call ``module(*args, **kwargs)`` like one the full path ran before, or
+    None. The call must be plain: (input[, hx]), nothing but rnnkit's ``forward`` to run (no
+    hooks, no compiled call, no tracing; ``forward`` the base class's)."""
     entry = _FAST.get(id(module))
-    if (entry is None or entry.module() is not module or type(x) is not Tensor or torch._C._is_any_autocast_enabled()
-            or torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
-            or torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()
+    if entry is None or kwargs or entry.module() is not module:
+        return None
+    if len(args) == 2:
+        x, hx = args
+    elif len(args) == 1:
+        x, hx = args[0], None
+    else:
+        return None
+    if (type(x) is not Tensor or type(module).forward is not forward or module._compiled_call_impl is not None
+            or module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
+            or module._backward_pre_hooks or _hooks._global_forward_pre_hooks or _hooks._global_forward_hooks
+            or _hooks._global_backward_hooks or _hooks._global_backward_pre_hooks or _autocast() or _transforms()
+            or _forward_ad._current_level >= 0 or _tracing() is not None or _compiling()
             or module._mode() != entry.mode):
         return None
-    try:
-        params = list(map(entry.get, entry.names))
-    except KeyError:
+    shape = x.shape
+    if len(shape) != 2 or shape[1] != entry.input_size or x.dtype is not entry.dtype or not x.is_cpu:
         return None
-    # the same parameters (None where absent) at the same addresses: their arrays are still views
-    # of them (a parameter given new memory or replaced takes the full path, which checks it)
-    if not all(map(operator.is_, params, entry.params)) or tuple(map(_data_ptr, entry.present)) != entry.addresses:
+    registered = module._parameters
+    if registered is not entry.registered or len(registered) != entry.count:  # (one added or removed)
         return None
-    if torch.is_grad_enabled():
-        return _step_grad_mode(entry, params, x, hx)
-    rows = x.shape[0] if x.dim() == 2 else -1
-    route = entry.routes.get(_kind(rows, False, False))
+    params = list(map(entry.get, entry.names))
+    B = shape[0]
+    if _grad_enabled():
+        return _step_grad_mode(entry, params, x, hx, B)
+    route = entry.routes.get((B, False, False, _backend.get_backend(), _num_threads(), _plan.EPOCH))
     if route is None:
         return None
-    if route[0] != "cell":
-        return _step_grad_mode(entry, params, x, hx)  # (torch.nn's op: tensors in, tensors out)
+    if route[0] == "native":  # (tensors in, tensors out: the parameters as they are now)
+        return _native(entry, params, x, () if hx is None else _states(entry, hx, B))
+    # the kernels read views of the parameters recorded: the same parameters (None where absent)
+    # at the same addresses (a parameter given new memory or replaced takes the full path)
+    if not all(map(operator.is_, params, entry.params)) or tuple(map(_data_ptr, entry.present)) != entry.addresses:
+        return None
     try:
         a = x.numpy()
-    except (RuntimeError, TypeError):  # (requires grad, another device, ...)
+    except (RuntimeError, TypeError):  # (requires grad, a conjugate view, ...)
         return None
-    shape = a.shape
-    if shape[1] != entry.input_size or a.dtype != entry.np_dtype or not a.flags.c_contiguous:
+    if not a.flags.c_contiguous:
         return None
     xw, hw, saved, zero_h, zero_c = route[1]
     if hx is None:
@@ -142,46 +164,63 @@ def step_fast(module, x, hx=None):
         return None
     if h0 is None or c0 is None:
         return None
-    h = np.empty(zero_h.shape, a.dtype)
+    h = _empty(zero_h.shape, a.dtype)
     w_ih, b_ih, w_hh, b_hh, own = entry.weights
     if entry.cell.state_size == 1:
         entry.kernel(a, w_ih, b_ih, w_hh, b_hh, h0, c0, h, c0, h, xw, hw, saved, False, own)
         return returned(h)
-    c = np.empty(zero_h.shape, a.dtype)
+    c = _empty(zero_h.shape, a.dtype)
     entry.kernel(a, w_ih, b_ih, w_hh, b_hh, h0, c0, h, c, h, xw, hw, saved, False, own)
     return returned(h), returned(c)
 
 
-def _step_grad_mode(entry: _Fast, params: list, x: Tensor, hx):
-    """The short path on tensors: torch.nn's op, or the kernels' autograd node."""
-    shape = x.shape
-    if len(shape) != 2 or shape[1] != entry.input_size or x.dtype is not entry.dtype or not x.is_cpu:
+def _states(entry: _Fast, hx, B: int):
+    """hx as a tuple of (B, H) CPU tensors of the step's dtype, or None."""
+    state = (hx,) if entry.cell.state_size == 1 else hx if type(hx) is tuple and len(hx) == 2 else None
+    if state is None:
         return None
-    B = shape[0]
-    state = () if hx is None else (hx,) if entry.cell.state_size == 1 else hx if type(hx) is tuple else None
-    if state is None or len(state) not in (0, entry.cell.state_size):
+    for s in state:
+        if type(s) is not Tensor or s.dtype is not entry.dtype or s.shape != (B, entry.hidden) or not s.is_cpu:
+            return None
+    return state
+
+
+def _native(entry: _Fast, params: list, x: Tensor, state):
+    """torch.nn's cell op on x, the state (() for zeros) and the module's parameters."""
+    if state is None:
+        return None
+    if not state:
+        zeros = x.new_zeros(x.shape[0], entry.hidden)
+        state = (zeros, zeros) if entry.cell.state_size == 2 else (zeros,)
+    w_ih, w_hh, b_ih, b_hh = params if entry.in_order else [None if i < 0 else params[i] for i in entry.slots[:4]]
+    return _NATIVE[entry.mode](x, state if len(state) == 2 else state[0], w_ih, w_hh, b_ih, b_hh)
+
+
+def _step_grad_mode(entry: _Fast, params: list, x: Tensor, hx, B: int):
+    """The short path in grad mode: torch.nn's op, or the kernels' autograd node."""
+    state = () if hx is None else _states(entry, hx, B)
+    if state is None:
         return None
     grad = x.requires_grad
-    for s in state:
-        if type(s) is not Tensor or s.shape != (B, entry.hidden) or s.dtype is not entry.dtype or not s.is_cpu:
-            return None
-        grad = grad or s.requires_grad
-    grad_mode = torch.is_grad_enabled()
-    if grad_mode:
-        for p in params:
-            grad = grad or p.requires_grad
-    route = entry.routes.get(_kind(B, grad_mode, grad and grad_mode))
+    if not grad:
+        for s in state:
+            if s.requires_grad:
+                grad = True
+                break
+        else:
+            for p in params:
+                if p is not None and p.requires_grad:
+                    grad = True
+                    break
+    route = entry.routes.get((B, True, grad, _backend.get_backend(), _num_threads(), _plan.EPOCH))
     if route is None:
         return None
-    record = [None if i < 0 else params[i] for i in entry.slots]  # (the cell's record, weight_hr None)
     if route[0] == "native":
-        if not state:
-            zeros = x.new_zeros(B, entry.hidden)
-            state = (zeros,) * entry.cell.state_size
-        return _NATIVE[entry.mode](x, state if len(state) == 2 else state[0], *record[:2], *record[2:4])
-    if route[0] == "cell":
-        return _CellNode.apply(entry.cell, x, *(state or (None,)), *((None,) if len(state) < 2 else ()), *record)
-    return None
+        return _native(entry, params, x, state)
+    if not all(map(operator.is_, params, entry.params)) or tuple(map(_data_ptr, entry.present)) != entry.addresses:
+        return None
+    record = [None if i < 0 else params[i] for i in entry.slots]  # (the cell's record, weight_hr None)
+    return _CellNode.apply(entry.cell, x, *(state or (None,)), *((None,) if len(state) < 2 else ()), *record)
 
 
 def _kind(rows: int, grad_mode: bool, grad: bool) -> tuple:
@@ -222,7 +261,8 @@ def _remember(module, cell: Cell, x: Tensor, params, path: str, grad_mode: bool,
     addresses = tuple(map(_data_ptr, present))
     entry = _FAST.get(id(module))
     if (entry is None or entry.module() is not module or entry.mode != cell.mode or entry.addresses != addresses
-            or not all(map(operator.is_, current, entry.params)) or entry.names != names):
+            or not all(map(operator.is_, current, entry.params)) or entry.names != names
+            or entry.registered is not registered or entry.count != len(registered)):
         entry = _Fast()
         key = id(module)
         # (forgotten with the module: an entry holds its parameters)
@@ -232,8 +272,10 @@ def _remember(module, cell: Cell, x: Tensor, params, path: str, grad_mode: bool,
         entry.dtype = params.weight_ih.dtype
         entry.np_dtype = np.dtype(NP_DTYPE.get(entry.dtype, np.float32))
         entry.get, entry.names, entry.params, entry.present = registered.__getitem__, names, current, present
+        entry.registered, entry.count = registered, len(registered)
         entry.addresses = addresses
         entry.slots = [names.index(p.name) if p.name in names else -1 for p in cell.params]
+        entry.in_order = entry.slots[:4] == [0, 1, 2, 3] and len(names) == 4  # (torch.nn's op's order)
         entry.weights, entry.routes, entry.kernel = None, {}, None
         if len(_FAST) > 256:
             _FAST.clear()

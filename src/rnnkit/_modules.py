@@ -104,10 +104,10 @@ def _record_index(cell: Cell, bias, proj: int) -> tuple:
 
 def _plain_call(module: nn.Module, forward, args: tuple, kwargs: dict) -> bool:
     """Whether nn.Module's call would do nothing but run ``forward`` (rnnkit's own, not a
-    subclass's) on (input[, hx]): no hooks, no compiled call, not tracing. Such calls may take
-    the short paths (_run.layer_fast, _cell.step_fast), which skip the checks and routing of a
-    call like one made before: a cell in a Python loop or a streaming step pays nn.Module's
-    machinery and the module's checks at every call, more than its kernel."""
+    subclass's) on (input[, hx]): no hooks, no compiled call. Such calls may take the short
+    path (_run.layer_fast), which skips the checks and routing of a call like one made before: a
+    streaming step pays nn.Module's machinery and the module's checks at every call, more than
+    its kernel. (Cells' short path, _cell.step_fast, checks the same itself.)"""
     hooks = torch.nn.modules.module
     return (not kwargs and 0 < len(args) < 3 and type(module).forward is forward
             and module._compiled_call_impl is None and not torch.compiler.is_compiling()
@@ -859,8 +859,9 @@ class RNNCellBase(nn.Module):
         _refuse_torchscript(self, "script")
 
     def __call__(self, *args, **kwargs):
-        # a step like the last one: straight to its route (see _plain_call)
-        result = _cell.step_fast(self, *args) if _plain_call(self, RNNCellBase.forward, args, kwargs) else None
+        # a plain step like the last one: straight to its route (see _plain_call; the cell's
+        # short path checks the same itself, in fewer steps: a cell in a loop pays it every step)
+        result = _cell.step_fast(self, args, kwargs, RNNCellBase.forward)
         return nn.Module.__call__(self, *args, **kwargs) if result is None else result
 
     def forward(self, input: Tensor, hx=None):
