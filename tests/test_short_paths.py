@@ -263,3 +263,20 @@ def test_a_cell_subclass_forward_still_runs():
         with torch.set_grad_enabled(grad):
             for _ in range(3):
                 torch.testing.assert_close(m(x)[0], plain(x)[0] / 2)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_cell_parameter_given_another_layout_of_its_memory(grad):
+    """Same memory and object, another shape or strides: the full path checks it again."""
+    ref, ours = _twins("RNNCell", 6, 6)
+    x = torch.randn(2, 6, dtype=F64)
+    with torch.set_grad_enabled(grad):
+        for m in (ref, ours):
+            m(x)
+            m(x)
+            m.weight_hh.data = m.weight_hh.data.t()  # (W_hh^T: square, in the same memory)
+        for _ in range(2):
+            torch.testing.assert_close(ours(x), ref(x), **TOL[F64])
+        ours.weight_hh.data = ours.weight_hh.data[:3]  # (ours, or on torch.nn's op torch.nn's message)
+        with pytest.raises(RuntimeError, match=r"weight_hh has shape \(3, 6\)|weight_hh first dim must be"):
+            ours(x)

@@ -73,7 +73,7 @@ def run(cell: Cell, x: Tensor, state, params, module=None) -> tuple:
     if path == "cell":
         if torch.is_grad_enabled():
             h0, c0 = (None, None) if state is None else (state[0], state[1] if len(state) == 2 else None)
-            new = _CellNode.apply(cell, x, h0, c0, *params)
+            new = _CellNode.apply(cell, None, x, h0, c0, *params)
             return new if isinstance(new, tuple) else (new,)
         return _infer(cell, x, state, params)
     if state is None:
@@ -144,8 +144,9 @@ def step_fast(module, args: tuple, kwargs: dict, forward):
     if route[0] == "native":  # (tensors in, tensors out: the parameters as they are now)
         return _native(entry, params, x, () if hx is None else _states(entry, hx, B))
     # the kernels read views of the parameters recorded: the same parameters (None where absent)
-    # at the same addresses (a parameter given new memory or replaced takes the full path)
-    if not all(map(operator.is_, params, entry.params)) or tuple(map(_data_ptr, entry.present)) != entry.addresses:
+    # in the same memory and layout (a parameter replaced, or given new memory, shape or strides,
+    # takes the full path, which checks it)
+    if not all(map(operator.is_, params, entry.params)) or _layout(entry.present) != entry.addresses:
         return None
     try:
         a = x.numpy()
@@ -217,10 +218,13 @@ def _step_grad_mode(entry: _Fast, params: list, x: Tensor, hx, B: int):
         return None
     if route[0] == "native":
         return _native(entry, params, x, state)
-    if not all(map(operator.is_, params, entry.params)) or tuple(map(_data_ptr, entry.present)) != entry.addresses:
+    if not all(map(operator.is_, params, entry.params)) or _layout(entry.present) != entry.addresses:
         return None
     record = [None if i < 0 else params[i] for i in entry.slots]  # (the cell's record, weight_hr None)
-    return _CellNode.apply(entry.cell, x, *(state or (None,)), *((None,) if len(state) < 2 else ()), *record)
+    # (autograd.Function.apply without its Python wrapper, which unwraps functorch's dead
+    # wrappers, found here among the inputs only: the parameters are the module's)
+    h0, c0 = (_unwrap(state[0]), _unwrap(state[1]) if len(state) == 2 else None) if state else (None, None)
+    return _node_apply(entry.cell, (entry.weights, route[1]), _unwrap(x), h0, c0, *record)
 
 
 def _kind(rows: int, grad_mode: bool, grad: bool) -> tuple:
@@ -258,7 +262,7 @@ def _remember(module, cell: Cell, x: Tensor, params, path: str, grad_mode: bool,
     present = [t for t in current if t is not None]
     if path == "cell" and not all(t.is_contiguous() for t in present):
         return  # (the kernels would read copies, stale after an in-place update)
-    addresses = tuple(map(_data_ptr, present))
+    addresses = _layout(present)
     entry = _FAST.get(id(module))
     if (entry is None or entry.module() is not module or entry.mode != cell.mode or entry.addresses != addresses
             or not all(map(operator.is_, current, entry.params)) or entry.names != names
@@ -311,7 +315,12 @@ def _weights(cell: Cell, params) -> tuple:
     return (a.weight_ih, none if b_ih is None else b_ih, a.weight_hh, none if b_hh is None else b_hh, own)
 
 
-_data_ptr = Tensor.data_ptr
+_data_ptr, _stride, _shape = Tensor.data_ptr, Tensor.stride, operator.attrgetter("shape")
+
+
+def _layout(tensors: list) -> tuple:
+    """Where the tensors' values are: their addresses, shapes and strides."""
+    return tuple(map(_data_ptr, tensors)), tuple(map(_shape, tensors)), tuple(map(_stride, tensors))
 
 
 def _returned_array(t) -> Optional[np.ndarray]:
@@ -364,36 +373,41 @@ def _kernels(cell: Cell):
         from . import _loops  # (numba loads with the first kernel call)
 
         _KERNELS.update(_loops.KERNELS)
+        _LOOPS.append(_loops)
     return _KERNELS[cell.mode]
 
 
 _KERNELS: dict = {}
+_LOOPS: list = []  # (rnnkit._loops, once the kernels are loaded)
 
 class _CellNode(torch.autograd.Function):
     """A training step of a cell module as one autograd node: ``step_rows`` forward (keeping the
-    gates), ``step_back_rows`` backward. Inputs: cell, x, h0, c0 (None: zeros; c0 None but for
-    cells with a cell state), then the parameter record's tensors."""
+    gates), ``step_back_rows`` backward. Inputs: cell, what the short path prepared (the
+    parameters' arrays as ``_weights`` gives them and the step's scratch arrays) or None, x, h0,
+    c0 (None: zeros; c0 None but for cells with a cell state), then the parameter record's
+    tensors."""
 
     @staticmethod
-    def forward(ctx, cell: Cell, x, h0, c0, *params):
+    def forward(ctx, cell: Cell, prepared, x, h0, c0, *params):
         ctx.set_materialize_grads(False)  # (an output without a gradient costs no zeros)
-        record = cell.record(*params)
-        w_ih, b_ih, w_hh, b_hh, own = _weights(cell, record)
         x_np = array(x)
-        B, (GH, H) = x_np.shape[0], w_hh.shape
-        dtype = x_np.dtype
-        xw, hw, _, zero_h, zero_c = _scratch(cell, B, GH, H, dtype)
+        B, dtype = x_np.shape[0], x_np.dtype
+        if prepared is None:
+            w_ih, b_ih, w_hh, b_hh, own = _weights(cell, cell.record(*params))
+            xw, hw, _, zero_h, zero_c = _scratch(cell, B, w_hh.shape[0], w_hh.shape[1], dtype)
+        else:
+            (w_ih, b_ih, w_hh, b_hh, own), (xw, hw, _, zero_h, zero_c) = prepared
         h0_np = zero_h if h0 is None else state_array(h0)
         c0_np = zero_c if c0 is None else state_array(c0)
-        h, out = np.empty((B, H), dtype), np.empty((B, H), dtype)
-        c = np.empty(zero_c.shape, dtype)
-        saved = np.empty((1, B, cell.saved_size(H)), dtype)
+        shape = zero_h.shape
+        h, out, c = _empty(shape, dtype), _empty(shape, dtype), _empty(zero_c.shape, dtype)
+        saved = _empty((1, B, cell.saved_size(shape[1])), dtype)
         _kernels(cell).step_rows(x_np, w_ih, b_ih, w_hh, b_hh, h0_np, c0_np, h, c, out, xw, hw, saved, True, own)
         # what backward reads goes through save_for_backward (an in-place change of it then
         # raises, as in torch.nn); backward reads the arrays themselves (their views)
         ctx.save_for_backward(x, h0, c0, *params)
         ctx.cell = cell
-        ctx.arrays = (x_np, h0_np, c0_np, h, saved, w_ih, w_hh, own, record)
+        ctx.arrays = (x_np, h0_np, c0_np, h, saved, w_ih, w_hh, own)
         # the caller gets ``out``, a copy of h, which it may change in place (h is backward's)
         if cell.state_size == 2:
             return returned(out), returned(c)
@@ -403,8 +417,8 @@ class _CellNode(torch.autograd.Function):
     def backward(ctx, d_h, d_c=None):
         cell = ctx.cell
         saved_tensors = ctx.saved_tensors  # (checks that nothing was changed in place)
-        needs = ctx.needs_input_grad  # (cell, x, h0, c0, *params)
-        x, h0, c0, h, saved, w_ih, w_hh, own, record = ctx.arrays
+        needs = ctx.needs_input_grad[1:]  # (prepared, x, h0, c0, *params)
+        x, h0, c0, h, saved, w_ih, w_hh, own = ctx.arrays
         B, (GH, H) = x.shape[0], w_hh.shape
         dtype = x.dtype
         dh = dc = None
@@ -417,7 +431,7 @@ class _CellNode(torch.autograd.Function):
                     raise
                 dh = None
         if dh is None:  # a differentiable or a batched backward: the torch-ops step's gradients
-            return (None, *_reference_grads(cell, saved_tensors, (d_h, d_c), needs[1:]))
+            return (None, None, *_reference_grads(cell, saved_tensors, (d_h, d_c), needs[1:]))
         d_xw = np.empty((B, GH), dtype)
         d_hw = np.empty((B, GH), dtype) if cell.separate_input_grad else d_xw
         dx = np.zeros(x.shape, dtype) if needs[1] else absent(dtype, 2)
@@ -425,8 +439,7 @@ class _CellNode(torch.autograd.Function):
                  for t, need in zip(saved_tensors[3:], needs[4:])]
         g = cell.record(*grads)
         none1, none2 = absent(dtype, 1), absent(dtype, 2)
-        from . import _loops  # (loaded with the kernels)
-
+        _loops = _LOOPS[0]  # (loaded with the kernels)
         inside = cell.biases_inside  # (the biases' gradients then come with the own parameters')
         d_own = _loops.d_own_rows(cell, B, GH)
         _kernels(cell).step_back_rows(
@@ -434,14 +447,19 @@ class _CellNode(torch.autograd.Function):
             none2 if g.weight_ih is None else g.weight_ih, none2 if g.weight_hh is None else g.weight_hh,
             none1 if g.bias_ih is None or inside else g.bias_ih, none1 if g.bias_hh is None or inside else g.bias_hh,
             own, d_own)
-        mine = _loops.own_grads(cell, record, cell.record(*needs[4:]), d_own, dtype)
+        mine = cell.d_own_size and _loops.own_grads(cell, cell.record(*saved_tensors[3:]), cell.record(*needs[4:]),
+                                                    d_own, dtype)
         if mine:
             grads = [mine.get(name, a) for name, a in zip(cell.record._fields, grads)]
         if d_h is None:  # (only c' in the loss: what only h's path reads is unreached, None as on the reference)
             grads = [None if name in AFTER_C else a for name, a in zip(cell.record._fields, grads)]
-        return (None, torch.from_numpy(dx) if needs[1] else None, torch.from_numpy(dh) if needs[2] else None,
+        return (None, None, torch.from_numpy(dx) if needs[1] else None, torch.from_numpy(dh) if needs[2] else None,
                 torch.from_numpy(dc) if needs[3] else None,
                 *(None if a is None else torch.from_numpy(a) for a in grads))
+
+
+_node_apply = super(torch.autograd.Function, _CellNode).apply  # (torch's C++ apply)
+_unwrap = torch._C._functorch.unwrap_if_dead
 
 
 def _reference_grads(cell: Cell, inputs: tuple, grad_outputs: tuple, needs: tuple) -> list:
