@@ -136,20 +136,28 @@ def test_cell_inference_loop_sees_in_place_changes(kind):
     torch.testing.assert_close(results[1], results[0], **TOL[torch.float32])
 
 
+def _float64_twins(kind: str):
+    """torch.nn's cell and ours of ``kind``, float64, the same weights."""
+    ref = CELLS[kind](nn, input_size=3, hidden_size=4).double()
+    ours = CELLS[kind](rnnkit, input_size=3, hidden_size=4).double()
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
 @pytest.mark.parametrize("kind", CELLS)
-def test_cell_double_backward_and_batched_grads(kind):
+@pytest.mark.parametrize("steps", [1, 2])
+def test_cell_double_backward_and_batched_grads(kind, steps):
     """Gradient penalties (create_graph) and batched vector-Jacobian products go through the
-    torch-ops step's gradients, equal to torch.nn's."""
+    torch-ops step's gradients, equal to torch.nn's; with two steps the second's state is
+    computed from x, and each node counts only its own paths, as torch.nn's graph does."""
     torch.manual_seed(3)
     dtype = torch.float64
-    ref = CELLS[kind](nn, input_size=3, hidden_size=4).to(dtype)
-    ours = CELLS[kind](rnnkit, input_size=3, hidden_size=4).to(dtype)
-    ours.load_state_dict(ref.state_dict())
+    ref, ours = _float64_twins(kind)
     x0 = torch.randn(2, 3, dtype=dtype)
     results = []
     for m in (ref, ours):
         x = x0.clone().requires_grad_()
-        out = m(x)
+        out = m(x) if steps == 1 else m(x, m(x))
         h = out[0] if isinstance(out, tuple) else out
         (g,) = torch.autograd.grad(h.pow(2).sum(), x, create_graph=True)
         g.pow(2).sum().backward()

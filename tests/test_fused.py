@@ -678,6 +678,27 @@ def test_double_backward_matches_torch(kind, layout):
             torch.testing.assert_close(f, r, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("kind", CELL_KINDS)
+@pytest.mark.parametrize("T", [1, 4])
+def test_double_backward_when_the_state_depends_on_the_input(kind, T):
+    """create_graph=True with h_0 (and c_0) computed from the input: the node counts only its own
+    paths from x, as torch.nn's graph does (x's path through h_0 is the caller's graph's)."""
+    ref, ours = twins(kind, torch.float64, input_size=3, hidden_size=4, num_layers=2)
+    results = []
+    x0 = torch.randn(T, 3, 3, dtype=torch.float64)
+    for m in (ref, ours):
+        x = x0.clone().requires_grad_()
+        states = [torch.tanh(x[0].sum(-1, keepdim=True) * torch.linspace(-1, 1, n, dtype=torch.float64)).expand(
+            2, 3, n) for n in state_features(m)]
+        with rnnkit.use_backend("fused"):
+            out, h = m(x, as_hx(states))
+            first = torch.autograd.grad(out.pow(2).sum(), [x, *m.parameters()], create_graph=True)
+            second = torch.autograd.grad(sum(g.pow(2).sum() for g in first), [x, *m.parameters()])
+        results.append([*first, *second])
+    for r, f in zip(*results):
+        torch.testing.assert_close(f, r, **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("T", [1, 2])
 @pytest.mark.parametrize("layers,bidirectional,dropout", [(1, False, 0.0), (2, True, 0.0), (2, False, 0.3)])
 def test_projection_weight_the_loss_never_reaches_has_no_grad(T, layers, bidirectional, dropout):

@@ -280,3 +280,18 @@ def test_a_cell_parameter_given_another_layout_of_its_memory(grad):
         ours.weight_hh.data = ours.weight_hh.data[:3]  # (ours, or on torch.nn's op torch.nn's message)
         with pytest.raises(RuntimeError, match=r"weight_hh has shape \(3, 6\)|weight_hh first dim must be"):
             ours(x)
+
+
+def test_a_cell_parameter_removed_and_another_registered():
+    ref, ours = _twins("RNNCell", 4, 5)
+    x = torch.randn(2, 4, dtype=F64)
+    with torch.no_grad():
+        for m in (ref, ours):
+            m(x)
+            m(x)
+            del m.bias_hh
+            m.register_parameter("bias_hh", None)
+        del ours.bias_ih  # (one removed and another registered: as many parameters as before)
+        ours.register_parameter("extra", nn.Parameter(torch.zeros(1, dtype=F64)))
+        ref.bias_ih = None
+        torch.testing.assert_close(ours(x), ref(x), **TOL[F64])

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import _backend, _plan
 from ._arrays import NP_DTYPE, absent, array, batched, kernel_params, weight_arrays
-from ._driver import AFTER_C, contract
+from ._driver import AFTER_C, aliases, contract
 from ._run import forget, needs
 from .cells import Cell, Dims
 
@@ -134,7 +134,10 @@ def step_fast(module, args: tuple, kwargs: dict, forward):
     registered = module._parameters
     if registered is not entry.registered or len(registered) != entry.count:  # (one added or removed)
         return None
-    params = list(map(entry.get, entry.names))
+    try:
+        params = list(map(entry.get, entry.names))
+    except KeyError:  # (one removed and another added: the same count)
+        return None
     B = shape[0]
     if _grad_enabled():
         return _step_grad_mode(entry, params, x, hx, B)
@@ -465,9 +468,10 @@ _unwrap = torch._C._functorch.unwrap_if_dead
 def _reference_grads(cell: Cell, inputs: tuple, grad_outputs: tuple, needs: tuple) -> list:
     """The differentiable fallback (double backward, batched gradients): the gradients of the
     cell's torch-ops step, run anew from the node's saved inputs."""
-    x, h0, c0, *params = inputs
-    p = cell.record(*params)
     with torch.enable_grad():
+        inputs = aliases(inputs)
+        x, h0, c0, *params = inputs
+        p = cell.record(*params)
         zeros = x.new_zeros(x.shape[0], p.weight_hh.shape[1])
         state = (zeros if h0 is None else h0,) + ((zeros if c0 is None else c0,) if cell.state_size == 2 else ())
         new = cell.step(cell.input_projection(x, p), state, p)

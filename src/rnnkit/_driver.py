@@ -219,6 +219,13 @@ def run_layers(
     return out, state_n
 
 
+def aliases(tensors: Sequence) -> tuple:
+    """Views of the tensors (None kept), to run the differentiable fallback on: gradients with
+    respect to them count only the paths through this node, not through the inputs' own history
+    (an h0 computed from x would otherwise count x's path through h0 twice)."""
+    return tuple(None if t is None else t.view_as(t) for t in tensors)
+
+
 def contract(outputs: Sequence, grad_outputs: Sequence, inputs: Sequence, needs: Sequence) -> list:
     """d(outputs)/d(inputs) contracted with grad_outputs (a graph of its own when grad mode is on:
     double backward): None where ``needs`` says no, an input or its output gradient is None, or

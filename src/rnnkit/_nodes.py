@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import _stack
 from ._arrays import array, batched, output_grad, tensors, weight_arrays
-from ._driver import Packing, Regular, contract, reference_layer, run_layers
+from ._driver import Packing, Regular, aliases, contract, reference_layer, run_layers
 from ._stack import Needs, Plan
 from .cells import Cell, dims_of
 
@@ -195,10 +195,11 @@ def reference_grads(plan: Plan, x, h0, c0, flat, grad_outputs, needs) -> list:
     """d(outputs)/d(x, h0, c0, *flat) contracted with grad_outputs by the reference: None where
     ``needs`` says no, an input is None, or it does not reach the outputs."""
     cell = plan.cell
-    params = unflatten(cell, flat)
-    state0 = None if h0 is None else (h0,) if cell.state_size == 1 else (h0, c0)
     packing = Packing(torch.from_numpy(plan.steps))
     with torch.enable_grad():
+        x, h0, c0, *flat = aliases((x, h0, c0, *flat))
+        params = unflatten(cell, flat)
+        state0 = None if h0 is None else (h0,) if cell.state_size == 1 else (h0, c0)
         out, state_n = run_layers(cell, reference_layer, x, state0, params, plan.num_layers, plan.reverses, 0.0,
                                   False, packing, plan.regulars)
     outputs = (out, state_n[0], state_n[1] if cell.state_size == 2 else None)
