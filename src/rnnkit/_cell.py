@@ -141,15 +141,12 @@ def step_fast(module, args: tuple, kwargs: dict, forward):
     B = shape[0]
     if _grad_enabled():
         return _step_grad_mode(entry, params, x, hx, B)
-    route = entry.routes.get((B, False, False, _backend.get_backend(), _num_threads(), _plan.EPOCH))
+    route = entry.routes.get(_kind(B, False, False))
     if route is None:
         return None
     if route[0] == "native":  # (tensors in, tensors out: the parameters as they are now)
         return _native(entry, params, x, () if hx is None else _states(entry, hx, B))
-    # the kernels read views of the parameters recorded: the same parameters (None where absent)
-    # in the same memory and layout (a parameter replaced, or given new memory, shape or strides,
-    # takes the full path, which checks it)
-    if not all(map(operator.is_, params, entry.params)) or _layout(entry.present) != entry.addresses:
+    if not _arrays_hold(entry, params):
         return None
     try:
         a = x.numpy()
@@ -216,12 +213,12 @@ def _step_grad_mode(entry: _Fast, params: list, x: Tensor, hx, B: int):
                 if p is not None and p.requires_grad:
                     grad = True
                     break
-    route = entry.routes.get((B, True, grad, _backend.get_backend(), _num_threads(), _plan.EPOCH))
+    route = entry.routes.get(_kind(B, True, grad))
     if route is None:
         return None
     if route[0] == "native":
         return _native(entry, params, x, state)
-    if not all(map(operator.is_, params, entry.params)) or _layout(entry.present) != entry.addresses:
+    if not _arrays_hold(entry, params):
         return None
     record = [None if i < 0 else params[i] for i in entry.slots]  # (the cell's record, weight_hr None)
     # (autograd.Function.apply without its Python wrapper, which unwraps functorch's dead
@@ -230,10 +227,17 @@ def _step_grad_mode(entry: _Fast, params: list, x: Tensor, hx, B: int):
     return _node_apply(entry.cell, (entry.weights, route[1]), _unwrap(x), h0, c0, *record)
 
 
+def _arrays_hold(entry: _Fast, params: list) -> bool:
+    """Whether the arrays recorded (the kernels read views of the parameters) still hold: the
+    same parameters (None where absent) in the same memory and layout (a parameter replaced, or
+    given new memory, shape or strides, takes the full path, which checks it)."""
+    return all(map(operator.is_, params, entry.params)) and _layout(entry.present) == entry.addresses
+
+
 def _kind(rows: int, grad_mode: bool, grad: bool) -> tuple:
     """What a step's route depends on beyond the module: rows, grad mode, gradients needed,
     backend, threads and the limits in force."""
-    return rows, grad_mode, grad, _backend.get_backend(), torch.get_num_threads(), _plan.EPOCH
+    return rows, grad_mode, grad, _backend.get_backend(), _num_threads(), _plan.EPOCH
 
 
 def _state_fast(t, like: np.ndarray):
